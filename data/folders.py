@@ -1,0 +1,82 @@
+"""ImageFolder that returns each sample's index, with checks that fail early and clearly."""
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torchvision import datasets
+
+from utils.errors import SimRegError
+
+
+def load_rgb(path):
+    """Open an image as RGB, turning a broken file into a message that names it."""
+    try:
+        with open(path, 'rb') as f:
+            image = Image.open(f)
+            return image.convert('RGB')
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise SimRegError(f'cannot read image {path} ({exc}): delete or replace the file') from None
+
+
+class IndexedImageFolder(datasets.ImageFolder):
+    """``(index, image, label)`` samples; the index addresses cached teacher features."""
+
+    def __init__(self, root, transform=None):
+        check_image_root(root)
+        try:
+            super().__init__(root, transform=transform, loader=load_rgb)
+        except FileNotFoundError as exc:
+            raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = self.loader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return index, image, label
+
+
+def check_image_root(root):
+    """A split folder must exist and hold class sub-folders."""
+    if not os.path.isdir(root):
+        raise SimRegError(f'data folder {root} does not exist: pass the dataset root that holds '
+                          f'train/ (and val/) with one sub-folder per class')
+    if not any(e.is_dir() for e in os.scandir(root)):
+        raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as '
+                          f'{root}/<class>/<image>')
+
+
+def imagenet100_classes(classes, num_classes=100, seed=1234):
+    """The original's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
+    kept in sorted order."""
+    order = np.random.RandomState(seed).permutation(len(classes))[:num_classes]
+    return [classes[i] for i in sorted(order)]
+
+
+def keep_classes(dataset, keep):
+    """Restrict an ImageFolder to ``keep`` classes, relabelled 0..len(keep)-1 in sorted order.
+
+    The original wrote the new mapping to a misspelt ``classes_to_idx`` and never imported
+    numpy; both are fixed here, and ``targets`` stays consistent with ``samples``.
+    """
+    new_label = {dataset.class_to_idx[c]: i for i, c in enumerate(keep)}
+    dataset.samples = [(p, new_label[y]) for p, y in dataset.samples if y in new_label]
+    dataset.imgs = dataset.samples
+    dataset.targets = [y for _, y in dataset.samples]
+    dataset.classes = list(keep)
+    dataset.class_to_idx = {c: i for i, c in enumerate(keep)}
+    return dataset
+
+
+def build_dataset(data_root, split, transform, dataset='imagenet'):
+    """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps the original's
+    100-class subset (chosen from the classes of ``split``, so train and val agree)."""
+    folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform)
+    if dataset == 'imagenet100':
+        if len(folder.classes) < 100:
+            raise SimRegError(f'--dataset imagenet100 needs at least 100 classes, '
+                              f'{data_root}/{split} has {len(folder.classes)}')
+        keep_classes(folder, imagenet100_classes(folder.classes))
+    elif dataset != 'imagenet':
+        raise SimRegError(f"unknown --dataset '{dataset}': use imagenet or imagenet100")
+    return folder

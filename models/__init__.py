@@ -1,0 +1,6 @@
+from models.backbones import build_backbone
+from models.head import build_head
+from models.loading import load_backbone, load_student
+from models.simreg import SimReg, regression_loss
+
+__all__ = ['build_backbone', 'build_head', 'load_backbone', 'load_student', 'SimReg', 'regression_loss']
