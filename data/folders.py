@@ -14,8 +14,11 @@ def load_rgb(path):
         with open(path, 'rb') as f:
             image = Image.open(f)
             return image.convert('RGB')
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise SimRegError(f'cannot read image {path} ({exc}): delete or replace the file') from None
+    except UnidentifiedImageError:
+        reason = 'not an image format PIL knows, or corrupt'
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    raise SimRegError(f'cannot read image {path} ({reason}): delete or replace the file')
 
 
 class IndexedImageFolder(datasets.ImageFolder):
