@@ -11,10 +11,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: end-to-end runs (seconds to a minute); still run in CI')
-
-
 def make_image_folder(root, n_classes=3, per_class=8, size=48, splits=('train', 'val'), seed=0):
     """Write ``root/<split>/class_<c>/<i>.jpg``: each class a distinct colour pattern plus noise,
     so a network can tell classes apart."""
