@@ -4,16 +4,25 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.functional import pil_to_tensor
 
 from utils.errors import SimRegError
 
 
-def load_rgb(path):
-    """Open an image as RGB, turning a broken file into a message that names it."""
+def decode_rgb(path):
+    """Decode an image file to a uint8 RGB tensor (C, H, W).
+
+    ``decode_image`` reads JPEG, PNG (ImageNet has a PNG named .JPEG), CMYK and grayscale JPEGs;
+    PIL is the fallback for anything else, and a file neither can read gets a message naming it.
+    """
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
     try:
         with open(path, 'rb') as f:
-            image = Image.open(f)
-            return image.convert('RGB')
+            return pil_to_tensor(Image.open(f).convert('RGB'))
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows, or corrupt'
     except (OSError, ValueError) as exc:
@@ -27,7 +36,7 @@ class IndexedImageFolder(datasets.ImageFolder):
     def __init__(self, root, transform=None):
         check_image_root(root)
         try:
-            super().__init__(root, transform=transform, loader=load_rgb)
+            super().__init__(root, transform=transform, loader=decode_rgb)
         except FileNotFoundError as exc:
             raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
 
