@@ -1,0 +1,186 @@
+"""Feature extraction: stages and their dims, loading rules, ordered 2-process gather, the cache."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import models
+from conftest import make_image_folder
+from data.folders import build_dataset
+from data.transforms import eval_transform, normalize
+from models.loading import load_student
+from utils import features
+from utils.distributed import cleanup, init_distributed
+from utils.errors import SimRegError
+
+HEAD_DIM = 64
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Two OpenMP threads on a busy 2-core machine spin-wait each other (100x slower); one does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_student_checkpoint(path, head_dim=HEAD_DIM, linear_pred=False, seed=0):
+    """A resnet18 student in this project's checkpoint layout (what train_student.py writes)."""
+    torch.manual_seed(seed)
+    backbone = models.build_backbone('resnet18')
+    head = models.build_head(backbone.feat_dim, head_dim, linear_pred=linear_pred)
+    state = {'encoder_q.' + k: v for k, v in backbone.state_dict().items()}
+    state.update({'predict_q.' + k: v for k, v in head.state_dict().items()})
+    torch.save({'epoch': 1, 'state_dict': state,
+                'args': {'arch_student': 'resnet18', 'arch_teacher': 'resnet18', 'n_mlp_layers': 4,
+                         'linear_pred': linear_pred, 'image_size': 32}}, path)
+    return str(path)
+
+
+def write_teacher_checkpoint(path, seed=1):
+    """A plain torchvision-layout resnet18 (what a teacher file looks like)."""
+    torch.manual_seed(seed)
+    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def student(tmp_path_factory):
+    return write_student_checkpoint(tmp_path_factory.mktemp('ckpt') / 'student.pth')
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+    return write_teacher_checkpoint(tmp_path_factory.mktemp('ckpt') / 'teacher.pth')
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    """15 images (an odd count, so 2 ranks get unequal slices)."""
+    return make_image_folder(tmp_path_factory.mktemp('data'), n_classes=3, per_class=5, size=40)
+
+
+@torch.no_grad()
+def test_stages_give_the_dims_they_should(student):
+    backbone, head = load_student(student)
+    images = torch.randn(2, 3, 32, 32)
+    expected = {'backbone': 512, 'layer3': 256, 'layer4': 512, 'head': HEAD_DIM,
+                'head.0': 1024, 'head.3': 512, 'head.4': 1024, 'head.7': HEAD_DIM}
+    outputs = {stage: features.FeatureModel(backbone, head, stage)(images) for stage in expected}
+    assert {stage: out.shape[1] for stage, out in outputs.items()} == expected
+    torch.testing.assert_close(outputs['head'], head(backbone(images)))
+    torch.testing.assert_close(outputs['layer4'], outputs['backbone'])
+    torch.testing.assert_close(outputs['head.7'], outputs['head'])
+
+
+def test_linear_head_stages_and_use_pred(tmp_path):
+    path = write_student_checkpoint(tmp_path / 'linear.pth', linear_pred=True)
+    model = features.load_feature_model(path, stage=features.resolve_stage(None, use_pred=True), linear_pred=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, HEAD_DIM)
+    assert features.available_stages(model.backbone, load_student(path)[1]) == [
+        'backbone', 'layer3', 'layer4', 'head', 'head.1']
+
+
+def test_stage_flags_and_output_folders():
+    assert features.resolve_stage(None, use_pred=False) == 'backbone'
+    assert features.resolve_stage(None, use_pred=True) == 'head'
+    with pytest.raises(SimRegError, match='pass only one'):
+        features.resolve_stage('layer3', use_pred=True)
+    assert features.stage_output_dir('out', 'backbone') == 'out'
+    assert features.stage_output_dir('out', 'head') == os.path.join('out', 'pred_head')
+    assert features.stage_output_dir('out', 'head.3') == os.path.join('out', 'stage_head.3')
+
+
+def test_loading_rules(student, teacher):
+    assert features.load_feature_model(teacher, arch='resnet18')(torch.randn(1, 3, 32, 32)).shape == (1, 512)
+    assert features.load_feature_model(student, arch='resnet18').stage == 'backbone'
+    with pytest.raises(SimRegError, match='pass --arch'):
+        features.load_feature_model(teacher)
+    with pytest.raises(SimRegError, match='without a regression head'):
+        features.load_feature_model(teacher, arch='resnet18', stage='head')
+    with pytest.raises(SimRegError, match='does not match the student'):
+        features.load_feature_model(student, arch='resnet34')
+    with pytest.raises(SimRegError, match='drop --linear_pred'):
+        features.load_feature_model(student, linear_pred=True)
+    with pytest.raises(SimRegError, match='choose one of backbone, layer3, layer4, head'):
+        features.load_feature_model(student, stage='layer2')
+
+
+def test_extraction_is_l2_normalised_and_in_dataset_order(student, folder):
+    model = features.load_feature_model(student)
+    dataset = build_dataset(folder, 'train', eval_transform(32))
+    extracted = features.extract_features(model, dataset, batch_size=4, workers=0, device=torch.device('cpu'))
+    images = torch.stack([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = F.normalize(model(normalize(images)), dim=1)
+    assert extracted.dtype == torch.float16 and extracted.shape == (15, 512)
+    torch.testing.assert_close(extracted.float(), expected, atol=2e-3, rtol=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _extract_as_rank(rank, world_size, port, checkpoint, data, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = init_distributed()
+    dataset = build_dataset(data, 'train', eval_transform(32))
+    extracted = features.extract_features(features.load_feature_model(checkpoint), dataset, batch_size=4,
+                                          workers=0, device=device)
+    if rank == 0:
+        torch.save(extracted, out)
+    else:
+        assert extracted is None
+    cleanup()
+
+
+def test_two_gloo_processes_extract_the_same_features_in_the_same_order(student, folder, tmp_path):
+    out = str(tmp_path / 'gathered.pt')
+    mp.spawn(_extract_as_rank, args=(2, _free_port(), student, folder, out), nprocs=2)
+    gathered = torch.load(out)
+    single = features.extract_features(features.load_feature_model(student),
+                                       build_dataset(folder, 'train', eval_transform(32)),
+                                       batch_size=4, workers=0, device=torch.device('cpu'))
+    assert gathered.shape == single.shape == (15, 512)
+    torch.testing.assert_close(gathered.float(), single.float(), atol=2e-3, rtol=0)
+    assert torch.equal((gathered.float() @ single.float().T).argmax(1), torch.arange(15))
+
+
+class _MustNotRun(torch.nn.Module):
+    def forward(self, images):
+        raise AssertionError('features should have come from the cache')
+
+
+def test_cache_is_reused_and_a_mismatch_is_refused(student, teacher, folder, tmp_path):
+    dataset = build_dataset(folder, 'val', eval_transform(32))
+    cache = features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 32, refuse_hint='delete it')
+    kwargs = dict(batch_size=8, workers=0, device=torch.device('cpu'))
+    model = features.load_feature_model(student)
+    first, labels = features.split_features(cache, 'val', dataset, model, reuse=True, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ['val_feats.json', 'val_feats.npy', 'val_labels.npy']
+    with open(tmp_path / 'val_feats.json') as f:
+        sidecar = json.load(f)
+    assert sidecar['num_samples'] == 15 and sidecar['dataset'] == 'imagenet' and sidecar['dtype'] == 'float16'
+    assert len(sidecar['weights_sha256']) == 64
+    assert torch.equal(labels, torch.tensor(dataset.targets))
+
+    again, again_labels = features.split_features(cache, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+    assert torch.equal(again, first) and torch.equal(again_labels, labels)
+
+    other_weights = features.FeatureCache(str(tmp_path), teacher, 'backbone', 'imagenet', 32, refuse_hint='delete it')
+    with pytest.raises(SimRegError, match='weights_sha256=.*: delete it'):
+        features.split_features(other_weights, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+    other_size = features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 64, refuse_hint='delete it')
+    with pytest.raises(SimRegError, match='image_size=32, this run has image_size=64'):
+        features.split_features(other_size, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+    recomputed, _ = features.split_features(other_size, 'val', dataset, model, reuse=False, **kwargs)
+    assert recomputed.shape == first.shape

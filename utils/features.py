@@ -1,0 +1,313 @@
+"""Extract features once, for k-NN and the linear probe alike.
+
+A checkpoint becomes a ``FeatureModel`` (backbone, optionally cut at an earlier stage or
+continued through the regression head); every rank runs a contiguous slice of the dataset and
+rank 0 gathers the slices back in dataset order. Features are L2-normalised and stored as
+float16 with a JSON sidecar that says what they are, so a later run can reuse them safely.
+"""
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.transforms import normalize
+from models.backbones import build_backbone
+from models.loading import load_backbone, load_student, read_checkpoint
+from utils.checkpoint import file_sha256, write_text_atomic
+from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process
+from utils.errors import SimRegError
+
+GATHER_ROWS = 32768
+BACKBONE_LAYERS = ('layer3', 'layer4')
+
+
+class _StageReached(Exception):
+    """Carries a block's output out of the backbone, so later blocks are not computed."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
+class FeatureModel(nn.Module):
+    """The network up to the evaluated stage, in eval mode.
+
+    Stages: ``backbone`` (the pooled feature), ``layer3``/``layer4`` (that ResNet block's output,
+    average-pooled), ``head`` (the regression head's output, what ``--use_pred`` evaluates) and
+    ``head.<i>`` (the output of the head's Linear at index ``i``).
+    """
+
+    def __init__(self, backbone, head, stage='backbone'):
+        super().__init__()
+        valid = available_stages(backbone, head)
+        if stage not in valid:
+            raise SimRegError(f"--stage {stage} is not available for this checkpoint: choose one of "
+                              f"{', '.join(valid)}")
+        self.stage = stage
+        self.backbone = backbone
+        self.head = None
+        if stage == 'head':
+            self.head = head
+        elif stage.startswith('head.'):
+            self.head = head[:int(stage.split('.')[1]) + 1]
+        self.eval()
+
+    @staticmethod
+    def _stop_at_stage(module, inputs, output):
+        raise _StageReached(output)
+
+    def forward(self, images):
+        if self.stage in BACKBONE_LAYERS:
+            hook = getattr(self.backbone, self.stage).register_forward_hook(self._stop_at_stage)
+            try:
+                self.backbone(images)
+            except _StageReached as reached:
+                return F.adaptive_avg_pool2d(reached.output, 1).flatten(1)
+            finally:
+                hook.remove()
+            raise RuntimeError(f'{self.stage} was never reached in the backbone forward')
+        features = self.backbone(images)
+        return features if self.head is None else self.head(features)
+
+
+def available_stages(backbone, head):
+    stages = ['backbone'] + [name for name in BACKBONE_LAYERS
+                             if isinstance(getattr(backbone, name, None), nn.Module)]
+    if head is not None:
+        stages.append('head')
+        stages += [f'head.{i}' for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    return stages
+
+
+def resolve_stage(stage, use_pred):
+    """``--use_pred`` is the original's name for ``--stage head``."""
+    if use_pred and stage not in (None, 'head'):
+        raise SimRegError(f'--use_pred evaluates the head output but --stage is {stage}: pass only one')
+    return 'head' if use_pred else (stage or 'backbone')
+
+
+def stage_output_dir(save, stage):
+    """``<save>`` for the backbone, ``<save>/pred_head`` for the head output (as the original),
+    ``<save>/stage_<name>`` for other stages, so results of different stages never mix."""
+    if stage == 'backbone':
+        return save
+    return os.path.join(save, 'pred_head' if stage == 'head' else f'stage_{stage}')
+
+
+def _holds_student(checkpoint):
+    """A student file carries regression-head weights (``predict_q.*``) somewhere in it."""
+    if not isinstance(checkpoint, dict):
+        return False
+    dicts = [checkpoint] + [v for v in checkpoint.values() if isinstance(v, dict)]
+    return any(isinstance(k, str) and 'predict_q.' in k for d in dicts for k in d)
+
+
+def _same_network(a, b):
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return shapes(a) == shapes(b)
+
+
+def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False):
+    """Any checkpoint the project can load, as a FeatureModel.
+
+    Student checkpoints (this project's and the original SimReg's) carry their architecture
+    and head; ``arch`` is then only checked. Any other file is a plain backbone (e.g. a
+    teacher, to measure its baseline with the same protocol) and needs ``arch``.
+    """
+    if _holds_student(read_checkpoint(weights)):
+        backbone, head = load_student(weights)
+        if arch is not None and not _same_network(backbone, build_backbone(arch)):
+            raise SimRegError(f'--arch {arch} does not match the student stored in {weights}: '
+                              f'drop --arch (students carry their architecture) or fix it')
+        if linear_pred and not isinstance(head[0], nn.BatchNorm1d):
+            raise SimRegError(f'--linear_pred: the head in {weights} is an MLP, not the linear one; '
+                              f'drop --linear_pred (the checkpoint says how its head is built)')
+    elif arch is None:
+        raise SimRegError(f'{weights} holds no SimReg student (no predict_q.* weights): pass --arch to '
+                          f'evaluate it as a plain backbone, e.g. a teacher')
+    else:
+        backbone, head = load_backbone(arch, weights), None
+        if stage.startswith('head'):
+            raise SimRegError(f'{weights} is a plain backbone without a regression head: '
+                              f'--use_pred/--stage {stage} need a student checkpoint')
+    return FeatureModel(backbone, head, stage)
+
+
+def shard_bounds(n_samples, world_size):
+    """Contiguous, ordered slices: rank r extracts [bounds[r], bounds[r + 1])."""
+    return [n_samples * r // world_size for r in range(world_size + 1)]
+
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features'):
+    """L2-normalised float16 features of ``dataset`` in dataset order, on rank 0 (None elsewhere).
+
+    Each rank extracts its contiguous slice; rank 0 gathers the slices. ``batch_size`` is the
+    total over ranks, as in the original.
+    """
+    world, rank = get_world_size(), get_rank()
+    if len(dataset) < world:
+        raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
+                          f'use fewer processes (--nproc_per_node)')
+    bounds = shard_bounds(len(dataset), world)
+    start, stop = bounds[rank], bounds[rank + 1]
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=max(1, batch_size // world),
+                        shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
+    model.eval().to(device)
+    local = None
+    for indices, images, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
+        images = normalize(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, enabled=amp):
+            output = model(images)
+        output = F.normalize(output.float(), dim=1).half().cpu()
+        if local is None:
+            local = torch.empty(stop - start, output.shape[1], dtype=torch.float16)
+        local[indices - start] = output
+    return gather_in_order(local, bounds, device)
+
+
+def gather_in_order(local, bounds, device):
+    """Concatenate every rank's slice on rank 0, in rank order (= dataset order); chunked so that
+    no rank holds more than ``world * GATHER_ROWS`` rows in flight."""
+    if not is_distributed():
+        return local
+    world, rank = get_world_size(), get_rank()
+    counts = [bounds[r + 1] - bounds[r] for r in range(world)]
+    comm_device = device if dist.get_backend() == 'nccl' else torch.device('cpu')
+    pieces = [[] for _ in range(world)]
+    for row in range(0, max(counts), GATHER_ROWS):
+        rows = min(GATHER_ROWS, max(counts) - row)
+        piece = torch.zeros(rows, local.shape[1], dtype=local.dtype)
+        mine = local[row:row + rows]
+        piece[:len(mine)] = mine
+        piece = piece.to(comm_device)
+        received = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
+        dist.gather(piece, received, dst=0)
+        if rank == 0:
+            for r in range(world):
+                pieces[r].append(received[r].cpu())
+    dist.barrier()
+    if rank != 0:
+        return None
+    return torch.cat([torch.cat(pieces[r])[:counts[r]] for r in range(world)])
+
+
+def run_on_main(fn):
+    """Run ``fn`` on rank 0 and give its (small, picklable) result to every rank; a SimRegError
+    raised there is raised on every rank instead of leaving the others waiting."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except SimRegError as exc:
+            error = str(exc)
+    if is_distributed():
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error is not None:
+        raise SimRegError(error)
+    return result
+
+
+class FeatureCache:
+    """``<folder>/<split>_feats.npy`` (float16, L2-normalised), ``<split>_labels.npy`` and
+    ``<split>_feats.json``, the sidecar whose ``CHECKED`` entries must match for reuse."""
+
+    CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'split', 'num_samples', 'num_classes')
+
+    def __init__(self, folder, weights, stage, dataset, image_size, refuse_hint):
+        self.folder = folder
+        self.weights = weights
+        self.common = {'stage': stage, 'dataset': dataset, 'image_size': image_size}
+        self.refuse_hint = refuse_hint
+        self._sha256 = None
+
+    @property
+    def weights_sha256(self):
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.weights)
+        return self._sha256
+
+    def path(self, split, suffix):
+        return os.path.join(self.folder, f'{split}_{suffix}')
+
+    def expected(self, split, dataset):
+        return {'weights_sha256': self.weights_sha256, **self.common, 'split': split,
+                'num_samples': len(dataset), 'num_classes': len(dataset.classes)}
+
+    def load(self, split, dataset):
+        """(features, labels) when a complete cache exists and matches, None when there is none;
+        a cache made from something else is refused."""
+        sidecar = self.path(split, 'feats.json')
+        if not os.path.exists(sidecar):
+            return None
+        with open(sidecar) as f:
+            recorded = json.load(f)
+        expected = self.expected(split, dataset)
+        for key in self.CHECKED:
+            if recorded.get(key) != expected[key]:
+                raise SimRegError(f'cached {split} features {sidecar} were made with {key}={recorded.get(key)}, '
+                                  f'this run has {key}={expected[key]}: {self.refuse_hint}')
+        features = torch.from_numpy(np.load(self.path(split, 'feats.npy')))
+        labels = torch.from_numpy(np.load(self.path(split, 'labels.npy')))
+        if len(features) != expected['num_samples'] or len(labels) != expected['num_samples']:
+            raise SimRegError(f'cached {split} features in {self.folder} are incomplete: {self.refuse_hint}')
+        return features, labels
+
+    def save(self, split, dataset, features, labels, amp):
+        """Arrays first, sidecar last, each atomically: a cache without a sidecar does not exist."""
+        os.makedirs(self.folder, exist_ok=True)
+        _save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
+        _save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
+        sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
+                   'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
+                   'amp': amp, 'created': time.strftime('%Y-%m-%d %H:%M:%S')}
+        write_text_atomic(json.dumps(sidecar, indent=2) + '\n', self.path(split, 'feats.json'))
+
+
+def _save_npy_atomic(array, path):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def split_features(cache, split, dataset, model, reuse, batch_size, workers, device, amp=False):
+    """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when
+    ``reuse`` and it matches, else extracted by all ranks and written to the cache."""
+    loaded = {}
+
+    def load_on_main():
+        loaded['cache'] = cache.load(split, dataset)
+        return loaded['cache'] is not None
+
+    if reuse and run_on_main(load_on_main):
+        logging.getLogger('simreg').info(f'{split} features: reusing the cache in {cache.folder}')
+        return loaded['cache'] if is_main_process() else (None, None)
+    features = extract_features(model, dataset, batch_size, workers, device, amp, desc=f'{split} features')
+    if not is_main_process():
+        return None, None
+    labels = torch.tensor(dataset.targets, dtype=torch.int64)
+    cache.save(split, dataset, features, labels, amp)
+    return features, labels
+
+
+def check_same_classes(train_set, val_set):
+    if train_set.classes != val_set.classes:
+        raise SimRegError(f'train/ and val/ hold different classes ({len(train_set.classes)} vs '
+                          f'{len(val_set.classes)}): both need the same class folders')

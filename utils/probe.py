@@ -1,0 +1,122 @@
+"""The original's linear probe: L2-normalise, standardise with train statistics, one Linear.
+
+The statistics are the mean and (unbiased) variance of the L2-normalised train features taken
+with the evaluation transform, as the original computes them once and caches them. The probe
+is an ``nn.Sequential`` with the original's module order, so its state-dict keys match
+(``1.inv_std``, ``1.mean``, ``2.weight``, ``2.bias``).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from data.transforms import normalize
+from utils.distributed import all_reduce_mean
+
+STD_EPS = 1e-5
+STATS_CHUNK = 65536
+
+
+def probe_train_transform(size):
+    """RandomResizedCrop(size) with torchvision's default scale (0.08, 1) + flip, as the original."""
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+
+
+@torch.no_grad()
+def feature_stats(features):
+    """(var, mean) over rows of the L2-normalised ``features``, like ``torch.var_mean(x, 0)`` but in
+    float64 chunks, so 1.28M float16 rows need no float32 copy and lose no precision."""
+    total = torch.zeros(features.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for chunk in features.split(STATS_CHUNK):
+        chunk = F.normalize(chunk.double(), dim=1)
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    n = len(features)
+    mean = total / n
+    var = (total_sq - n * mean * mean) / (n - 1)
+    return var.clamp_min(0).float(), mean.float()
+
+
+class L2Normalize(nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=1)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / sqrt(var + 1e-5) with fixed train statistics (the original's FullBatchNorm)."""
+
+    def __init__(self, var, mean):
+        super().__init__()
+        self.register_buffer('inv_std', 1.0 / torch.sqrt(var + STD_EPS))
+        self.register_buffer('mean', mean.clone())
+
+    def forward(self, x):
+        return (x - self.mean) * self.inv_std
+
+
+def build_probe(var, mean, num_classes):
+    return nn.Sequential(L2Normalize(), Standardize(var, mean), nn.Linear(len(mean), num_classes))
+
+
+def train_epoch_cached(probe, optimizer, features, labels, batch_size):
+    """One epoch over features already on the device: a random permutation split into batches
+    (the last partial batch dropped, as the original, unless it is the only one). Metrics stay on
+    the device until the end, so no step waits for the host."""
+    probe.train()
+    n_batches = max(1, len(features) // batch_size)
+    order = torch.randperm(len(features), device=features.device)
+    loss_sum = torch.zeros((), device=features.device)
+    correct = torch.zeros((), device=features.device)
+    seen = 0
+    for batch in range(n_batches):
+        rows = order[batch * batch_size:(batch + 1) * batch_size]
+        targets = labels[rows]
+        logits = probe(features[rows].float())
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(rows)
+        correct += (logits.detach().argmax(1) == targets).sum()
+        seen += len(rows)
+    return {'loss': loss_sum.item() / seen, 'acc1': 100.0 * correct.item() / seen}
+
+
+def train_epoch_images(feature_model, probe, loader, optimizer, device, amp=False):
+    """One epoch on augmented images through the frozen network; metrics averaged over ranks."""
+    feature_model.eval()
+    probe.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = torch.zeros((), device=device)
+    for _, images, targets in loader:
+        images = normalize(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            features = feature_model(images)
+        logits = probe(features.float())
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(targets)
+        correct += (logits.detach().argmax(1) == targets).sum()
+        seen += len(targets)
+    totals = all_reduce_mean(torch.stack([loss_sum, correct, seen]))
+    return {'loss': (totals[0] / totals[2]).item(), 'acc1': (100.0 * totals[1] / totals[2]).item()}
+
+
+@torch.no_grad()
+def evaluate(probe, features, labels, batch_size=4096):
+    """Top-1 / top-5 accuracy (%) and mean loss of the probe on (cached) features."""
+    probe.eval()
+    loss_sum, top1, top5 = 0.0, 0, 0
+    for rows, targets in zip(features.split(batch_size), labels.split(batch_size)):
+        logits = probe(rows.float())
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (best[:, 0] == targets).sum().item()
+        top5 += (best == targets[:, None]).any(dim=1).sum().item()
+    n = len(features)
+    return {'loss': loss_sum / n, 'acc1': 100.0 * top1 / n, 'acc5': 100.0 * top5 / n}
