@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data.folders import build_dataset
+from data.teacher_cache import open_teacher_cache
 from data.transforms import TwoViews, normalize
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.head import build_head
@@ -52,6 +53,10 @@ def get_args_parser():
     p.add_argument('--n_mlp_layers', type=int, default=4, choices=[2, 4],
                    help='layers of the regression head')
     p.add_argument('--linear_pred', action='store_true', help='head = BN + Linear instead of the MLP')
+    p.add_argument('--use_cache', action='store_true',
+                   help='regress cached teacher features (--teacher_feats) instead of running the teacher')
+    p.add_argument('--teacher_feats', help='teacher feature cache (.npy from cache_teacher_feats.py, or the '
+                                           "original's .pth dict, converted once)")
     p.add_argument('--teacher_fc', action='store_true',
                    help="regress the teacher's pretrained projection (a plain Linear fc) output")
     # augmentation (original meanings)
@@ -114,7 +119,8 @@ def build_student(args, teacher_dim):
 def make_loader(args, world_size, rank):
     if args.batch_size % world_size:
         raise SimRegError(f'--batch_size {args.batch_size} must divide by the {world_size} processes')
-    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug)
+    # with cached targets only the student's view is needed
+    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or args.use_cache)
     dataset = build_dataset(args.data, 'train', views, args.dataset)
     per_rank = args.batch_size // world_size
     if len(dataset) // world_size < per_rank:
@@ -178,13 +184,17 @@ def main(args):
     dist_utils.seed_everything(args.seed, 0, rank)
 
     loader = make_loader(args, world_size, rank)
-    teacher = build_teacher(args).to(device)
-    teacher_info = {'arch': args.arch_teacher, 'weights': os.path.abspath(args.teacher_weights),
-                    'sha256': file_sha256(args.teacher_weights), 'feat_dim': teacher.feat_dim,
-                    'teacher_fc': args.teacher_fc}
-    model = build_student(args, teacher.feat_dim).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model, teacher = model.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
+    if args.use_cache:
+        teacher = open_teacher_cache(args.teacher_feats, loader.dataset, log.info)
+        teacher_info = {**teacher.meta['teacher'], 'cache': os.path.abspath(teacher.path),
+                        'feat_dim': teacher.feat_dim}
+    else:
+        teacher = build_teacher(args).to(device, memory_format=memory_format)
+        teacher_info = {'arch': args.arch_teacher, 'weights': os.path.abspath(args.teacher_weights),
+                        'sha256': file_sha256(args.teacher_weights), 'feat_dim': teacher.feat_dim,
+                        'teacher_fc': args.teacher_fc}
+    model = build_student(args, teacher.feat_dim).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -194,10 +204,10 @@ def main(args):
         with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
             json.dump({**vars(args), 'world_size': world_size, 'teacher': teacher_info}, f, indent=2)
     log.info('%s', json.dumps(vars(args)))
+    teacher_name = f'cache {args.teacher_feats}' if args.use_cache else args.arch_teacher
     log.info('==> %d training images, %d processes, %d images per process and step, teacher %s '
-             '(%d-d), student %s', len(loader.dataset), world_size, loader.batch_size,
-             args.arch_teacher, teacher.feat_dim, args.arch_student)
-
+             '(%d-d), student %s', len(loader.dataset), world_size, loader.batch_size, teacher_name,
+             teacher.feat_dim, args.arch_student)
     if start_epoch > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
@@ -232,14 +242,20 @@ def to_model_input(uint8_images, device, memory_format):
     return images.contiguous(memory_format=memory_format)
 
 
-def train_step(model, teacher, student_in, teacher_in, optimizer, scaler, amp_dtype, mse_nonorm):
+def teacher_features(teacher, teacher_in, amp_dtype):
+    """The frozen teacher's features, without autograd bookkeeping."""
+    with torch.inference_mode(), torch.autocast(teacher_in.device.type, dtype=amp_dtype,
+                                                enabled=amp_dtype is not None):
+        target = teacher(teacher_in)
+    # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
+    return target.clone()
+
+
+def train_step(model, student_in, target, optimizer, scaler, amp_dtype, mse_nonorm):
     """One distillation step; returns the detached loss (no host sync)."""
     with torch.autocast(student_in.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        with torch.inference_mode():
-            target = teacher(teacher_in)
         prediction = model(student_in)
-    # clone: an inference-mode tensor cannot be saved for the backward of the loss
-    loss = regression_loss(prediction, target.clone(), mse_nonorm)
+    loss = regression_loss(prediction, target, mse_nonorm)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -259,15 +275,19 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, devi
     start = end = time.perf_counter()
     with tqdm(total=steps, desc=f'epoch {epoch}', disable=not dist_utils.is_main_process(),
               dynamic_ncols=True, leave=False) as bar:
-        for step, (_, views, _) in enumerate(loader):
+        for step, (indices, views, _) in enumerate(loader):
             data_time += time.perf_counter() - end
-            if args.single_aug:
-                student_in = teacher_in = to_model_input(views, device, memory_format)
+            if args.use_cache:
+                student_in = to_model_input(views, device, memory_format)
+                target = teacher.rows(indices).to(device, non_blocking=True)
+            elif args.single_aug:
+                student_in = to_model_input(views, device, memory_format)
+                target = teacher_features(teacher, student_in, amp_dtype)
             else:
                 student_in = to_model_input(views[0], device, memory_format)
-                teacher_in = to_model_input(views[1], device, memory_format)
-            loss = train_step(model, teacher, student_in, teacher_in, optimizer, scaler, amp_dtype,
-                              args.mse_nonorm)
+                target = teacher_features(teacher, to_model_input(views[1], device, memory_format),
+                                          amp_dtype)
+            loss = train_step(model, student_in, target, optimizer, scaler, amp_dtype, args.mse_nonorm)
             loss_sum += loss
             window_sum += loss
             bar.update(1)

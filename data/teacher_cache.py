@@ -1,0 +1,122 @@
+"""Teacher features cached on disk: an fp16 ``.npy`` [N, D] in dataset order + a JSON sidecar.
+
+Training memory-maps the array and gathers a batch's target rows by the sample indices the
+loader returns, one vectorised read per batch. The original instead kept a Python dict
+file name -> tensor of every feature in RAM (42 GB for a ResNet-50x4 teacher) and copied rows one
+by one each step; such a file is converted once (``convert_original_cache``).
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from utils.checkpoint import write_text_atomic
+from utils.errors import SimRegError
+
+FORMAT = 'simreg-teacher-features'
+
+
+def sidecar_path(npy_path):
+    return os.path.splitext(npy_path)[0] + '.json'
+
+
+def dataset_fingerprint(dataset):
+    """What a cache must agree with: sample count and the file list (relative paths, in order)."""
+    relative = [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
+    digest = hashlib.sha256('\n'.join(relative).encode()).hexdigest()
+    return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative),
+            'file_list_sha256': digest}
+
+
+class TeacherFeatureCache:
+    """Read side: rows of the memory-mapped array, checked against the dataset."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path) or not os.path.isfile(sidecar_path(path)):
+            raise SimRegError(f'teacher feature cache {path} (with {sidecar_path(path)}) not found: '
+                              f'build it with cache_teacher_feats.py')
+        with open(sidecar_path(path)) as f:
+            self.meta = json.load(f)
+        if self.meta.get('format') != FORMAT:
+            raise SimRegError(f'{sidecar_path(path)} is not a teacher feature sidecar: rebuild the '
+                              f'cache with cache_teacher_feats.py')
+        self.path = path
+        self.features = np.load(path, mmap_mode='r')
+        expected = (self.meta['dataset']['num_samples'], self.meta['dim'])
+        if self.features.shape != expected or self.features.dtype != np.float16:
+            raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
+                              f'says float16 {expected}: the file is incomplete; rebuild it')
+
+    @property
+    def feat_dim(self):
+        return self.meta['dim']
+
+    def check_matches(self, dataset):
+        """Refuse a cache made for other images: the rows would be other images' targets."""
+        ours, theirs = dataset_fingerprint(dataset), self.meta['dataset']
+        if ours['num_samples'] != theirs['num_samples']:
+            raise SimRegError(f"teacher cache {self.path} has {theirs['num_samples']} rows, "
+                              f"{ours['root']} has {ours['num_samples']} images: build the cache for "
+                              f"this dataset (and --dataset)")
+        if ours['file_list_sha256'] != theirs['file_list_sha256']:
+            raise SimRegError(f"teacher cache {self.path} was built for another file list "
+                              f"({theirs['root']}) than {ours['root']}: the same number of images but "
+                              f"not the same files; rebuild the cache")
+
+    def rows(self, indices):
+        """fp16 CPU tensor of the rows for these sample indices (one vectorised memmap read)."""
+        return torch.from_numpy(np.ascontiguousarray(self.features[indices.numpy()]))
+
+
+def write_cache(path, features, meta):
+    """Write ``features`` [N, D] as fp16 ``.npy`` and the sidecar, each atomically; the sidecar
+    goes last, so a cache without one was interrupted."""
+    n, d = features.shape
+    if meta['dataset']['num_samples'] != n:
+        raise ValueError(f"{n} feature rows for {meta['dataset']['num_samples']} images")
+    tmp = path + '.tmp.npy'
+    np.save(tmp, np.asarray(features, dtype=np.float16))
+    os.replace(tmp, path)
+    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(d), **meta}, indent=2), sidecar_path(path))
+
+
+def convert_original_cache(pth_path, dataset, log=print):
+    """The original's cache (a torch-saved dict image file name -> feature) as an ``.npy`` beside it,
+    rows in dataset order. Returns the new path; reused when it exists and matches."""
+    out = os.path.splitext(pth_path)[0] + '.npy'
+    if os.path.isfile(out) and os.path.isfile(sidecar_path(out)):
+        return out
+    try:
+        by_name = torch.load(pth_path, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise SimRegError(f'cannot read teacher features {pth_path} ({str(exc).splitlines()[0]}): '
+                          f'pass a cache built by cache_teacher_feats.py') from None
+    if not isinstance(by_name, dict):
+        raise SimRegError(f'{pth_path} is not the original cache format (a dict file name -> feature)')
+    names = [os.path.basename(path) for path, _ in dataset.samples]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SimRegError(f'{pth_path} has no feature for {len(missing)} of {len(names)} images '
+                          f'(e.g. {missing[0]}): it was made for another dataset')
+    features = torch.stack([torch.as_tensor(by_name[n]).flatten() for n in names]).half().numpy()
+    meta = {'teacher': {'arch': None, 'weights': None, 'source': 'original SimReg cache',
+                        'converted_from': os.path.abspath(pth_path)},
+            'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)',
+            'image_size': None}
+    write_cache(out, features, meta)
+    log(f'note: converted the original teacher cache {pth_path} to {out} (+ .json); pass '
+        f'--teacher_feats {out} from now on')
+    return out
+
+
+def open_teacher_cache(path, dataset, log=print):
+    """Open ``--teacher_feats`` for ``dataset``: an ``.npy`` cache, or the original format, converted."""
+    if not path:
+        raise SimRegError('--use_cache needs --teacher_feats PATH (built by cache_teacher_feats.py)')
+    if not path.endswith('.npy'):
+        path = convert_original_cache(path, dataset, log)
+    cache = TeacherFeatureCache(path)
+    cache.check_matches(dataset)
+    return cache
