@@ -96,6 +96,10 @@ def convert_original_cache(pth_path, dataset, log=print):
     if not isinstance(by_name, dict):
         raise SimRegError(f'{pth_path} is not the original cache format (a dict file name -> feature)')
     names = [os.path.basename(path) for path, _ in dataset.samples]
+    if len(set(names)) != len(names):
+        raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names '
+                          f'repeat across class folders of {dataset.root}: rebuild the cache with '
+                          f'cache_teacher_feats.py')
     missing = [n for n in names if n not in by_name]
     if missing:
         raise SimRegError(f'{pth_path} has no feature for {len(missing)} of {len(names)} images '
