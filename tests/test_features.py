@@ -1,11 +1,13 @@
-"""Feature extraction: stages and their dims, loading rules, ordered 2-process gather, the cache."""
+"""Feature extraction: stages and their dims, loading rules, order and normalisation, the cache.
+
+The 2-process (gloo) extraction is compared with the single-process one in test_eval_scripts.py,
+through knn_eval.sh under torchrun."""
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import models
@@ -14,7 +16,6 @@ from data.folders import build_dataset
 from data.transforms import eval_transform, normalize
 from models.loading import load_student
 from utils import features
-from utils.distributed import cleanup, init_distributed
 from utils.errors import SimRegError
 
 HEAD_DIM = 64
@@ -61,7 +62,6 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-    """15 images (an odd count, so 2 ranks get unequal slices)."""
     return make_image_folder(tmp_path_factory.mktemp('data'), n_classes=3, per_class=5, size=40)
 
 
@@ -122,37 +122,15 @@ def test_extraction_is_l2_normalised_and_in_dataset_order(student, folder):
     torch.testing.assert_close(extracted.float(), expected, atol=2e-3, rtol=0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _extract_as_rank(rank, world_size, port, checkpoint, data, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    device = init_distributed()
-    dataset = build_dataset(data, 'train', eval_transform(32))
-    extracted = features.extract_features(features.load_feature_model(checkpoint), dataset, batch_size=4,
-                                          workers=0, device=device)
-    if rank == 0:
-        torch.save(extracted, out)
-    else:
-        assert extracted is None
-    cleanup()
-
-
-def test_two_gloo_processes_extract_the_same_features_in_the_same_order(student, folder, tmp_path):
-    out = str(tmp_path / 'gathered.pt')
-    mp.spawn(_extract_as_rank, args=(2, _free_port(), student, folder, out), nprocs=2)
-    gathered = torch.load(out)
-    single = features.extract_features(features.load_feature_model(student),
-                                       build_dataset(folder, 'train', eval_transform(32)),
-                                       batch_size=4, workers=0, device=torch.device('cpu'))
-    assert gathered.shape == single.shape == (15, 512)
-    torch.testing.assert_close(gathered.float(), single.float(), atol=2e-3, rtol=0)
-    assert torch.equal((gathered.float() @ single.float().T).argmax(1), torch.arange(15))
+def test_gather_reassembles_chunked_slices(tmp_path, monkeypatch):
+    """The chunked gather path, in a 1-process gloo group, with chunks smaller than the slice."""
+    monkeypatch.setattr(features, 'GATHER_ROWS', 4)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        local = torch.randn(11, 3).half()
+        assert torch.equal(features.gather_in_order(local, [0, 11], torch.device('cpu')), local)
+    finally:
+        dist.destroy_process_group()
 
 
 class _MustNotRun(torch.nn.Module):

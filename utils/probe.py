@@ -18,8 +18,9 @@ STATS_CHUNK = 65536
 
 
 def probe_train_transform(size):
-    """RandomResizedCrop(size) with torchvision's default scale (0.08, 1) + flip, as the original."""
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    """RandomResizedCrop(size) with torchvision's default scale (0.08, 1) + flip, as the original
+    (on the uint8 tensors ``data.folders`` decodes, like ``data.transforms``)."""
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
 
 @torch.no_grad()

@@ -1,0 +1,202 @@
+"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol.
+
+Features are L2-normalised and standardised with the train-set mean/variance (taken once with the
+evaluation transform and cached), then one Linear layer is trained with SGD + MultiStep decay on
+RandomResizedCrop + flip views; top-1/top-5 on val. ``--use_cache`` trains on the cached
+center-crop features instead, kept on the device as one tensor.
+
+    torchrun --nproc_per_node=<gpus> eval_linear.py --weights ckpt.pth --save out/ /path/to/imagenet
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from data.folders import build_dataset
+from data.transforms import eval_transform
+from models.loading import read_checkpoint
+from utils import features, probe
+from utils.checkpoint import save_atomic, write_text_atomic
+from utils.distributed import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_main_process,
+                               seed_everything)
+from utils.errors import SimRegError, exit_on_user_error
+from utils.logging import TensorBoard, setup_logger
+
+parser = argparse.ArgumentParser(description='Linear probe of SimReg students and teachers')
+parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/')
+parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
+                    help='full dataset or the original 100-class subset')
+parser.add_argument('-j', '--workers', default=4, type=int, help='data loading workers per process')
+parser.add_argument('-a', '--arch', default=None,
+                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '
+                         'own (if given, it is checked against the student)')
+parser.add_argument('--epochs', default=40, type=int, help='training epochs of the probe')
+parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
+parser.add_argument('--lr', '--learning-rate', default=0.01, type=float, dest='lr', help='initial learning rate')
+parser.add_argument('--lr_schedule', default='15,30,40', help='epochs at which the learning rate drops 10x')
+parser.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+parser.add_argument('--wd', '--weight-decay', default=1e-4, type=float, dest='weight_decay', help='weight decay')
+parser.add_argument('--eval-freq', default=10, type=int,
+                    help='validate every this many epochs (and after the last one)')
+parser.add_argument('--resume', default='', help='probe checkpoint to continue from (<save>/checkpoint.pth.tar)')
+parser.add_argument('--seed', default=0, type=int, help='seed of the probe init, batch order and augmentation')
+parser.add_argument('--save', default='./output', help='output folder for caches, checkpoints and results')
+parser.add_argument('-e', '--evaluate', action='store_true',
+                    help='only validate the probe of --resume (default: <save>/model_best.pth.tar)')
+parser.add_argument('--weights', required=True, help='checkpoint whose features are probed')
+parser.add_argument('--use_cache', action='store_true',
+                    help='train on the cached center-crop features (minutes instead of hours, usually '
+                         'slightly lower accuracy)')
+parser.add_argument('--use_pred', action='store_true', help='probe the regression head output (= --stage head)')
+parser.add_argument('--linear_pred', action='store_true',
+                    help='check that the student has the linear head (the head is built from the checkpoint)')
+parser.add_argument('--stage', default=None,
+                    help='where to take features: backbone (default), layer3, layer4, head or head.<i>')
+parser.add_argument('--image_size', default=224, type=int, help='crop size (eval: resize to size*256/224)')
+parser.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
+
+
+def parse_milestones(text):
+    try:
+        return [int(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+        raise SimRegError(f'--lr_schedule {text!r} must be comma-separated epochs, e.g. 15,30,40') from None
+
+
+def main():
+    args = parser.parse_args()
+    device = init_distributed()
+    seed_everything(args.seed, 0, get_rank())
+    stage = features.resolve_stage(args.stage, args.use_pred)
+    save = features.stage_output_dir(args.save, stage)
+    if is_main_process():
+        os.makedirs(save, exist_ok=True)
+    logger = setup_logger(os.path.join(save, 'logs') if is_main_process() else None)
+    logger.info(f'args: {vars(args)}')
+    milestones = parse_milestones(args.lr_schedule)
+
+    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred).to(device)
+    transform = eval_transform(args.image_size)
+    train_center = build_dataset(args.data, 'train', transform, args.dataset)
+    val_set = build_dataset(args.data, 'val', transform, args.dataset)
+    features.check_same_classes(train_center, val_set)
+    num_classes = len(train_center.classes)
+    cache = features.FeatureCache(save, args.weights, stage, args.dataset, args.image_size,
+                                  refuse_hint='delete those files or pass another --save')
+    extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device,
+                   amp=args.amp)
+    train_feats, train_labels = features.split_features(cache, 'train', train_center, **extract)
+    val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
+    var, mean = features.run_on_main(lambda: probe.feature_stats(train_feats))
+    linear = probe.build_probe(var, mean, num_classes).to(device)
+    optimizer = torch.optim.SGD(linear.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones)
+    state = {'start_epoch': 0, 'best_acc1': 0.0, 'best_epoch': None, 'history': []}
+
+    if args.evaluate:
+        path = args.resume or os.path.join(save, 'model_best.pth.tar')
+        load_probe_checkpoint(path, cache, linear)
+        if is_main_process():
+            result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
+            logger.info(f'{path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
+            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(path), **result}, indent=2) + '\n',
+                              os.path.join(save, 'linear_evaluate.json'))
+        cleanup()
+        return
+    if args.resume:
+        state.update(load_probe_checkpoint(args.resume, cache, linear, optimizer, scheduler))
+        logger.info(f'=> resumed from {args.resume} at epoch {state["start_epoch"]}')
+
+    world = get_world_size()
+    if args.use_cache:
+        main_process = is_main_process()
+        cleanup()
+        if not main_process:
+            return
+        train_feats, train_labels = train_feats.to(device), train_labels.to(device)
+
+        def run_epoch(epoch):
+            return probe.train_epoch_cached(linear, optimizer, train_feats, train_labels, args.batch_size)
+    else:
+        train_set = build_dataset(args.data, 'train', probe.probe_train_transform(args.image_size), args.dataset)
+        sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
+        loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world), shuffle=sampler is None,
+                            sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda')
+        trained = DistributedDataParallel(linear) if world > 1 else linear
+
+        def run_epoch(epoch):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            return probe.train_epoch_images(model, trained, loader, optimizer, device, args.amp)
+
+    if is_main_process():
+        val_feats, val_labels = val_feats.to(device), val_labels.to(device)
+    board = TensorBoard(os.path.join(save, 'tb'))
+    started = time.time()
+    for epoch in range(state['start_epoch'], args.epochs):
+        seed_everything(args.seed, epoch, get_rank())
+        lr = optimizer.param_groups[0]['lr']
+        train = run_epoch(epoch)
+        scheduler.step()
+        if is_main_process():
+            record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train['loss'], 'train_acc1': train['acc1']}
+            if epoch % args.eval_freq == 0 or epoch == args.epochs - 1:
+                val = probe.evaluate(linear, val_feats, val_labels)
+                record.update(val_loss=val['loss'], val_acc1=val['acc1'], val_acc5=val['acc5'])
+                if val['acc1'] > state['best_acc1'] or state['best_epoch'] is None:
+                    state.update(best_acc1=val['acc1'], best_epoch=epoch + 1)
+            state['history'].append(record)
+            logger.info(f'epoch {epoch + 1}: '
+                        + ' '.join(f'{k} {v:.4g}' for k, v in record.items() if k != 'epoch'))
+            board.scalars({f'linear/{k}': v for k, v in record.items() if k != 'epoch'}, epoch + 1)
+            checkpoint = {'epoch': epoch + 1, 'state_dict': linear.state_dict(), 'best_acc1': state['best_acc1'],
+                          'best_epoch': state['best_epoch'], 'optimizer': optimizer.state_dict(),
+                          'lr_scheduler': scheduler.state_dict(), 'history': state['history'],
+                          'weights_sha256': cache.weights_sha256, 'stage': stage, 'args': vars(args)}
+            save_atomic(checkpoint, os.path.join(save, 'checkpoint.pth.tar'))
+            if state['best_epoch'] == epoch + 1:
+                save_atomic(checkpoint, os.path.join(save, 'model_best.pth.tar'))
+            write_results(save, state, args, stage, cache, world, time.time() - started)
+        barrier()
+    board.close()
+    cleanup()
+
+
+def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):
+    """Restore a probe; refuse one trained on the features of another checkpoint or stage."""
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get('weights_sha256') != cache.weights_sha256 or checkpoint.get('stage') != cache.common['stage']:
+        raise SimRegError(f'{path} is a probe of other features (weights or --stage differ): '
+                          f'pass the probe checkpoint of this run')
+    linear.load_state_dict(checkpoint['state_dict'])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    return {'start_epoch': checkpoint['epoch'], 'best_acc1': checkpoint['best_acc1'],
+            'best_epoch': checkpoint['best_epoch'], 'history': checkpoint['history']}
+
+
+def write_results(save, state, args, stage, cache, world, seconds):
+    """linear_results.txt (one line per epoch, then the best) and linear_results.json."""
+    validated = [r for r in state['history'] if 'val_acc1' in r]
+    last = validated[-1] if validated else {}
+    lines = [' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items())
+             for r in state['history']]
+    lines.append(f'best val top-1 {state["best_acc1"]:.3f} (epoch {state["best_epoch"]}); last validated '
+                 f'top-1 {last.get("val_acc1", float("nan")):.3f} top-5 {last.get("val_acc5", float("nan")):.3f}')
+    write_text_atomic('\n'.join(lines) + '\n', os.path.join(save, 'linear_results.txt'))
+    report = {'best': {'top1': state['best_acc1'], 'epoch': state['best_epoch']},
+              'last': {'top1': last.get('val_acc1'), 'top5': last.get('val_acc5'), 'epoch': last.get('epoch')},
+              'history': state['history'],
+              'settings': {**vars(args), 'stage': stage, 'weights_sha256': cache.weights_sha256,
+                           'processes': world, 'minutes_this_run': round(seconds / 60, 3)}}
+    write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'linear_results.json'))
+
+
+if __name__ == '__main__':
+    exit_on_user_error(main)

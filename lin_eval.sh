@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Linear probe (40 epochs, SGD, lr 0.01 dropped at 15/30) of a trained student.
+# Every variable can be overridden from the environment, e.g. EXP=r50_to_r18 USE_CACHE=1 bash lin_eval.sh;
+# extra arguments are passed to eval_linear.py (e.g. --use_pred, --resume <save>/checkpoint.pth.tar).
+set -euo pipefail
+
+EXP=${EXP:-exp_name}                                   # experiment name used by run.sh
+EPOCH=${EPOCH:-130}                                    # checkpoint epoch to evaluate
+BASE_DIR=${BASE_DIR:-.}                                # folder that holds exp/
+DATA=${DATA:-path/to/imagenet/dataset/root}            # holds train/ and val/
+WEIGHTS=${WEIGHTS:-$BASE_DIR/exp/$EXP/checkpoints/ckpt_epoch_$EPOCH.pth}
+SAVE=${SAVE:-$BASE_DIR/exp/$EXP/linear}                # feature cache, probe checkpoints and results
+ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
+EVAL_FREQ=${EVAL_FREQ:-40}
+USE_CACHE=${USE_CACHE:-0}                              # 1: train on cached center-crop features
+# one process per visible GPU (respects CUDA_VISIBLE_DEVICES); one CPU process without GPUs
+NGPUS=${NGPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+
+CACHE_FLAG=()
+if [ "$USE_CACHE" = 1 ]; then CACHE_FLAG=(--use_cache); fi
+
+torchrun --standalone --nproc_per_node="$NGPUS" "$(dirname "$0")/eval_linear.py" \
+    ${ARCH:+--arch "$ARCH"} \
+    --eval-freq "$EVAL_FREQ" \
+    --weights "$WEIGHTS" \
+    --save "$SAVE" \
+    "${CACHE_FLAG[@]}" \
+    "$@" \
+    "$DATA"
+
+echo "$EXP"
+echo "epoch: $EPOCH"
