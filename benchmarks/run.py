@@ -1,0 +1,225 @@
+"""Benchmarks: ours against a plain reference implementation of the original's way, side by side
+in one process on the same inputs. Each prints one line
+
+    <name>: ours <x> <unit> | reference <y> <unit> | <ratio>x
+
+    python benchmarks/run.py            # full sizes
+    python benchmarks/run.py --quick    # under 2 minutes on a 2-core CPU
+"""
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.folders import build_dataset  # noqa: E402
+from data.teacher_cache import FORMAT, TeacherFeatureCache, sidecar_path  # noqa: E402
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
+
+
+def report(name, ours, reference, unit, higher_is_better=True, extra=''):
+    ratio = ours / reference if higher_is_better else reference / ours
+    print(f'{name}: ours {ours:.4g} {unit} | reference {reference:.4g} {unit} | {ratio:.2f}x{extra}',
+          flush=True)
+    return ratio
+
+
+def best_of(fn, repeats):
+    """Shortest wall time of ``repeats`` calls: the least disturbed by the rest of the machine."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# ------------------------------------------------------------------ input pipeline
+
+def write_imagenet_like_jpegs(root, count, seed=0):
+    """ImageNet-sized (500x375, quality 90) JPEGs with texture and noise, so decoding costs what it
+    costs on real photos."""
+    folder = os.path.join(root, 'train', 'n00000000')
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(count):
+        waves = np.sin(xx[..., None] / rng.uniform(3, 30) + yy[..., None] / rng.uniform(3, 30) + np.arange(3))
+        pixels = 127 + 70 * waves + rng.normal(0, 25, (375, 500, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f'{i:05d}.JPEG'),
+                                                                   quality=90)
+
+
+def original_train_transform(size):
+    """The original's weak view: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize (float32)."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.)), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def images_per_second(dataset, batch_size, epochs):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, shuffle=False)
+
+    def one_pass():
+        for _ in loader:
+            pass
+    return len(dataset) / best_of(one_pass, epochs)
+
+
+def bench_input_pipeline(quick):
+    count = 96 if quick else 512
+    with tempfile.TemporaryDirectory() as root:
+        write_imagenet_like_jpegs(root, count)
+        ours = build_dataset(root, 'train', weak_transform(224))
+        reference = datasets.ImageFolder(os.path.join(root, 'train'), original_train_transform(224))
+        ours_speed = images_per_second(ours, 32, 2 if quick else 3)
+        reference_speed = images_per_second(reference, 32, 2 if quick else 3)
+    return report('input_pipeline', ours_speed, reference_speed, 'img/s',
+                  extra='  (train view at 224, 500x375 JPEGs, one DataLoader worker)')
+
+
+# ------------------------------------------------------------------ teacher cache
+
+def rss_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def bench_teacher_cache(quick):
+    """Target gather for a batch of 256: memmap rows by index vs the original's dict of per-image
+    tensors copied row by row (``current_target[i] = t_feats[name]``)."""
+    n, dim, batch = (100_000 if quick else 1_281_167), 2048, 256
+    free_bytes = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    while n * dim * 4 * 1.3 > 0.6 * free_bytes:  # the reference dict holds fp32 rows in RAM
+        n //= 2
+    rng = np.random.RandomState(0)
+    names = [f'n{i // 1300:08d}_{i}.JPEG' for i in range(n)]
+    batches = [rng.randint(0, n, batch) for _ in range(50)]
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, 'feats.npy')
+        chunk_rows = 65536
+        features = np.lib.format.open_memmap(path, mode='w+', dtype=np.float16, shape=(n, dim))
+        for start in range(0, n, chunk_rows):
+            features[start:start + chunk_rows] = rng.randn(min(chunk_rows, n - start), dim)
+        features.flush()
+        del features
+        write_cache_sidecar_only(path, n, dim)
+        gc.collect()
+        before = rss_bytes()
+        cache = TeacherFeatureCache(path)
+        cache.rows(torch.from_numpy(np.arange(n)))  # touch every page, as a long run would
+        ours_memory = rss_bytes() - before
+        ours_time = best_of(lambda: [cache.rows(torch.from_numpy(b)) for b in batches], 3) / len(batches)
+
+        before = rss_bytes()
+        t_feats = {name: torch.from_numpy(np.asarray(cache.features[i], dtype=np.float32))
+                   for i, name in enumerate(names)}
+        reference_memory = rss_bytes() - before
+
+        def reference_gather(indices):
+            current_target = torch.zeros(batch, dim)
+            for i, index in enumerate(indices):
+                current_target[i] = t_feats[names[index]]
+            return current_target
+        reference_time = best_of(lambda: [reference_gather(b) for b in batches], 3) / len(batches)
+        del t_feats, cache
+    return report('teacher_cache', ours_time * 1e3, reference_time * 1e3, 'ms/batch', higher_is_better=False,
+                  extra=f'  (N={n} x {dim}; resident memory ours {ours_memory / 2**30:.2f} GiB | reference '
+                        f'{reference_memory / 2**30:.2f} GiB = {ours_memory / reference_memory:.2f}x)')
+
+
+def write_cache_sidecar_only(path, n, dim):
+    """Sidecar for an array written in place (write_cache would hold it all in memory)."""
+    meta = {'format': FORMAT, 'dim': dim, 'teacher': {}, 'dataset': {'num_samples': n}}
+    with open(sidecar_path(path), 'w') as f:
+        json.dump(meta, f)
+
+
+# ------------------------------------------------------------------ train step
+
+def bench_train_step(quick):
+    """Distillation step img/s: ours (train_student.train_step: uint8 in, on-device normalisation,
+    autocast bf16 and channels_last on GPUs, inference-mode teacher) vs a plain fp32 loop."""
+    import train_student
+    from models.backbones import build_backbone
+    from models.head import build_head
+    from models.simreg import SimReg, freeze
+    from data.transforms import normalize
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gpu = device.type == 'cuda'
+    size, batch, steps = (224, 128, 20) if gpu else ((64, 16, 3) if quick else (112, 32, 5))
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+
+    def build(memory_format):
+        torch.manual_seed(0)
+        teacher = freeze(build_backbone('resnet50')).to(device, memory_format=memory_format)
+        student = build_backbone('resnet18')
+        model = SimReg(student, build_head(512, 2048)).to(device, memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        return teacher, model, optimizer
+
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    amp_dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
+    teacher, model, optimizer = build(memory_format)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def ours():
+        for _ in range(steps):
+            x = train_student.to_model_input(images, device, memory_format)
+            target = train_student.teacher_features(teacher, x, amp_dtype)
+            train_student.train_step(model, x, target, optimizer, scaler, amp_dtype, False)
+        if gpu:
+            torch.cuda.synchronize()
+
+    ref_teacher, ref_model, ref_optimizer = build(torch.contiguous_format)
+    float_images = normalize(images)  # the original shipped float32 batches from the loader
+
+    def reference():
+        for _ in range(steps):
+            x = float_images.to(device)
+            with torch.no_grad():
+                target = torch.nn.functional.normalize(ref_teacher(x), dim=1)
+            query = torch.nn.functional.normalize(ref_model(x), dim=1)
+            loss = (2 - 2 * (query * target).sum(1)).mean()
+            ref_optimizer.zero_grad()
+            loss.backward()
+            ref_optimizer.step()
+            loss.item()  # the original read the loss every step
+        if gpu:
+            torch.cuda.synchronize()
+
+    ours(), reference()  # warm-up
+    ours_speed = steps * batch / best_of(ours, 2)
+    reference_speed = steps * batch / best_of(reference, 2)
+    return report('train_step', ours_speed, reference_speed, 'img/s',
+                  extra=f'  (ResNet-50 -> ResNet-18, {size}px, batch {batch}, {device.type})')
+
+
+BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
+              'train_step': bench_train_step}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help='small sizes (under 2 minutes on 2 CPU cores)')
+    parser.add_argument('--only', nargs='*', choices=sorted(BENCHMARKS), help='run only these')
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for name, bench in BENCHMARKS.items():
+        if not args.only or name in args.only:
+            bench(args.quick)
+
+
+if __name__ == '__main__':
+    main()
