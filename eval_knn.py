@@ -50,6 +50,7 @@ parser.add_argument('--seed', default=0, type=int, help='seed of the random tie-
 def main():
     args = parser.parse_args()
     device = init_distributed()
+    torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
     save = features.stage_output_dir(args.save, stage)
     if is_main_process():

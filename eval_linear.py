@@ -70,6 +70,7 @@ def parse_milestones(text):
 def main():
     args = parser.parse_args()
     device = init_distributed()
+    torch.backends.cudnn.benchmark = True    # every batch has the same shape
     seed_everything(args.seed, 0, get_rank())
     stage = features.resolve_stage(args.stage, args.use_pred)
     save = features.stage_output_dir(args.save, stage)
