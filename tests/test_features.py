@@ -111,6 +111,15 @@ def test_loading_rules(student, teacher):
         features.load_feature_model(student, stage='layer2')
 
 
+def test_student_files_are_told_from_plain_backbones_by_their_head():
+    weight = torch.zeros(1)
+    assert features._holds_student({'state_dict': {'encoder_q.conv1.weight': weight, 'predict_q.0.weight': weight}})
+    assert features._holds_student({'state_dict': {'encoder_q.module.conv1.weight': weight,      # original code
+                                                   'predict_q.module.0.weight': weight}})
+    assert not features._holds_student({'state_dict': {'module.encoder_q.conv1.weight': weight}})  # MoCo
+    assert not features._holds_student({'conv1.weight': weight})                                  # torchvision
+
+
 def test_extraction_is_l2_normalised_and_in_dataset_order(student, folder):
     model = features.load_feature_model(student)
     dataset = build_dataset(folder, 'train', eval_transform(32))
