@@ -65,8 +65,8 @@ def main():
     val_set = build_dataset(args.data, 'val', transform, args.dataset)
     features.check_same_classes(train_set, val_set)
     cache = features.FeatureCache(save, args.weights, stage, args.dataset, args.image_size,
-                                  refuse_hint=f'delete those files, pass another --save, or run without '
-                                              f'--load_cache to recompute them')
+                                  refuse_hint='delete those files, pass another --save, or run without '
+                                              '--load_cache to recompute them')
     extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers,
                    device=device, amp=args.amp)
     train_feats, train_labels = features.split_features(cache, 'train', train_set, **extract)
@@ -75,7 +75,7 @@ def main():
     cleanup()
     if not main_process:
         return
-    del model
+    del model, extract    # frees the GPU memory faiss is about to use
     if device.type == 'cuda':
         torch.cuda.empty_cache()
 

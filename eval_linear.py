@@ -3,7 +3,9 @@
 Features are L2-normalised and standardised with the train-set mean/variance (taken once with the
 evaluation transform and cached), then one Linear layer is trained with SGD + MultiStep decay on
 RandomResizedCrop + flip views; top-1/top-5 on val. ``--use_cache`` trains on the cached
-center-crop features instead, kept on the device as one tensor.
+center-crop features instead, kept on the device as one tensor. Validation reads the val features
+extracted once: the center crop is deterministic, so this equals the original's pass over val/ at
+every evaluation.
 
     torchrun --nproc_per_node=<gpus> eval_linear.py --weights ckpt.pth --save out/ /path/to/imagenet
 """
@@ -124,6 +126,7 @@ def main():
         def run_epoch(epoch):
             return probe.train_epoch_cached(linear, optimizer, train_feats, train_labels, args.batch_size)
     else:
+        train_feats = train_labels = None    # only their statistics are needed from here on
         train_set = build_dataset(args.data, 'train', probe.probe_train_transform(args.image_size), args.dataset)
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
         loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world), shuffle=sampler is None,
