@@ -81,6 +81,10 @@ def main():
     logger = setup_logger(os.path.join(save, 'logs') if is_main_process() else None)
     logger.info(f'args: {vars(args)}')
     milestones = parse_milestones(args.lr_schedule)
+    probe_path = args.resume or (os.path.join(save, 'model_best.pth.tar') if args.evaluate else '')
+    if probe_path and not os.path.isfile(probe_path):
+        raise SimRegError(f'no probe checkpoint at {probe_path}: train one first (without --evaluate/--resume) '
+                          f'or pass --resume <save>/checkpoint.pth.tar')
 
     model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred).to(device)
     transform = eval_transform(args.image_size)
@@ -102,12 +106,11 @@ def main():
     state = {'start_epoch': 0, 'best_acc1': 0.0, 'best_epoch': None, 'history': []}
 
     if args.evaluate:
-        path = args.resume or os.path.join(save, 'model_best.pth.tar')
-        load_probe_checkpoint(path, cache, linear)
+        load_probe_checkpoint(probe_path, cache, linear)
         if is_main_process():
             result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
-            logger.info(f'{path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
-            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(path), **result}, indent=2) + '\n',
+            logger.info(f'{probe_path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
+            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(probe_path), **result}, indent=2) + '\n',
                               os.path.join(save, 'linear_evaluate.json'))
         cleanup()
         return
