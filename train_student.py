@@ -23,8 +23,8 @@ from data.teacher_cache import open_teacher_cache
 from data.transforms import TwoViews, normalize
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.head import build_head
-from models.loading import load_backbone, load_student, read_checkpoint, student_from_state
-from models.simreg import SimReg, freeze, regression_loss
+from models.loading import load_backbone, load_strict, read_checkpoint, resolve_weights, student_checkpoint
+from models.simreg import CachedTeacher, LiveTeacher, SimReg, regression_loss
 from utils import distributed as dist_utils
 from utils.checkpoint import epoch_checkpoint_path, file_sha256, latest_checkpoint, save_atomic
 from utils.errors import SimRegError, exit_on_user_error
@@ -48,7 +48,9 @@ def get_args_parser():
     p.add_argument('--weight_decay', type=float, default=1e-4)
     p.add_argument('--sgd_momentum', type=float, default=0.9)
     # models
-    p.add_argument('--arch_teacher', default='resnet50', choices=TEACHER_ARCHS)
+    p.add_argument('--arch_teacher', default='resnet50',
+                   help=f'teacher architecture, or a comma-separated list for several teachers '
+                        f'(one head each): {", ".join(TEACHER_ARCHS)}')
     p.add_argument('--arch_student', default='resnet50', choices=STUDENT_ARCHS)
     p.add_argument('--n_mlp_layers', type=int, default=4, choices=[2, 4],
                    help='layers of the regression head')
@@ -56,7 +58,8 @@ def get_args_parser():
     p.add_argument('--use_cache', action='store_true',
                    help='regress cached teacher features (--teacher_feats) instead of running the teacher')
     p.add_argument('--teacher_feats', help='teacher feature cache (.npy from cache_teacher_feats.py, or the '
-                                           "original's .pth dict, converted once)")
+                                           "original's .pth dict, converted once); with several "
+                                           'teachers a comma-separated list, empty for live ones')
     p.add_argument('--teacher_fc', action='store_true',
                    help="regress the teacher's pretrained projection (a plain Linear fc) output")
     # augmentation (original meanings)
@@ -66,7 +69,8 @@ def get_args_parser():
     p.add_argument('--image_size', type=int, default=224, help='crop size')
     p.add_argument('--mse_nonorm', action='store_true', help='squared error of un-normalised vectors')
     # weights
-    p.add_argument('--teacher_weights', help='teacher checkpoint (any layout models.loading accepts)')
+    p.add_argument('--teacher_weights', help='teacher checkpoint (any layout models.loading accepts, or a '
+                                             'preset name); with several teachers a comma-separated list')
     p.add_argument('--weights', help='initialise student backbone + head from a student checkpoint')
     p.add_argument('--resume', default='', help="checkpoint to resume from, or 'auto' for the latest "
                                                  'in the experiment (fresh start when there is none)')
@@ -92,35 +96,75 @@ def resolve_precision(args, device):
     return {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
 
 
-def build_teacher(args):
-    if not args.teacher_weights:
-        raise SimRegError('no teacher: pass --teacher_weights PATH (a checkpoint of --arch_teacher)')
-    teacher = load_backbone(args.arch_teacher, args.teacher_weights, keep_fc=args.teacher_fc)
-    return freeze(teacher)
+def split_per_teacher(value, count, flag):
+    """A comma-separated flag with one entry per teacher ('' where a teacher has none)."""
+    if not value:
+        return [''] * count
+    entries = value.split(',')
+    if len(entries) != count:
+        raise SimRegError(f'{flag} lists {len(entries)} entries for {count} teachers (--arch_teacher): '
+                          f'give one per teacher, empty ones included (e.g. "a.pth,")')
+    return entries
 
 
-def build_student(args, teacher_dim):
-    """Fresh student, or the one in --weights (which must match --arch_student and the teacher dim)."""
-    if not args.weights:
-        backbone = build_backbone(args.arch_student)
-        head = build_head(backbone.feat_dim, teacher_dim, args.n_mlp_layers, args.linear_pred)
-        return SimReg(backbone, head)
-    backbone, head = load_student(args.weights)
-    shapes = lambda module: {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    if shapes(backbone) != shapes(build_backbone(args.arch_student)):
-        raise SimRegError(f'--weights {args.weights} holds a different student than '
-                          f'--arch_student {args.arch_student}')
-    if head[-1].out_features != teacher_dim:
-        raise SimRegError(f'--weights {args.weights} has a head for {head[-1].out_features}-d '
-                          f'targets, the teacher gives {teacher_dim}-d')
-    return SimReg(backbone.train(), head.train())
+def head_names(archs):
+    """What each teacher's head is called in checkpoints: its arch, numbered when archs repeat."""
+    return [arch if archs.count(arch) == 1 else f'{arch}_{i}' for i, arch in enumerate(archs)]
+
+
+def build_teachers(args, dataset, device, memory_format, log):
+    """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order."""
+    archs = args.arch_teacher.split(',')
+    unknown = [a for a in archs if a not in TEACHER_ARCHS]
+    if unknown:
+        raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)}')
+    weights = split_per_teacher(args.teacher_weights, len(archs), '--teacher_weights')
+    feats = split_per_teacher(args.teacher_feats, len(archs), '--teacher_feats')
+    if any(feats) and not args.use_cache:
+        raise SimRegError('--teacher_feats is read only with --use_cache: add --use_cache')
+    teachers = {}
+    for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
+        if args.use_cache and (feat or len(archs) == 1):
+            cache = open_teacher_cache(feat, dataset, log.info)
+            info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim}
+            teachers[name] = CachedTeacher(cache, info).to(device)
+            continue
+        if not weight:
+            raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
+                              f'{arch}{", one per teacher" if len(archs) > 1 else ""})')
+        path = resolve_weights(weight)
+        network = load_backbone(arch, path, keep_fc=args.teacher_fc)
+        info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': file_sha256(path),
+                'feat_dim': network.feat_dim, 'teacher_fc': args.teacher_fc}
+        teachers[name] = LiveTeacher(network, info).to(device, memory_format)
+    return teachers
+
+
+def build_student(args, teachers):
+    """Fresh student with one head per teacher, or the one in --weights."""
+    backbone = build_backbone(args.arch_student)
+    heads = {name: build_head(backbone.feat_dim, t.feat_dim, args.n_mlp_layers, args.linear_pred)
+             for name, t in teachers.items()}
+    model = SimReg(backbone, next(iter(heads.values())) if len(heads) == 1 else nn.ModuleDict(heads))
+    if args.weights:
+        _, state = student_checkpoint(read_checkpoint(args.weights), args.weights)
+        load_strict(model, state, f'--weights {args.weights} for a {args.arch_student} student with heads '
+                                  f'for {", ".join(f"{n} ({t.feat_dim}-d)" for n, t in teachers.items())}',
+                    'SimReg student')
+    return model.train()
+
+
+def cached_only(args):
+    """Every teacher comes from a cache, so only the student's view is needed."""
+    feats = split_per_teacher(args.teacher_feats, len(args.arch_teacher.split(',')), '--teacher_feats')
+    return args.use_cache and (len(feats) == 1 or all(feats))
 
 
 def make_loader(args, world_size, rank):
     if args.batch_size % world_size:
         raise SimRegError(f'--batch_size {args.batch_size} must divide by the {world_size} processes')
     # with cached targets only the student's view is needed
-    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or args.use_cache)
+    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or cached_only(args))
     dataset = build_dataset(args.data, 'train', views, args.dataset)
     per_rank = args.batch_size // world_size
     if len(dataset) // world_size < per_rank:
@@ -134,14 +178,17 @@ def make_loader(args, world_size, rank):
                       pin_memory=torch.cuda.is_available(), drop_last=True)
 
 
-def checkpoint_state(model, optimizer, scaler, epoch, args, teacher_info):
+def checkpoint_state(model, optimizer, scaler, epoch, args, teachers):
+    """One teacher: ``teacher`` = its info. Several: ``teachers`` = head name -> info, and their
+    heads are stored as ``predict_q.<name>.*``."""
+    infos = {name: t.info for name, t in teachers.items()}
     return {
         'epoch': epoch,
         'state_dict': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict(),
         'args': vars(args),
-        'teacher': teacher_info,
+        **({'teacher': next(iter(infos.values()))} if len(infos) == 1 else {'teachers': infos}),
     }
 
 
@@ -152,12 +199,11 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
         log.info('==> no checkpoint in %s, starting fresh', ckpt_dir)
         return 1
     ckpt = read_checkpoint(path)
-    if 'state_dict' not in ckpt or 'epoch' not in ckpt:
-        raise SimRegError(f'--resume {path} is not a training checkpoint (no state_dict/epoch)')
-    backbone, head = student_from_state(ckpt['state_dict'], args.arch_student, args.n_mlp_layers,
-                                        args.linear_pred)
-    model.encoder_q.load_state_dict(backbone.state_dict())
-    model.predict_q.load_state_dict(head.state_dict())
+    if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
+        raise SimRegError(f'--resume {path} is not a training checkpoint (no epoch): use --weights to '
+                          f'start from its weights')
+    _, state = student_checkpoint(ckpt, path)
+    load_strict(model, state, f'--resume {path}', 'SimReg student')
     if args.restart:
         log.info('==> restart from the weights of %s (epoch %d)', path, ckpt['epoch'])
         return 1
@@ -185,16 +231,8 @@ def main(args):
 
     loader = make_loader(args, world_size, rank)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    if args.use_cache:
-        teacher = open_teacher_cache(args.teacher_feats, loader.dataset, log.info)
-        teacher_info = {**teacher.meta['teacher'], 'cache': os.path.abspath(teacher.path),
-                        'feat_dim': teacher.feat_dim}
-    else:
-        teacher = build_teacher(args).to(device, memory_format=memory_format)
-        teacher_info = {'arch': args.arch_teacher, 'weights': os.path.abspath(args.teacher_weights),
-                        'sha256': file_sha256(args.teacher_weights), 'feat_dim': teacher.feat_dim,
-                        'teacher_fc': args.teacher_fc}
-    model = build_student(args, teacher.feat_dim).to(device, memory_format=memory_format)
+    teachers = build_teachers(args, loader.dataset, device, memory_format, log)
+    model = build_student(args, teachers).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -202,12 +240,13 @@ def main(args):
 
     if rank == 0:
         with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
-            json.dump({**vars(args), 'world_size': world_size, 'teacher': teacher_info}, f, indent=2)
+            json.dump({**vars(args), 'world_size': world_size,
+                       'teachers': {name: t.info for name, t in teachers.items()}}, f, indent=2)
     log.info('%s', json.dumps(vars(args)))
-    teacher_name = f'cache {args.teacher_feats}' if args.use_cache else args.arch_teacher
-    log.info('==> %d training images, %d processes, %d images per process and step, teacher %s '
-             '(%d-d), student %s', len(loader.dataset), world_size, loader.batch_size, teacher_name,
-             teacher.feat_dim, args.arch_student)
+    described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
+                          for name, t in teachers.items())
+    log.info('==> %d training images, %d processes, %d images per process and step, teachers: %s; '
+             'student %s', len(loader.dataset), world_size, loader.batch_size, described, args.arch_student)
     if start_epoch > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
@@ -219,13 +258,16 @@ def main(args):
                 group['lr'] = lr
             dist_utils.seed_everything(args.seed, epoch, rank)
             loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(ddp_model, teacher, loader, optimizer, scaler, epoch, args,
+            stats = train_one_epoch(ddp_model, teachers, loader, optimizer, scaler, epoch, args,
                                     device, amp_dtype, memory_format, tensorboard, log)
-            log.info('epoch %d  lr %.5f  loss %.4f  %.1f img/s  data wait %.0f%%', epoch, lr,
-                     stats['loss'], stats['images_per_s'], 100 * stats['data_wait'])
-            tensorboard.scalars({'epoch/loss': stats['loss'], 'epoch/lr': lr}, epoch)
+            log.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', epoch, lr, stats['loss'],
+                     per_teacher(teachers, stats['teacher_losses'].values()), stats['images_per_s'],
+                     100 * stats['data_wait'])
+            tensorboard.scalars({'epoch/loss': stats['loss'], 'epoch/lr': lr,
+                                 **({f'epoch/loss_{n}': v for n, v in stats['teacher_losses'].items()}
+                                    if len(teachers) > 1 else {})}, epoch)
             if rank == 0:
-                state = checkpoint_state(model, optimizer, scaler, epoch, args, teacher_info)
+                state = checkpoint_state(model, optimizer, scaler, epoch, args, teachers)
                 if epoch % args.save_freq == 0 or epoch == args.epochs:
                     save_atomic(state, epoch_checkpoint_path(ckpt_dir, epoch))
                 save_atomic(state, os.path.join(ckpt_dir, 'last.pth'))
@@ -242,77 +284,87 @@ def to_model_input(uint8_images, device, memory_format):
     return images.contiguous(memory_format=memory_format)
 
 
-def teacher_features(teacher, teacher_in, amp_dtype):
-    """The frozen teacher's features, without autograd bookkeeping."""
-    with torch.inference_mode(), torch.autocast(teacher_in.device.type, dtype=amp_dtype,
-                                                enabled=amp_dtype is not None):
-        target = teacher(teacher_in)
-    # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
-    return target.clone()
-
-
-def train_step(model, student_in, target, optimizer, scaler, amp_dtype, mse_nonorm):
-    """One distillation step; returns the detached loss (no host sync)."""
+def train_step(model, student_in, targets, optimizer, scaler, amp_dtype, mse_nonorm):
+    """One distillation step; ``targets`` maps head name -> teacher features. The loss is the mean of
+    the per-teacher losses (the paper's multi-teacher loss; the plain loss for one teacher).
+    Returns the detached per-teacher losses, stacked (no host sync)."""
     with torch.autocast(student_in.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        prediction = model(student_in)
-    loss = regression_loss(prediction, target, mse_nonorm)
+        predictions = model(student_in)
+    if not isinstance(predictions, dict):
+        predictions = {next(iter(targets)): predictions}
+    losses = torch.stack([regression_loss(predictions[name], target, mse_nonorm)
+                          for name, target in targets.items()])
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(losses.mean()).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return losses.detach()
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, amp_dtype,
+def batch_targets(teachers, indices, views, device, memory_format, amp_dtype, single_view):
+    """Student input and {head name: target}. Live teachers see the teacher view (the student's own
+    with --single_aug or when every teacher is cached), cached ones are read by sample index."""
+    if single_view:
+        student_in = teacher_in = to_model_input(views, device, memory_format)
+    else:
+        student_in = to_model_input(views[0], device, memory_format)
+        teacher_in = to_model_input(views[1], device, memory_format)
+    return student_in, {name: t.targets(indices, teacher_in, amp_dtype) for name, t in teachers.items()}
+
+
+def train_one_epoch(model, teachers, loader, optimizer, scaler, epoch, args, device, amp_dtype,
                     memory_format, tensorboard, log):
-    """One pass over the data. The loss stays on the device; it is read (one sync) every
+    """One pass over the data. Losses stay on the device; they are read (one sync) every
     ``print_freq`` steps and at the end, where a non-finite value stops the run."""
     model.train()
     steps, world_size = len(loader), dist_utils.get_world_size()
-    loss_sum = torch.zeros((), device=device)
-    window_sum, window_start = torch.zeros((), device=device), 0
+    single_view = args.single_aug or cached_only(args)
+    loss_sum = torch.zeros(len(teachers), device=device)
+    window_sum, window_start = torch.zeros(len(teachers), device=device), 0
     data_time = 0.0
     start = end = time.perf_counter()
     with tqdm(total=steps, desc=f'epoch {epoch}', disable=not dist_utils.is_main_process(),
               dynamic_ncols=True, leave=False) as bar:
         for step, (indices, views, _) in enumerate(loader):
             data_time += time.perf_counter() - end
-            if args.use_cache:
-                student_in = to_model_input(views, device, memory_format)
-                target = teacher.rows(indices).to(device, non_blocking=True)
-            elif args.single_aug:
-                student_in = to_model_input(views, device, memory_format)
-                target = teacher_features(teacher, student_in, amp_dtype)
-            else:
-                student_in = to_model_input(views[0], device, memory_format)
-                target = teacher_features(teacher, to_model_input(views[1], device, memory_format),
-                                          amp_dtype)
-            loss = train_step(model, student_in, target, optimizer, scaler, amp_dtype, args.mse_nonorm)
-            loss_sum += loss
-            window_sum += loss
+            student_in, targets = batch_targets(teachers, indices, views, device, memory_format, amp_dtype,
+                                                single_view)
+            losses = train_step(model, student_in, targets, optimizer, scaler, amp_dtype, args.mse_nonorm)
+            loss_sum += losses
+            window_sum += losses
             bar.update(1)
             if (step + 1) % args.print_freq == 0 or step + 1 == steps:
                 # averaged over ranks so that every rank takes the same decision on a non-finite loss
-                window_loss = dist_utils.all_reduce_mean(window_sum / (step + 1 - window_start)).item()
+                window = dist_utils.all_reduce_mean(window_sum / (step + 1 - window_start)).tolist()
+                window_loss = sum(window) / len(window)
                 check_finite(window_loss, epoch, step)
                 elapsed = time.perf_counter() - start
                 images_per_s = (step + 1) * loader.batch_size * world_size / elapsed
-                tensorboard.scalars({'train/loss': window_loss, 'train/lr': optimizer.param_groups[0]['lr'],
-                                     'train/images_per_s': images_per_s,
-                                     'train/data_wait_share': data_time / elapsed},
-                                    (epoch - 1) * steps + step + 1)
+                scalars = {'train/loss': window_loss, 'train/lr': optimizer.param_groups[0]['lr'],
+                           'train/images_per_s': images_per_s, 'train/data_wait_share': data_time / elapsed}
+                if len(teachers) > 1:
+                    scalars.update({f'train/loss_{name}': v for name, v in zip(teachers, window)})
+                tensorboard.scalars(scalars, (epoch - 1) * steps + step + 1)
                 bar.set_postfix(loss=f'{window_loss:.4f}')
                 if (step + 1) % args.print_freq == 0:
-                    log.info('Train: [%d][%d/%d]  loss %.4f  %.1f img/s', epoch, step + 1, steps,
-                             window_loss, images_per_s)
+                    log.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', epoch, step + 1, steps,
+                             window_loss, per_teacher(teachers, window), images_per_s)
                 window_sum.zero_()
                 window_start = step + 1
             end = time.perf_counter()
     elapsed = time.perf_counter() - start
-    epoch_loss = dist_utils.all_reduce_mean(loss_sum / steps).item()
+    epoch_losses = dist_utils.all_reduce_mean(loss_sum / steps).tolist()
+    epoch_loss = sum(epoch_losses) / len(epoch_losses)
     check_finite(epoch_loss, epoch, steps - 1)
-    return {'loss': epoch_loss, 'images_per_s': steps * loader.batch_size * world_size / elapsed,
-            'data_wait': data_time / elapsed}
+    return {'loss': epoch_loss, 'teacher_losses': dict(zip(teachers, epoch_losses)),
+            'images_per_s': steps * loader.batch_size * world_size / elapsed, 'data_wait': data_time / elapsed}
+
+
+def per_teacher(teachers, values):
+    """' (name 0.1234, name 0.2345)' with several teachers, '' with one."""
+    if len(teachers) == 1:
+        return ''
+    return ' (' + ', '.join(f'{name} {v:.4f}' for name, v in zip(teachers, values)) + ')'
 
 
 def check_finite(loss, epoch, step):

@@ -8,8 +8,10 @@ class SimReg(nn.Module):
     """Student backbone ``encoder_q`` followed by the regression head ``predict_q``.
 
     Only these two are trained and stored, under the original's names, so that
-    checkpoints keep the ``encoder_q.*`` / ``predict_q.*`` layout. The teacher lives
-    outside this module: it is frozen and never part of DDP or the optimizer.
+    checkpoints keep the ``encoder_q.*`` / ``predict_q.*`` layout. With several teachers,
+    ``predict_q`` is a ModuleDict of one head per teacher (``predict_q.<teacher>.*``) and the
+    forward returns a dict of predictions. Teachers live outside this module: they are frozen
+    and never part of DDP or the optimizer.
     """
 
     def __init__(self, encoder_q, predict_q):
@@ -18,7 +20,10 @@ class SimReg(nn.Module):
         self.predict_q = predict_q
 
     def forward(self, images):
-        return self.predict_q(self.encoder_q(images))
+        features = self.encoder_q(images)
+        if isinstance(self.predict_q, nn.ModuleDict):
+            return {name: head(features) for name, head in self.predict_q.items()}
+        return self.predict_q(features)
 
 
 def freeze(teacher):
@@ -47,3 +52,44 @@ def regression_loss(prediction, target, mse_nonorm=False):
 def cosine_to_target(prediction, target):
     """Per-sample cosine between head output and teacher feature (how well the student imitates)."""
     return F.cosine_similarity(prediction.float(), target.float(), dim=1)
+
+
+class LiveTeacher:
+    """A frozen network run on the teacher's view of each batch."""
+
+    needs_view = True
+
+    def __init__(self, network, info):
+        self.network = freeze(network)
+        self.feat_dim = network.feat_dim
+        self.info = info
+
+    def to(self, device, memory_format=torch.contiguous_format):
+        self.network.to(device, memory_format=memory_format)
+        return self
+
+    def targets(self, indices, view, amp_dtype):
+        with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
+                                                    enabled=amp_dtype is not None):
+            features = self.network(view)
+        # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
+        return features.clone()
+
+
+class CachedTeacher:
+    """Teacher features read from a ``data.teacher_cache`` by sample index; no network, no view."""
+
+    needs_view = False
+
+    def __init__(self, cache, info):
+        self.cache = cache
+        self.feat_dim = cache.feat_dim
+        self.info = info
+        self.device = torch.device('cpu')
+
+    def to(self, device, memory_format=None):
+        self.device = device
+        return self
+
+    def targets(self, indices, view, amp_dtype):
+        return self.cache.rows(indices).to(self.device, non_blocking=True)
