@@ -1,41 +1,185 @@
-"""Checkpoint reading and strict loading (minimal first version: torchvision/MoCo layouts and
-this project's own checkpoints)."""
+"""Every checkpoint a user may bring, read safely and loaded strictly into this project's models.
+
+The original code stripped one prefix, loaded with ``strict=False`` and silently kept random
+weights for whatever did not match. Here a file is read with ``weights_only=True``, its layout is
+recognised from its keys (``LAYOUTS``), the groups that layout is known to hold besides the
+backbone (projection heads, momentum encoders, queues, predictors, prototypes, the regression head)
+are dropped by name, and the rest must fit the backbone exactly; otherwise a one-line SimRegError
+names the keys and the layout it guessed. Training (teacher, ``--weights``, ``--resume``) and
+every evaluation script load through here; no script strips prefixes itself.
+"""
 import argparse
 import os
 import pickle
-import zipfile
+import re
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
-from models.backbones import build_backbone, set_projection
+from models.backbones import build_backbone, classifier_attr, set_projection
 from models.head import build_head
+from models.presets import PRESET_ARCHS, PRESETS, download_preset, preset_path
 from utils.errors import SimRegError
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a kind of checkpoint keeps the backbone, and what else it is known to hold."""
+    name: str
+    containers: tuple  # top-level key holding the state dict (None: the file is the state dict)
+    prefix: str  # the backbone's keys start with this
+    heads: tuple = ()  # projection heads outside the backbone; one inside is the backbone's classifier
+    drop: tuple = ()  # other known groups, never loaded
+    marker: str = ''  # key prefix that identifies the layout when ``prefix`` alone does not
+    tf_names: bool = False  # TensorFlow conv2d_N / batch_normalization_N names, mapped to torchvision's
+
+    def matches(self, container, state):
+        return container in self.containers and any(k.startswith(self.marker or self.prefix) for k in state)
+
+
+_ANY = (None, 'state_dict', 'model')
+# Tried in order: the first layout whose container and key prefix fit the file is the guess.
+LAYOUTS = (
+    Layout('SimReg (original code)', ('state_dict',), 'encoder_q.module.',
+           drop=('predict_q.module.', 'encoder_t.module.')),
+    Layout('SimReg', ('state_dict',), 'encoder_q.', drop=('predict_q.',)),
+    Layout('MoCo v1/v2', ('state_dict',), 'module.encoder_q.',
+           drop=('module.encoder_k.', 'module.queue', 'module.queue_ptr')),
+    Layout('MoCo v3', ('state_dict',), 'module.base_encoder.', drop=('module.momentum_encoder.', 'module.predictor.')),
+    Layout('DINO full checkpoint', ('teacher',), 'module.backbone.', heads=('module.head.',)),
+    Layout('Barlow Twins / VICReg full checkpoint', ('model',), 'module.backbone.', heads=('module.projector.',),
+           drop=('module.bn.',)),
+    Layout('SwAV / DataParallel', _ANY, 'module.', heads=('module.projection_head.',), drop=('module.prototypes.',)),
+    Layout('SimCLR ResNet-50 (TensorFlow names)', _ANY, '', marker='conv2d.', tf_names=True),
+    Layout('torchvision', _ANY, ''),
+)
+
+
 def read_checkpoint(path):
-    """torch.load with weights_only=True (argparse.Namespace allowed for original SimReg files)."""
+    """torch.load on CPU with weights_only=True (argparse.Namespace allowed for original SimReg files)."""
     if not os.path.isfile(path):
         raise SimRegError(f'checkpoint {path} does not exist: check the path')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise SimRegError(f'refusing to load {path}: it holds objects other than tensors and plain '
-                          f'data ({str(exc).splitlines()[0]})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise SimRegError(f'cannot read checkpoint {path} ({str(exc).splitlines()[0]}): the file is '
-                          f'truncated or not a PyTorch checkpoint; download or copy it again') from None
+        if 'weights only load failed' in str(exc).lower():
+            reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
+            raise SimRegError(f'refusing to load {path}: unpickling it would run code or build objects other '
+                              f'than tensors and plain data ({reason}); use the official file, or re-save '
+                              f'only its state_dict') from None
+        raise SimRegError(_unreadable(path, exc)) from None
+    except Exception as exc:  # torch.load signals a damaged file with many exception types
+        raise SimRegError(_unreadable(path, exc)) from None
 
 
-def _unwrap(ckpt):
-    for key in ('state_dict', 'model'):
-        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
-            return ckpt[key]
-    return ckpt
+def _unreadable(path, exc):
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f'cannot read checkpoint {path} ({detail}): the file is truncated or not a PyTorch checkpoint; '
+            f'download or copy it again')
+
+
+def resolve_weights(spec):
+    """Path of the weights ``spec`` names: an existing file as is, or a preset from ``models.presets``
+    (downloaded once into the torch hub cache, checked, then reused)."""
+    if os.path.isfile(spec):
+        return spec
+    if spec not in PRESETS:
+        raise SimRegError(f'weights {spec} not found: give a checkpoint path or one of the presets '
+                          f'{", ".join(PRESETS)}')
+    path = preset_path(spec)
+    if not os.path.isfile(path):
+        partial = f'{path}.{os.getpid()}.partial'
+        try:
+            download_preset(spec, partial)
+            layout, _ = detect_layout(read_checkpoint(partial), spec)
+            if layout.name != PRESETS[spec].layout:
+                raise SimRegError(f'preset {spec}: the downloaded file looks like {layout.name}, not '
+                                  f'{PRESETS[spec].layout}: the release changed; download it yourself and '
+                                  f'pass the path')
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path
+
+
+def detect_layout(ckpt, path):
+    """(layout, state dict) of a loaded checkpoint, from its top-level keys and key prefixes."""
+    container, state = _state_dict(ckpt, path)
+    for layout in LAYOUTS:
+        if layout.matches(container, state):
+            return layout, state
+    raise SimRegError(f'{path}: no known checkpoint layout has its weights under "{container}" with keys '
+                      f'like {_names(list(state))}: see the accepted layouts in the README')
+
+
+def _state_dict(ckpt, path):
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return None, ckpt
+    for key in ('state_dict', 'model', 'teacher'):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return key, ckpt[key]
+    found = f'top-level keys {_names(list(ckpt))}' if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
+    raise SimRegError(f'{path} holds no state dict ({found}): expected a bare state dict or one under '
+                      f'"state_dict", "model" or "teacher"')
+
+
+def split_backbone(layout, state, classifier='fc'):
+    """(backbone, head): the backbone's tensors under the model's key names, and the projection head's
+    tensors with their file keys (the backbone's own classifier, or a head group of the layout).
+
+    Keys outside the layout's known groups stay in ``backbone`` unchanged, so that the strict load
+    names them as unexpected.
+    """
+    inner_head = layout.prefix + classifier + '.'
+    backbone, head = {}, {}
+    for key, value in state.items():
+        if key.startswith(layout.drop):
+            continue
+        if key.startswith(layout.heads) or key.startswith(inner_head):
+            head[key] = value
+        elif key.startswith(layout.prefix):
+            name = key[len(layout.prefix):]
+            backbone[_tf_to_torchvision(name) if layout.tf_names else name] = value
+        else:
+            backbone[key] = value
+    return backbone, head
+
+
+def _tf_resnet50_names():
+    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block
+    the projection shortcut first (first block of a stage), then the 1x1, 3x3, 1x1 convs."""
+    pairs = [('conv1', 'bn1')]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            name = f'layer{stage}.{block}.'
+            if block == 0:
+                pairs.append((name + 'downsample.0', name + 'downsample.1'))
+            pairs += [(f'{name}conv{i}', f'{name}bn{i}') for i in (1, 2, 3)]
+    return pairs
+
+
+_TF_NAMES = _tf_resnet50_names()
+_TF_KEY = re.compile(r'(conv2d|batch_normalization)(?:_(\d+))?\.(\w+)')
+
+
+def _tf_to_torchvision(key):
+    """``conv2d_5.weight`` -> ``layer1.1.conv1.weight``; other keys (``fc.*``) unchanged."""
+    match = _TF_KEY.fullmatch(key)
+    if not match or int(match.group(2) or 0) >= len(_TF_NAMES):
+        return key
+    conv, bn = _TF_NAMES[int(match.group(2) or 0)]
+    return f'{conv if match.group(1) == "conv2d" else bn}.{match.group(3)}'
 
 
 def load_strict(module, state_dict, what, layout):
-    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout."""
+    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout.
+
+    A module built on the meta device (weights not initialised) takes the file's tensors as they are,
+    cast to its dtypes.
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -51,7 +195,10 @@ def load_strict(module, state_dict, what, layout):
                                                   f'{tuple(own[k].shape)}' for k in wrong_shape]))
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
-    module.load_state_dict(state_dict, strict=True)
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta:
+        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=on_meta)
     return module
 
 
@@ -60,49 +207,102 @@ def _names(keys, limit=6):
     return f'{len(keys)} keys [{shown}{", ..." if len(keys) > limit else ""}]'
 
 
+def _unloaded(build, *args):
+    """``build(*args)`` on the meta device: every weight comes from the file, so initialising them
+    first would only cost time (seconds for a ResNet-50x4)."""
+    with torch.device('meta'):
+        return build(*args)
+
+
 def load_backbone(arch, path, keep_fc=False):
-    """Backbone of ``arch`` with the weights in ``path``, in eval mode; ``keep_fc`` keeps a plain
-    Linear ``fc`` from the file (``--teacher_fc``)."""
-    state = _unwrap(read_checkpoint(path))
-    for prefix in ('module.encoder_q.', 'encoder_q.module.', 'encoder_q.', 'module.'):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    model = build_backbone(arch)
-    fc = {k[3:]: v for k, v in state.items() if k.startswith('fc.')}
-    state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+    """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode; its forward
+    gives the pooled feature (``feat_dim``).
+
+    ``keep_fc`` is the original ``--teacher_fc``: keep the file's plain-Linear projection on top, so
+    that ``feat_dim`` becomes its ``out_features``.
+    """
+    if path in PRESETS and not os.path.isfile(path) and arch not in PRESET_ARCHS:
+        raise SimRegError(f'preset {path} is a ResNet-50 with torchvision padding, not {arch}: '
+                          f'use --arch_teacher resnet50')
+    path = resolve_weights(path)
+    layout, state = detect_layout(read_checkpoint(path), path)
+    model = _unloaded(build_backbone, arch)
+    classifier = classifier_attr(model)
+    backbone, head = split_backbone(layout, state, classifier)
     if keep_fc:
-        if set(fc) != {'weight', 'bias'} or fc['weight'].ndim != 2:
-            raise SimRegError(f'--teacher_fc needs a single Linear fc in {path}, found fc keys '
-                              f'{sorted(fc) or "none"}')
-        load_strict(model, state, f'{path} for {arch}', 'torchvision')
-        linear = torch.nn.Linear(fc['weight'].shape[1], fc['weight'].shape[0])
-        linear.load_state_dict(fc)
-        set_projection(model, linear)
-    else:
-        load_strict(model, state, f'{path} for {arch}', 'torchvision')
+        linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
+        set_projection(model, _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0]))
+        backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
+    for key in model.state_dict():
+        if key.endswith('num_batches_tracked'):
+            # converted BYOL and old torchvision files lack BN counters, which only matter in training
+            backbone.setdefault(key, torch.zeros((), dtype=torch.long))
+    load_strict(model, backbone, f'{path} as {arch}', layout.name)
     return model.eval()
 
 
-def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False):
-    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load it strictly."""
-    backbone = build_backbone(arch)
-    head_state = {k[len('predict_q.'):]: v for k, v in state.items() if k.startswith('predict_q.')}
-    last = max((k for k in head_state if k.endswith('weight') and head_state[k].ndim == 2),
-               key=lambda k: int(k.split('.')[0]))
-    head = build_head(backbone.feat_dim, head_state[last].shape[0], n_mlp_layers, linear_pred)
-    load_strict(backbone, {k[len('encoder_q.'):]: v for k, v in state.items()
-                           if k.startswith('encoder_q.')}, f'student backbone ({arch})', 'simreg')
-    load_strict(head, head_state, 'regression head', 'simreg')
+def _plain_linear(head, inner_head, layout, path):
+    """The ``weight``/``bias`` of a head that is a single Linear, or an error that says what it is instead."""
+    keys = sorted(head)
+    if keys == [inner_head + 'bias', inner_head + 'weight'] and head[inner_head + 'weight'].ndim == 2:
+        return {'weight': head[inner_head + 'weight'], 'bias': head[inner_head + 'bias']}
+    found = f'a multi-layer projection head ({_names(keys)})' if keys else 'no projection head'
+    raise SimRegError(f'--teacher_fc puts the checkpoint\'s plain Linear projection on the teacher, but {path} '
+                      f'({layout.name}) has {found}: drop --teacher_fc')
+
+
+def student_checkpoint(ckpt, path):
+    """(args, state): the training arguments as a dict and an ``encoder_q.*``/``predict_q.*`` state dict,
+    from this project's checkpoint (``args``) or the original code's (``opt`` Namespace, DataParallel
+    ``.module`` wrappers, the frozen teacher ``encoder_t`` saved along)."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict):
+        if isinstance(ckpt.get('args'), dict):
+            return ckpt['args'], ckpt['state_dict']
+        if isinstance(ckpt.get('opt'), argparse.Namespace):
+            state = {}
+            for key, value in ckpt['state_dict'].items():
+                if key.startswith('encoder_t.module.'):
+                    continue
+                for part in ('encoder_q.', 'predict_q.'):
+                    if key.startswith(part + 'module.'):
+                        key = part + key[len(part + 'module.'):]
+                state[key] = value
+            return vars(ckpt['opt']), state
+    raise SimRegError(f'{path} is not a SimReg student checkpoint (no training arguments "args" or "opt"): '
+                      f'pass a file written by train_student.py or by the original main.py')
+
+
+def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint'):
+    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly."""
+    parts = {'encoder_q.': {}, 'predict_q.': {}}
+    unexpected = []
+    for key, value in state.items():
+        part = next((p for p in parts if key.startswith(p)), None)
+        if part is None:
+            unexpected.append(key)
+        else:
+            parts[part][key[len(part):]] = value
+    if unexpected:
+        raise SimRegError(f'{source} has keys outside encoder_q./predict_q.: {_names(unexpected)}')
+    head_state = parts['predict_q.']
+    linears = [k for k, v in head_state.items() if k.split('.')[0].isdigit() and k.endswith('weight') and v.ndim == 2]
+    if not linears:
+        raise SimRegError(f'{source} has no regression head (predict_q.*): it is not a SimReg student')
+    out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
+    backbone = _unloaded(build_backbone, arch)
+    head = _unloaded(build_head, backbone.feat_dim, out_dim, n_mlp_layers, linear_pred)
+    load_strict(backbone, parts['encoder_q.'], f'{source} student backbone ({arch})', 'SimReg')
+    load_strict(head, head_state, f'{source} regression head', 'SimReg')
     return backbone, head
 
 
-def load_student(path):
-    """(backbone, head) of a student checkpoint written by train_student.py, both in eval mode."""
-    ckpt = read_checkpoint(path)
-    args = ckpt.get('args') or {}
-    if not args:
-        raise SimRegError(f'{path} is not a SimReg student checkpoint (no args)')
-    backbone, head = student_from_state(ckpt['state_dict'], args['arch_student'],
-                                        args['n_mlp_layers'], args['linear_pred'])
+def load_student(path, arch=None):
+    """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
+    by the original code (the authors' released students). ``arch``, when given, must match the file."""
+    args, state = student_checkpoint(read_checkpoint(path), path)
+    if arch is not None and arch != args['arch_student']:
+        raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
+                          f'pass --arch {args["arch_student"]}')
+    backbone, head = student_from_state(state, args['arch_student'], args.get('n_mlp_layers', 4),
+                                        args.get('linear_pred', False), source=path)
     return backbone.eval(), head.eval()

@@ -1,0 +1,82 @@
+"""The two teacher ResNets torchvision lacks, built from torchvision's so that the key names match.
+
+``byol_resnet50``: the BYOL release was trained in TensorFlow, whose ``SAME`` padding depends on
+the input size and puts the odd pixel after, not before; zero-padding the converted weights the
+PyTorch way shifts every strided window and changes the features.
+``simclr_resnet50(width)``: the SimCLR v1 ResNet-50 (1x, 2x, 4x), whose every channel count, stem
+included, is multiplied by ``width``; torchvision's ``wide_resnet50_2`` widens only the 3x3 convs.
+"""
+import math
+
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+from torchvision.models.resnet import Bottleneck, ResNet
+
+
+def same_padding(size, kernel, stride, dilation=1):
+    """(before, after) padding of TensorFlow's ``SAME`` along one spatial dimension."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x, kernel, stride, dilation=(1, 1), value=0.0):
+    """Pad an NCHW tensor so that a padding-0 window op gives TensorFlow's ``SAME`` output."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d (built with padding 0) preceded by ``SAME`` padding for the actual input size."""
+
+    def forward(self, x):
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """3x3/2 max-pool with ``SAME`` padding; padded cells never win, as in TensorFlow."""
+
+    def __init__(self, kernel_size=3, stride=2):
+        super().__init__(kernel_size, stride, padding=0)
+
+    def forward(self, x):
+        pair = nn.modules.utils._pair
+        return super().forward(pad_same(x, pair(self.kernel_size), pair(self.stride), value=float('-inf')))
+
+
+def _same_conv(conv):
+    return Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding=0,
+                      dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+
+
+def byol_resnet50():
+    """torchvision ResNet-50 (same keys) with ``SAME`` padding at every conv and at the max-pool."""
+    model = tvm.resnet50(weights=None)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, _same_conv(child))
+    model.maxpool = MaxPool2dSame()
+    model.feat_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def simclr_resnet50(width=1):
+    """SimCLR v1 ResNet-50 x ``width``: stem ``64w``, stage widths ``64w..512w``, output ``2048w``.
+
+    Stride sits on the 3x3 conv (torchvision V1.5), as in the SimCLR release. The weights always
+    come from a checkpoint, so the widened layers keep PyTorch's default initialisation.
+    """
+    model = ResNet(Bottleneck, [3, 4, 6, 3])
+    if width != 1:
+        model.inplanes = 64 * width
+        model.conv1 = nn.Conv2d(3, 64 * width, kernel_size=7, stride=2, padding=3, bias=False)
+        model.bn1 = nn.BatchNorm2d(64 * width)
+        for i, blocks in enumerate([3, 4, 6, 3]):
+            layer = model._make_layer(Bottleneck, 64 * 2 ** i * width, blocks, stride=1 if i == 0 else 2)
+            setattr(model, f'layer{i + 1}', layer)
+    model.feat_dim = 2048 * width
+    model.fc = nn.Identity()
+    return model
