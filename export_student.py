@@ -1,0 +1,34 @@
+"""Write a distilled student's backbone as a plain torchvision state dict, for downstream use.
+
+    python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth resnet18_simreg.pth
+
+Reads any student checkpoint models.loading accepts (this project's, or the original code's),
+drops the regression head and every prefix; ``torchvision.models.resnet18()`` (or the student's
+architecture) then loads the file with ``strict=False``, only the classifier missing.
+"""
+import argparse
+
+from models import load_student
+from utils.checkpoint import save_atomic
+from utils.errors import exit_on_user_error
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='export a SimReg student backbone as a torchvision state dict')
+    parser.add_argument('checkpoint', help='student checkpoint (train_student.py or the original main.py)')
+    parser.add_argument('output', help='where to write the state dict (.pth)')
+    parser.add_argument('--arch', help='expected student architecture; checked against the checkpoint')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backbone, _ = load_student(args.checkpoint, arch=args.arch)
+    state = backbone.state_dict()
+    save_atomic(state, args.output)
+    print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
+          f'torchvision model with strict=False; only the classifier is missing')
+
+
+if __name__ == '__main__':
+    exit_on_user_error(main)
