@@ -8,7 +8,6 @@ in one process on the same inputs. Each prints one line
 """
 import argparse
 import gc
-import json
 import os
 import resource
 import sys
@@ -24,7 +23,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folders import build_dataset  # noqa: E402
-from data.teacher_cache import FORMAT, TeacherFeatureCache, sidecar_path  # noqa: E402
+from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
 
 
@@ -113,7 +112,7 @@ def bench_teacher_cache(quick):
             features[start:start + chunk_rows] = rng.randn(min(chunk_rows, n - start), dim)
         features.flush()
         del features
-        write_cache_sidecar_only(path, n, dim)
+        write_cache_sidecar_only(path, n)
         gc.collect()
         before = rss_bytes()
         cache = TeacherFeatureCache(path)
@@ -138,11 +137,9 @@ def bench_teacher_cache(quick):
                         f'{reference_memory / 2**30:.2f} GiB = {ours_memory / reference_memory:.2f}x)')
 
 
-def write_cache_sidecar_only(path, n, dim):
-    """Sidecar for an array written in place (write_cache would hold it all in memory)."""
-    meta = {'format': FORMAT, 'dim': dim, 'teacher': {}, 'dataset': {'num_samples': n}}
-    with open(sidecar_path(path), 'w') as f:
-        json.dump(meta, f)
+def write_cache_sidecar_only(path, n):
+    """Sidecar for an array written in place, with only what TeacherFeatureCache reads."""
+    write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': n}})
 
 
 # ------------------------------------------------------------------ train step

@@ -70,16 +70,42 @@ class TeacherFeatureCache:
         return torch.from_numpy(np.ascontiguousarray(self.features[indices.numpy()]))
 
 
-def write_cache(path, features, meta):
-    """Write ``features`` [N, D] as fp16 ``.npy`` and the sidecar, each atomically; the sidecar
-    goes last, so a cache without one was interrupted."""
-    n, d = features.shape
-    if meta['dataset']['num_samples'] != n:
-        raise ValueError(f"{n} feature rows for {meta['dataset']['num_samples']} images")
+def write_cache(path, blocks, meta):
+    """Write the arrays ``blocks`` ([n_i, D] each, in dataset order) one after another as the fp16 cache
+    ``path``, then its sidecar. One block at a time is read (memory-mapped blocks are welcome), never
+    all N x D; the array appears atomically and the sidecar last, so a cache without one was interrupted."""
+    dims = {block.shape[1] for block in blocks}
+    if len(dims) != 1:
+        raise ValueError(f'blocks of {sorted(dims)} columns: one feature dim expected')
+    if os.path.exists(sidecar_path(path)):
+        os.remove(sidecar_path(path))  # never pair a new array with an old sidecar
     tmp = path + '.tmp.npy'
-    np.save(tmp, np.asarray(features, dtype=np.float16))
-    os.replace(tmp, path)
-    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(d), **meta}, indent=2), sidecar_path(path))
+    try:
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16,
+                                        shape=(sum(len(block) for block in blocks), dims.pop()))
+        row = 0
+        for block in blocks:
+            out[row:row + len(block)] = block
+            row += len(block)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    write_sidecar(path, meta)
+
+
+def write_sidecar(path, meta):
+    """The one writer of the sidecar of the fp16 ``.npy`` at ``path``: ``format`` and ``dim`` (read from
+    the array, whose rows must match ``meta['dataset']['num_samples']``) plus ``meta``: ``teacher``,
+    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size`` and any extra keys."""
+    array = np.load(path, mmap_mode='r')
+    if array.dtype != np.float16 or array.ndim != 2 or len(array) != meta['dataset']['num_samples']:
+        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected float16 rows for "
+                         f"{meta['dataset']['num_samples']} images")
+    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(array.shape[1]), **meta}, indent=2) + '\n',
+                      sidecar_path(path))
 
 
 def convert_original_cache(pth_path, dataset, log=print):
@@ -109,7 +135,7 @@ def convert_original_cache(pth_path, dataset, log=print):
                         'converted_from': os.path.abspath(pth_path)},
             'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)',
             'image_size': None}
-    write_cache(out, features, meta)
+    write_cache(out, [features], meta)
     log(f'note: converted the original teacher cache {pth_path} to {out} (+ .json); pass '
         f'--teacher_feats {out} from now on')
     return out

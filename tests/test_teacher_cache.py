@@ -20,8 +20,9 @@ def dataset(image_folder):
 
 def make_cache(path, dataset, dim=16, seed=0):
     features = np.random.RandomState(seed).randn(len(dataset), dim).astype(np.float16)
-    write_cache(str(path), features, {'teacher': {'arch': 'resnet18'}, 'dataset': dataset_fingerprint(dataset),
-                                      'transform': 'eval', 'image_size': 32})
+    write_cache(str(path), [features], {'teacher': {'arch': 'resnet18'},
+                                        'dataset': dataset_fingerprint(dataset),
+                                        'transform': 'eval', 'image_size': 32})
     return features
 
 
