@@ -148,11 +148,14 @@ def shard_bounds(n_samples, world_size):
 
 
 @torch.no_grad()
-def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features'):
+def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
+                     amp_dtype=None, l2_normalize=True):
     """L2-normalised float16 features of ``dataset`` in dataset order, on rank 0 (None elsewhere).
 
     Each rank extracts its contiguous slice; rank 0 gathers the slices. ``batch_size`` is the
-    total over ranks, as in the original.
+    total over ranks, as in the original. ``amp_dtype`` picks the autocast dtype (default: the
+    device's); ``l2_normalize=False`` keeps the raw outputs (teacher targets for training).
+    The sample indices ``dataset`` returns must be its own positions (0..len-1).
     """
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
@@ -166,9 +169,9 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     local = None
     for indices, images, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
         images = normalize(images.to(device, non_blocking=True))
-        with torch.autocast(device.type, enabled=amp):
-            output = model(images)
-        output = F.normalize(output.float(), dim=1).half().cpu()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            output = model(images).float()
+        output = (F.normalize(output, dim=1) if l2_normalize else output).half().cpu()
         if local is None:
             local = torch.empty(stop - start, output.shape[1], dtype=torch.float16)
         local[indices - start] = output
