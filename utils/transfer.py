@@ -1,0 +1,194 @@
+"""Transfer evaluation: multinomial logistic regression on frozen features, L2 strength chosen on a
+held-out split, in the protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer
+Better?"), which SimCLR and BYOL use for their transfer tables.
+
+Protocol, exactly:
+
+1. Features are the cached ones of ``utils.features`` (pooled features of Resize(size*256/224) +
+   CenterCrop(size), L2-normalised, float16), then standardised per dimension with the mean and
+   (population) std of the rows the classifier is fitted on. Standardising is the literature's
+   step; the L2 step before it comes with the shared cache and only removes each image's overall
+   scale. It keeps one extraction path and one cache for k-NN (which needs unit vectors) and for
+   the probe, and matches ``eval_linear.py`` (L2-normalise, then standardise).
+2. The classifier minimises ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (bias not
+   penalised). This is scikit-learn's ``LogisticRegression(C=1/l2)`` objective divided by ``n``,
+   so ``l2`` means what it means in the literature's grid and the minimiser is the same.
+3. ``l2`` is searched over ``L2_GRID``: 45 log-spaced values from 1e-6 to 1e5, Kornblith et
+   al.'s grid. Fits run from the strongest to the weakest penalty, each warm-started from the
+   previous solution (the objective is strictly convex, so the start changes only the time).
+   Each fit is full-batch ``torch.optim.LBFGS`` with a strong-Wolfe line search, at most
+   ``MAX_ITER`` iterations, float64 on the CPU and float32 on GPUs (which run float64 up to 64x
+   slower). Zero-initialised and without randomness, so a search is deterministic.
+4. Selection: with ``val/``, fit on train and score on val; without it, on a stratified 20%
+   holdout of train (seeded). The chosen ``l2`` has the best held-out top-1; ties go to the lower
+   held-out cross-entropy, then to the stronger penalty.
+5. Final: with ``test/``, refit at the chosen ``l2`` on train+val (or all of train) and report
+   test top-1; without ``test/``, report the val top-1 of the train-only fit chosen on that same
+   val split (optimistic, and said so in the results).
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.errors import SimRegError
+
+L2_GRID = tuple(float(v) for v in np.logspace(-6, 5, 45))
+HOLDOUT_FRACTION = 0.2
+MAX_ITER = 1000
+HISTORY_SIZE = 10          # scipy's L-BFGS default, what scikit-learn's lbfgs solver uses
+TOLERANCE_GRAD = 1e-6
+TOLERANCE_CHANGE = 1e-10
+
+
+def stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=0):
+    """(fit_indices, holdout_indices), both sorted: ``round(fraction * n_c)`` images of each class
+    ``c`` held out (at least one when the class has two or more, never all of it), drawn by a
+    permutation seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels).long()
+    held = []
+    for label in torch.unique(labels).tolist():
+        members = (labels == label).nonzero().flatten()
+        n = len(members)
+        count = min(n - 1, max(1, round(fraction * n))) if n > 1 else 0
+        held.append(members[torch.randperm(n, generator=generator)[:count]])
+    held = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().flatten(), held
+
+
+class Standardizer:
+    """Per-dimension (x - mean) / std with the fit rows' statistics; a constant dimension (std
+    below 10 float64 eps, as scikit-learn's StandardScaler) is only centred."""
+
+    def __init__(self, features, dtype):
+        stats = features.to(torch.float64)
+        self.mean = stats.mean(0)
+        std = stats.std(0, correction=0)
+        self.std = torch.where(std < 10 * torch.finfo(torch.float64).eps, torch.ones_like(std), std)
+        self.dtype = dtype
+
+    def __call__(self, features):
+        return ((features.to(torch.float64) - self.mean) / self.std).to(self.dtype)
+
+
+def solver_dtype(device):
+    return torch.float64 if device.type == 'cpu' else torch.float32
+
+
+def fit_logistic(x, y, num_classes, l2, start=None, max_iter=MAX_ITER):
+    """Minimise the objective of the module docstring on standardised ``x``; ``start`` is a
+    ``(weight, bias)`` warm start (zeros otherwise). Returns (weight, bias, iterations)."""
+    if start is None:
+        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
+        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    else:
+        weight, bias = (t.detach().clone() for t in start)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=HISTORY_SIZE,
+                                  tolerance_grad=TOLERANCE_GRAD, tolerance_change=TOLERANCE_CHANGE,
+                                  line_search_fn='strong_wolfe')
+    penalty = 0.5 * l2 / len(x)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + penalty * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    iterations = optimizer.state[weight].get('n_iter', 0)
+    return weight.detach(), bias.detach(), iterations
+
+
+@torch.no_grad()
+def score(weight, bias, x, y):
+    """(correct count, mean cross-entropy, per-class mean top-1 %) of a fitted classifier."""
+    logits = x @ weight.T + bias
+    hits = logits.argmax(1) == y
+    per_class = [hits[y == c].double().mean().item() for c in torch.unique(y).tolist()]
+    return int(hits.sum().item()), F.cross_entropy(logits, y).item(), 100.0 * sum(per_class) / len(per_class)
+
+
+def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
+    """Fit on ``fit`` for every ``l2`` of ``grid`` (strongest first, warm-started) and score on
+    ``held``; both are (features, labels). Returns (rows in ascending ``l2``, the chosen row, its
+    (weight, bias))."""
+    dtype = solver_dtype(device)
+    standardize = Standardizer(fit[0], dtype)
+    fit_x, fit_y = standardize(fit[0]).to(device), fit[1].long().to(device)
+    held_x, held_y = standardize(held[0]).to(device), held[1].long().to(device)
+    rows, solutions, solution = [], [], None
+    for l2 in sorted(grid, reverse=True):
+        weight, bias, iterations = fit_logistic(fit_x, fit_y, num_classes, l2, solution, max_iter)
+        solution = (weight, bias)
+        correct, loss, _ = score(weight, bias, held_x, held_y)
+        rows.append({'l2': l2, 'top1': 100.0 * correct / len(held_y), 'loss': loss, 'iterations': iterations,
+                     'converged': iterations < max_iter, 'correct': correct})
+        solutions.append(solution)
+    best = max(range(len(rows)), key=lambda i: (rows[i]['correct'], -rows[i]['loss'], -i))
+    chosen = rows[best]
+    for row in rows:
+        del row['correct']
+    return rows[::-1], chosen, solutions[best]
+
+
+def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L2_GRID, max_iter=MAX_ITER):
+    """The whole protocol of the module docstring. ``train``, ``val``, ``test`` are (features,
+    labels) pairs; ``val`` and/or ``test`` may be None, not both. Fits run on ``device`` (default
+    CPU). Returns a JSON-ready dict."""
+    device = device or torch.device('cpu')
+    if val is None and test is None:
+        raise SimRegError('the dataset has only train/: add a val/ or test/ split to report an accuracy on')
+    if val is not None:
+        fit, held = train, val
+        selection = {'fit_on': 'train', 'scored_on': 'val'}
+    else:
+        fit_rows, held_rows = stratified_holdout(train[1], HOLDOUT_FRACTION, seed)
+        fit, held = (train[0][fit_rows], train[1][fit_rows]), (train[0][held_rows], train[1][held_rows])
+        selection = {'fit_on': 'train minus the holdout',
+                     'scored_on': f'stratified {HOLDOUT_FRACTION:.0%} holdout of train (seed {seed})'}
+    rows, chosen, solution = search_l2(fit, held, num_classes, device, grid, max_iter)
+    selection.update(num_fit=len(fit[1]), num_scored=len(held[1]), chosen_l2=chosen['l2'],
+                     chosen_top1=chosen['top1'], grid=rows)
+
+    dtype = solver_dtype(device)
+    if test is None:
+        standardize = Standardizer(fit[0], dtype)
+        weight, bias = solution
+        iterations = chosen['iterations']
+        final_fit, evaluated = fit, held
+        final = {'fit_on': 'train', 'evaluated_on': 'val',
+                 'note': 'no test/ split: val top-1 of the train-only fit whose l2 was chosen on val '
+                         '(optimistic)'}
+    else:
+        final_fit = train if val is None else (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
+        standardize = Standardizer(final_fit[0], dtype)
+        fit_x, fit_y = standardize(final_fit[0]).to(device), final_fit[1].long().to(device)
+        weight, bias, iterations = fit_logistic(fit_x, fit_y, num_classes, chosen['l2'], solution, max_iter)
+        evaluated = test
+        final = {'fit_on': 'train' if val is None else 'train+val', 'evaluated_on': 'test'}
+    correct, loss, per_class = score(weight, bias, standardize(evaluated[0]).to(device),
+                                     evaluated[1].long().to(device))
+    final.update(l2=chosen['l2'], top1=100.0 * correct / len(evaluated[1]), mean_per_class_top1=per_class,
+                 loss=loss, num_fit=len(final_fit[1]), num_evaluated=len(evaluated[1]), iterations=iterations,
+                 converged=iterations < max_iter)
+    protocol = {'features': 'L2-normalised cached features, standardised with the fit rows\' mean/std',
+                'objective': 'mean cross-entropy + l2 / (2 n) * ||W||^2 (= scikit-learn C = 1/l2)',
+                'grid': f'{len(grid)} values, {min(grid):.0e} .. {max(grid):.0e}, log-spaced',
+                'solver': f'full-batch L-BFGS (strong Wolfe), max {max_iter} iterations, '
+                          f'history {HISTORY_SIZE}, {str(dtype).replace("torch.", "")}, warm starts '
+                          f'from the strongest l2', 'seed': seed}
+    return {'protocol': protocol, 'selection': selection, 'final': final}
+
+
+def knn_splits(train, val, test):
+    """k-NN reference and query sets, matching the probe's final fit: train(+val) -> test, or
+    train -> val when there is no test split. Returns (reference, query, description)."""
+    if test is None:
+        return train, val, 'train -> val'
+    if val is None:
+        return train, test, 'train -> test'
+    return (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])), test, 'train+val -> test'
