@@ -1,0 +1,207 @@
+"""Run a teacher once over ``<data>/train`` and cache its features for ``train_student.py --use_cache``.
+
+    torchrun --nproc_per_node=8 cache_teacher_feats.py /path/to/imagenet \
+        --arch_teacher resnet50 --teacher_weights moco_v2_800ep
+    torchrun --nproc_per_node=8 train_student.py /path/to/imagenet --use_cache \
+        --teacher_feats teacher_feats/resnet50_<sha256[:8]>_imagenet_224.npy ...
+
+The teacher sees each image once, on the evaluation view (resize + center crop); its raw (not
+normalised) outputs are stored as fp16 rows in dataset order, with the sidecar that training
+checks against the dataset (``data.teacher_cache``). The work is split into shards of
+``--shard_size`` images, each saved as soon as it is done: a rerun of the same command after an
+interruption computes only the missing shards.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.folders import build_dataset
+from data.teacher_cache import dataset_fingerprint, sidecar_path, write_cache
+from data.transforms import eval_transform
+from models.backbones import TEACHER_ARCHS
+from models.loading import load_backbone, resolve_weights
+from utils.checkpoint import file_sha256, write_text_atomic
+from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process
+from utils.errors import SimRegError, exit_on_user_error
+from utils.features import extract_features, run_on_main
+from utils.logging import setup_logger
+
+AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Cache teacher features for SimReg --use_cache training')
+    p.add_argument('data', help='dataset root holding train/<class>/<image>')
+    p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
+                   help="full dataset, or the original's 100-class subset (as the training run will use)")
+    p.add_argument('--arch_teacher', default='resnet50', choices=TEACHER_ARCHS, help='teacher architecture')
+    p.add_argument('--teacher_weights', required=True,
+                   help='teacher checkpoint (any layout models.loading accepts) or a preset name')
+    p.add_argument('--teacher_fc', action='store_true',
+                   help="cache the teacher's pretrained projection (a plain Linear fc) output")
+    p.add_argument('--image_size', type=int, default=224, help='center crop size (resized to size*256/224 first)')
+    p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
+    p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
+    p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default='fp32',
+                   help='autocast dtype of the teacher forward; features are stored as fp16 either way, so '
+                        'fp32 (the default) loses nothing before that rounding')
+    p.add_argument('--output', help='cache .npy, its .json sidecar beside it (default: '
+                                    'teacher_feats/<arch>[_fc]_<sha256[:8]>_<dataset>_<image_size>.npy)')
+    p.add_argument('--shard_size', type=int, default=50000,
+                   help='images per shard, the unit that an interrupted run does not redo; rank 0 holds '
+                        'one shard of features in memory (shard_size x dim x 2 bytes, twice while gathering)')
+    return p
+
+
+def default_output(args, sha256):
+    fc = '_fc' if args.teacher_fc else ''
+    return os.path.join('teacher_feats', f'{args.arch_teacher}{fc}_{sha256[:8]}_{args.dataset}_{args.image_size}.npy')
+
+
+def shard_ranges(n_samples, shard_size):
+    """[start, stop) of each shard; a short remainder joins the last shard instead of being one."""
+    count = max(1, n_samples // shard_size)
+    return [(k * shard_size, (k + 1) * shard_size if k < count - 1 else n_samples) for k in range(count)]
+
+
+class ShardView(Dataset):
+    """Rows [start, stop) of the dataset, each sample indexed by its position in the shard: the index
+    ``extract_features`` orders its output by (a Subset would pass the dataset's index through)."""
+
+    def __init__(self, dataset, rows):
+        self.dataset = dataset
+        self.start, self.stop = rows
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, position):
+        _, image, label = self.dataset[self.start + position]
+        return position, image, label
+
+
+def identity(meta):
+    """What makes two caches the same: everything but where the weights file and the images lie."""
+    teacher = {k: v for k, v in meta.get('teacher', {}).items() if k != 'weights'}
+    dataset = {k: v for k, v in meta.get('dataset', {}).items() if k != 'root'}
+    return {**meta, 'teacher': teacher, 'dataset': dataset}
+
+
+class ShardStore:
+    """``<output>.shards/shard_<k>.npy`` + ``.json``, the finished shards of an unfinished build.
+
+    The json, written after the array, records what the shard was made from (the cache's sidecar
+    entries and its rows); a shard whose json differs, e.g. from another teacher, is recomputed.
+    """
+
+    def __init__(self, output, recipe):
+        self.folder = output + '.shards'
+        self.recipe = recipe
+
+    def array_path(self, k):
+        return os.path.join(self.folder, f'shard_{k:05d}.npy')
+
+    def is_done(self, k, rows):
+        try:
+            with open(sidecar_path(self.array_path(k))) as f:
+                recorded = json.load(f)
+            array = np.load(self.array_path(k), mmap_mode='r')
+        except (OSError, ValueError):
+            return False
+        return (identity(recorded) == identity({**self.recipe, 'rows': list(rows)})
+                and array.dtype == np.float16 and len(array) == rows[1] - rows[0])
+
+    def save(self, k, rows, features):
+        if not np.isfinite(features).all():
+            raise SimRegError(f'the teacher gave non-finite features for images {rows[0]}-{rows[1] - 1} (fp16 '
+                              f'overflow or broken weights): check --teacher_weights, or use --precision fp32')
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = self.array_path(k) + '.tmp.npy'
+        np.save(tmp, features)
+        os.replace(tmp, self.array_path(k))
+        write_text_atomic(json.dumps({**self.recipe, 'rows': list(rows)}, indent=2) + '\n',
+                          sidecar_path(self.array_path(k)))
+
+
+def existing_cache_is_ours(output, recipe):
+    """True when ``output`` is already this cache, finished; an unrelated finished cache is refused."""
+    if not (os.path.isfile(output) and os.path.isfile(sidecar_path(output))):
+        return False
+    with open(sidecar_path(output)) as f:
+        recorded = json.load(f)
+    recorded, ours = identity(recorded), identity(recipe)
+    differs = [key for key in ours if recorded.get(key) != ours[key]]
+    if differs:
+        raise SimRegError(f'{output} already holds a teacher cache with another {", ".join(differs)}: pass '
+                          f'another --output, or delete {output} and {sidecar_path(output)}')
+    return True
+
+
+def main(args):
+    """Build the cache, or finish an interrupted build; returns its path."""
+    device = init_distributed()
+    torch.backends.cudnn.benchmark = True  # every full batch has the same shape
+    log = setup_logger()
+    if args.shard_size < get_world_size():
+        raise SimRegError(f'--shard_size {args.shard_size} is smaller than the {get_world_size()} processes: '
+                          f'raise it (each process extracts part of every shard)')
+    if args.output and not args.output.endswith('.npy'):
+        raise SimRegError(f'--output {args.output} must end in .npy (the sidecar goes beside it as .json)')
+    dataset = build_dataset(args.data, 'train', eval_transform(args.image_size), args.dataset)
+    run_on_main(lambda: resolve_weights(args.teacher_weights))  # a preset is downloaded once, by rank 0
+    weights = resolve_weights(args.teacher_weights)
+
+    def describe():
+        teacher = {'arch': args.arch_teacher, 'weights': os.path.abspath(weights),
+                   'sha256': file_sha256(weights), 'teacher_fc': args.teacher_fc}
+        size = args.image_size
+        return {'teacher': teacher, 'dataset': dataset_fingerprint(dataset),
+                'transform': f'eval_transform: Resize({int(round(size * 256 / 224))}) + CenterCrop({size})',
+                'image_size': size, 'precision': args.precision}
+
+    recipe = run_on_main(describe)
+    output = args.output or default_output(args, recipe['teacher']['sha256'])
+    shards = ShardStore(output, recipe)
+    ranges = shard_ranges(len(dataset), args.shard_size)
+
+    def plan():
+        if existing_cache_is_ours(output, recipe):
+            shutil.rmtree(shards.folder, ignore_errors=True)  # a build stopped just before removing them
+            return None
+        return [k for k, rows in enumerate(ranges) if not shards.is_done(k, rows)]
+
+    todo = run_on_main(plan)
+    if todo is None:
+        log.info(f'{output} is already built for this teacher and dataset: nothing to do')
+        cleanup()
+        return output
+    log.info(f'{args.arch_teacher} teacher {weights} over {len(dataset)} images of {dataset.root} '
+             f'({args.dataset}, {recipe["transform"]}, {args.precision}) on {get_world_size()} process(es): '
+             f'{len(todo)} of {len(ranges)} shards to compute, into {output}')
+    teacher = load_backbone(args.arch_teacher, weights, keep_fc=args.teacher_fc) if todo else None
+    amp_dtype = AUTOCAST_DTYPES[args.precision]
+    for k in todo:
+        rows = ranges[k]
+        features = extract_features(teacher, ShardView(dataset, rows), args.batch_size, args.num_workers,
+                                    device, amp=amp_dtype is not None, amp_dtype=amp_dtype, l2_normalize=False,
+                                    desc=f'shard {k + 1}/{len(ranges)}')
+        run_on_main(lambda: shards.save(k, rows, features.numpy()))
+    main_process = is_main_process()
+    cleanup()  # rank 0 assembles alone; the others are done
+    if not main_process:
+        return output
+    blocks = [np.load(shards.array_path(k), mmap_mode='r') for k in range(len(ranges))]
+    write_cache(output, blocks, recipe)
+    shutil.rmtree(shards.folder)
+    log.info(f'wrote {output} ({len(dataset)} x {blocks[0].shape[1]} fp16) and {sidecar_path(output)}; '
+             f'train with --use_cache --teacher_feats {output}')
+    return output
+
+
+if __name__ == '__main__':
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))
