@@ -37,7 +37,8 @@ parser.add_argument('--use_pred', action='store_true', help='evaluate the regres
 parser.add_argument('--stage', default=None,
                     help='where to take features: backbone (default), layer3, layer4, head or head.<i>')
 parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
-parser.add_argument('--save', default='./outputs/transfer', help='output folder for features, logs and results')
+parser.add_argument('--save', default=None,
+                    help='output folder for features, logs and results (default: ./outputs/transfer/<name>)')
 parser.add_argument('--weights', required=True, help='checkpoint to evaluate')
 parser.add_argument('--load_cache', action='store_true',
                     help='reuse features cached in --save by an earlier run of the same checkpoint and dataset')
@@ -67,20 +68,20 @@ def check_same_classes(datasets):
 
 def main():
     args = parser.parse_args()
+    if args.max_iter < 1:
+        raise SimRegError(f'--max_iter {args.max_iter}: L-BFGS needs at least one iteration per L2 strength')
+    splits = present_splits(args.data)
     device = init_distributed()
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
     name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.data)))
-    save = features.stage_output_dir(args.save, stage)
+    save = features.stage_output_dir(args.save or os.path.join('outputs', 'transfer', name), stage)
     if is_main_process():
         os.makedirs(save, exist_ok=True)
     logger = setup_logger(os.path.join(save, 'transfer_logs') if is_main_process() else None)
     logger.info(f'args: {vars(args)}')
     started = time.time()
 
-    if args.max_iter < 1:
-        raise SimRegError(f'--max_iter {args.max_iter}: L-BFGS needs at least one iteration per L2 strength')
-    splits = present_splits(args.data)
     model = features.load_feature_model(args.weights, args.arch, stage)
     transform = eval_transform(args.image_size)
     datasets = {split: build_dataset(args.data, split, transform) for split in splits}
