@@ -41,8 +41,8 @@ class MaxPool2dSame(nn.MaxPool2d):
         super().__init__(kernel_size, stride, padding=0)
 
     def forward(self, x):
-        pair = nn.modules.utils._pair
-        return super().forward(pad_same(x, pair(self.kernel_size), pair(self.stride), value=float('-inf')))
+        kernel, stride = (self.kernel_size,) * 2, (self.stride,) * 2
+        return super().forward(pad_same(x, kernel, stride, value=float('-inf')))
 
 
 def _same_conv(conv):
