@@ -75,7 +75,7 @@ def read_checkpoint(path):
 
 
 def _unreadable(path, exc):
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
     return (f'cannot read checkpoint {path} ({detail}): the file is truncated or not a PyTorch checkpoint; '
             f'download or copy it again')
 
@@ -204,7 +204,7 @@ def load_strict(module, state_dict, what, layout):
 
 def _names(keys, limit=6):
     shown = ', '.join(keys[:limit])
-    return f'{len(keys)} keys [{shown}{", ..." if len(keys) > limit else ""}]'
+    return f'{len(keys)} key{"s" if len(keys) != 1 else ""} [{shown}{", ..." if len(keys) > limit else ""}]'
 
 
 def _unloaded(build, *args):

@@ -229,13 +229,13 @@ def test_wrong_arch_names_keys_and_layout(layout_file, original_resnet18_student
 def test_unexpected_backbone_key_is_named(resnet50_state, tmp_path):
     ckpt = moco_v1_v2(resnet50_state, MOCO_V2_FC)
     ckpt['state_dict']['module.encoder_q.layer4.2.conv4.weight'] = torch.zeros(8, 8, 1, 1)
-    with pytest.raises(SimRegError, match=r'MoCo v1/v2\): unexpected 1 keys \[layer4\.2\.conv4\.weight\]'):
+    with pytest.raises(SimRegError, match=r'MoCo v1/v2\): unexpected 1 key \[layer4\.2\.conv4\.weight\]'):
         load_backbone('resnet50', save(tmp_path / 'extra.pth', ckpt))
 
 
 def test_unknown_group_is_not_dropped(resnet50_state, tmp_path):
     state = {**swav(resnet50_state), 'module.extra_head.weight': torch.zeros(3, 3)}
-    with pytest.raises(SimRegError, match=r'SwAV / DataParallel\): unexpected 1 keys \[extra_head\.weight\]'):
+    with pytest.raises(SimRegError, match=r'SwAV / DataParallel\): unexpected 1 key \[extra_head\.weight\]'):
         load_backbone('resnet50', save(tmp_path / 'swav_extra.pth', state))
 
 
