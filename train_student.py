@@ -247,6 +247,10 @@ def main(args):
                           for name, t in teachers.items())
     log.info('==> %d training images, %d processes, %d images per process and step, teachers: %s; '
              'student %s', len(loader.dataset), world_size, loader.batch_size, described, args.arch_student)
+    if start_epoch == 1 and rank == 0:
+        # the initial student: the "before distillation" baseline for evaluation
+        save_atomic(checkpoint_state(model, optimizer, scaler, 0, args, teachers),
+                    epoch_checkpoint_path(ckpt_dir, 0))
     if start_epoch > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model

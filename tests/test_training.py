@@ -129,8 +129,8 @@ def test_two_epoch_run_loss_falls_and_outputs(workspace):
     losses = epoch_losses(workspace, 'straight')
     assert len(losses) == 2 and losses[1] < losses[0]
     exp = workspace / 'runs' / 'exp' / 'straight'
-    assert {p.name for p in (exp / 'checkpoints').iterdir()} == {'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth',
-                                                                 'last.pth'}
+    assert {p.name for p in (exp / 'checkpoints').iterdir()} == {'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth',
+                                                                 'ckpt_epoch_2.pth', 'last.pth'}
     assert (exp / 'logs' / 'train_args.json').exists()
     assert any(p.name.startswith('events.out.tfevents') for p in (exp / 'logs').iterdir())
     state = ckpt(workspace, 'straight', 'ckpt_epoch_2.pth')
