@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 
-import torch
 
 from data.folders import build_dataset
 from data.transforms import eval_transform
@@ -25,6 +24,7 @@ parser.add_argument('data', help='dataset root holding val/')
 parser.add_argument('--weights', required=True, help='student checkpoint')
 parser.add_argument('--arch_teacher', help='teacher architecture (default: the one the checkpoint records)')
 parser.add_argument('--teacher_weights', help='teacher weights (default: the file the checkpoint records)')
+parser.add_argument('--head', help='which head of a several-teacher student (its teacher is the one compared)')
 parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'])
 parser.add_argument('--split', default='val', help='folder of held-out images')
 parser.add_argument('--image_size', type=int, default=224)
@@ -35,12 +35,13 @@ parser.add_argument('--save', help='write imitation_epoch_<epoch>.json here')
 
 def recorded_teacher(ckpt, args):
     """(arch, weights path, teacher_fc) from the flags, else from what train_student.py recorded."""
-    recorded = ckpt.get('teacher') or {}
+    recorded = ckpt.get('teacher') or (ckpt.get('teachers') or {}).get(args.head) or {}
     arch = args.arch_teacher or recorded.get('arch')
     weights = args.teacher_weights or recorded.get('weights')
     if not arch or not weights:
-        raise SimRegError(f'{args.weights} records no live teacher (cached targets, several teachers or an '
-                          f'original checkpoint): pass --arch_teacher and --teacher_weights')
+        raise SimRegError(f'{args.weights} records no live teacher for this head (cached targets, several '
+                          f'teachers without --head, or an original checkpoint): pass --head, or '
+                          f'--arch_teacher and --teacher_weights')
     return arch, resolve_weights(weights), bool(recorded.get('teacher_fc')) and not args.teacher_weights
 
 
@@ -49,7 +50,7 @@ def main():
     device = init_distributed()
     ckpt = read_checkpoint(args.weights)
     arch, teacher_path, teacher_fc = recorded_teacher(ckpt, args)
-    student = features.load_feature_model(args.weights, stage='head')
+    student = features.load_feature_model(args.weights, stage='head', head_name=args.head)
     teacher = features.FeatureModel(load_backbone(arch, teacher_path, keep_fc=teacher_fc), None)
     dataset = build_dataset(args.data, args.split, eval_transform(args.image_size), args.dataset)
     extract = dict(dataset=dataset, batch_size=args.batch_size, workers=args.workers, device=device)

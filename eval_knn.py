@@ -30,6 +30,7 @@ parser.add_argument('-a', '--arch', default=None,
                     help='architecture of a plain backbone/teacher file; student checkpoints carry their '
                          'own (if given, it is checked against the student)')
 parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
+parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
 parser.add_argument('--linear_pred', action='store_true',
                     help='check that the student has the linear head (the head is built from the checkpoint)')
 parser.add_argument('--stage', default=None,
@@ -52,14 +53,14 @@ def main():
     device = init_distributed()
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
-    save = features.stage_output_dir(args.save, stage)
+    save = features.stage_output_dir(args.save, stage, args.head)
     if is_main_process():
         os.makedirs(save, exist_ok=True)
     logger = setup_logger(os.path.join(save, 'knn_logs') if is_main_process() else None)
     logger.info(f'args: {vars(args)}')
     started = time.time()
 
-    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred)
+    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred, head_name=args.head)
     transform = eval_transform(args.image_size)
     train_set = build_dataset(args.data, 'train', transform, args.dataset)
     val_set = build_dataset(args.data, 'val', transform, args.dataset)

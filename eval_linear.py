@@ -54,6 +54,7 @@ parser.add_argument('--use_cache', action='store_true',
                     help='train on the cached center-crop features (minutes instead of hours, usually '
                          'slightly lower accuracy)')
 parser.add_argument('--use_pred', action='store_true', help='probe the regression head output (= --stage head)')
+parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
 parser.add_argument('--linear_pred', action='store_true',
                     help='check that the student has the linear head (the head is built from the checkpoint)')
 parser.add_argument('--stage', default=None,
@@ -75,7 +76,7 @@ def main():
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     seed_everything(args.seed, 0, get_rank())
     stage = features.resolve_stage(args.stage, args.use_pred)
-    save = features.stage_output_dir(args.save, stage)
+    save = features.stage_output_dir(args.save, stage, args.head)
     if is_main_process():
         os.makedirs(save, exist_ok=True)
     logger = setup_logger(os.path.join(save, 'logs') if is_main_process() else None)
@@ -86,7 +87,8 @@ def main():
         raise SimRegError(f'no probe checkpoint at {probe_path}: train one first (without --evaluate/--resume) '
                           f'or pass --resume <save>/checkpoint.pth.tar')
 
-    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred).to(device)
+    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred,
+                                        head_name=args.head).to(device)
     transform = eval_transform(args.image_size)
     train_center = build_dataset(args.data, 'train', transform, args.dataset)
     val_set = build_dataset(args.data, 'val', transform, args.dataset)

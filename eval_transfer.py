@@ -34,6 +34,7 @@ parser.add_argument('-a', '--arch', default=None,
                     help='architecture of a plain backbone/teacher file; student checkpoints carry their '
                          'own (if given, it is checked against the student)')
 parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
+parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
 parser.add_argument('--stage', default=None,
                     help='where to take features: backbone (default), layer3, layer4, head or head.<i>')
 parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
@@ -75,14 +76,14 @@ def main():
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
     name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.data)))
-    save = features.stage_output_dir(args.save or os.path.join('outputs', 'transfer', name), stage)
+    save = features.stage_output_dir(args.save or os.path.join('outputs', 'transfer', name), stage, args.head)
     if is_main_process():
         os.makedirs(save, exist_ok=True)
     logger = setup_logger(os.path.join(save, 'transfer_logs') if is_main_process() else None)
     logger.info(f'args: {vars(args)}')
     started = time.time()
 
-    model = features.load_feature_model(args.weights, args.arch, stage)
+    model = features.load_feature_model(args.weights, args.arch, stage, head_name=args.head)
     transform = eval_transform(args.image_size)
     datasets = {split: build_dataset(args.data, split, transform) for split in splits}
     check_same_classes(datasets)

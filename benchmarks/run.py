@@ -131,7 +131,6 @@ def bench_teacher_cache(quick):
                 current_target[i] = t_feats[names[index]]
             return current_target
         reference_time = best_of(lambda: [reference_gather(b) for b in batches], 3) / len(batches)
-        del t_feats, cache
     return report('teacher_cache', ours_time * 1e3, reference_time * 1e3, 'ms/batch', higher_is_better=False,
                   extra=f'  (N={n} x {dim}; resident memory ours {ours_memory / 2**30:.2f} GiB | reference '
                         f'{reference_memory / 2**30:.2f} GiB = {ours_memory / reference_memory:.2f}x)')

@@ -296,10 +296,34 @@ def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='s
     return backbone, head
 
 
-def load_student(path, arch=None):
+def student_heads(state):
+    """Head names of a several-teacher student (``predict_q.<name>.*``, in training order); [] for one head."""
+    return list(dict.fromkeys(k.split('.')[1] for k in state
+                              if k.startswith('predict_q.') and not k.split('.')[1].isdigit()))
+
+
+def select_head(state, head, source):
+    """The state dict with one head as ``predict_q.*``: the only one, or the one named ``head`` of a
+    several-teacher student."""
+    names = student_heads(state)
+    if not names:
+        if head is not None:
+            raise SimRegError(f'{source} has a single regression head: drop --head {head}')
+        return state
+    if head not in names:
+        raise SimRegError(f'{source} has one head per teacher ({", ".join(names)}): pass --head with one of them'
+                          + (f', not {head}' if head is not None else ''))
+    prefix = f'predict_q.{head}.'
+    return {**{k: v for k, v in state.items() if k.startswith('encoder_q.')},
+            **{'predict_q.' + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}}
+
+
+def load_student(path, arch=None, head=None):
     """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
-    by the original code (the authors' released students). ``arch``, when given, must match the file."""
+    by the original code (the authors' released students). ``arch``, when given, must match the file;
+    ``head`` names the head to take from a several-teacher student."""
     args, state = student_checkpoint(read_checkpoint(path), path)
+    state = select_head(state, head, path)
     if arch is not None and arch != args['arch_student']:
         raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
                           f'pass --arch {args["arch_student"]}')

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.transforms import normalize
 from models.backbones import build_backbone
-from models.loading import load_backbone, load_student, read_checkpoint
+from models.loading import load_backbone, load_student, read_checkpoint, student_checkpoint, student_heads
 from utils.checkpoint import file_sha256, write_text_atomic
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from utils.errors import SimRegError
@@ -95,12 +95,14 @@ def resolve_stage(stage, use_pred):
     return 'head' if use_pred else (stage or 'backbone')
 
 
-def stage_output_dir(save, stage):
+def stage_output_dir(save, stage, head_name=None):
     """``<save>`` for the backbone, ``<save>/pred_head`` for the head output (as the original),
-    ``<save>/stage_<name>`` for other stages, so results of different stages never mix."""
+    ``<save>/stage_<name>`` for other stages, so results of different stages never mix; the head
+    stages of a several-teacher student add the head's name."""
     if stage == 'backbone':
         return save
-    return os.path.join(save, 'pred_head' if stage == 'head' else f'stage_{stage}')
+    folder = 'pred_head' if stage == 'head' else f'stage_{stage}'
+    return os.path.join(save, f'{folder}_{head_name}' if head_name and stage.startswith('head') else folder)
 
 
 def _holds_student(checkpoint):
@@ -116,15 +118,20 @@ def _same_network(a, b):
     return shapes(a) == shapes(b)
 
 
-def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False):
+def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
     """Any checkpoint the project can load, as a FeatureModel.
 
     Student checkpoints (this project's and the original SimReg's) carry their architecture
     and head; ``arch`` is then only checked. Any other file is a plain backbone (e.g. a
-    teacher, to measure its baseline with the same protocol) and needs ``arch``.
+    teacher, to measure its baseline with the same protocol) and needs ``arch``. A student of
+    several teachers has one head each: ``head_name`` picks it for the head stages.
     """
-    if _holds_student(read_checkpoint(weights)):
-        backbone, head = load_student(weights)
+    checkpoint = read_checkpoint(weights)
+    if _holds_student(checkpoint):
+        if not stage.startswith('head') and head_name is None:
+            # backbone stages do not depend on the head: any one will do
+            head_name = next(iter(student_heads(student_checkpoint(checkpoint, weights)[1])), None)
+        backbone, head = load_student(weights, head=head_name)
         if arch is not None and not _same_network(backbone, build_backbone(arch)):
             raise SimRegError(f'--arch {arch} does not match the student stored in {weights}: '
                               f'drop --arch (students carry their architecture) or fix it')
