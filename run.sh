@@ -62,12 +62,13 @@ if [ -z "$DATA" ]; then
     --arch_student "$DEMO_STUDENT_ARCH" --n_mlp_layers "$N_MLP_LAYERS" --learning_rate "$LR" \
     --epochs "$DEMO_EPOCHS" --batch_size "$DEMO_BATCH_SIZE" --save_freq "$DEMO_EPOCHS" \
     --image_size "$DEMO_IMAGE_SIZE" --num_workers 2 --print_freq 10 --single_aug --weak_weak --resume auto
-  knn() {  # knn <weights> <save> [extra flags]
-    WEIGHTS=$1 SAVE=$2 DATA=$DEMO_DIR/synthetic NGPUS=$NGPUS EXP=$DEMO_EXP bash knn_eval.sh --image_size "$DEMO_IMAGE_SIZE" -j 2 "${@:3}"
+  knn() {  # knn <weights> <save> <epoch> [extra flags]
+    WEIGHTS=$1 SAVE=$2 EPOCH=$3 EXP=$DEMO_EXP DATA=$DEMO_DIR/synthetic NGPUS=$NGPUS \
+      bash knn_eval.sh --image_size "$DEMO_IMAGE_SIZE" -j 2 "${@:4}"
   }
-  knn "$DEMO_TEACHER_WEIGHTS" "$exp_dir/features_teacher" --arch "$DEMO_TEACHER_ARCH"
-  knn "$ckpt_dir/ckpt_epoch_0.pth" "$exp_dir/features_init" --epoch 0
-  knn "$ckpt_dir/ckpt_epoch_$DEMO_EPOCHS.pth" "$exp_dir/features" --epoch "$DEMO_EPOCHS"
+  knn "$DEMO_TEACHER_WEIGHTS" "$exp_dir/features_teacher" 0 --arch "$DEMO_TEACHER_ARCH"
+  knn "$ckpt_dir/ckpt_epoch_0.pth" "$exp_dir/features_init" 0
+  knn "$ckpt_dir/ckpt_epoch_$DEMO_EPOCHS.pth" "$exp_dir/features" "$DEMO_EPOCHS"
   for epoch in 0 "$DEMO_EPOCHS"; do
     python eval_imitation.py --weights "$ckpt_dir/ckpt_epoch_$epoch.pth" --image_size "$DEMO_IMAGE_SIZE" \
       -j 2 --save "$exp_dir/imitation" "$DEMO_DIR/synthetic"

@@ -112,6 +112,14 @@ def head_names(archs):
     return [arch if archs.count(arch) == 1 else f'{arch}_{i}' for i, arch in enumerate(archs)]
 
 
+def resolve_on_main_first(weights):
+    """A preset is downloaded once: by rank 0, then the other ranks find it in the cache."""
+    if dist_utils.is_main_process():
+        path = resolve_weights(weights)
+    dist_utils.barrier()
+    return path if dist_utils.is_main_process() else resolve_weights(weights)
+
+
 def build_teachers(args, dataset, device, memory_format, log):
     """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order."""
     archs = args.arch_teacher.split(',')
@@ -126,13 +134,16 @@ def build_teachers(args, dataset, device, memory_format, log):
     for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
         if args.use_cache and (feat or len(archs) == 1):
             cache = open_teacher_cache(feat, dataset, log.info)
+            if cache.meta.get('image_size') not in (None, args.image_size):
+                log.warning('note: %s holds teacher features of %spx center crops, the student trains on '
+                            '%dpx crops', cache.path, cache.meta['image_size'], args.image_size)
             info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim}
             teachers[name] = CachedTeacher(cache, info).to(device)
             continue
         if not weight:
             raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
                               f'{arch}{", one per teacher" if len(archs) > 1 else ""})')
-        path = resolve_weights(weight)
+        path = resolve_on_main_first(weight)
         network = load_backbone(arch, path, keep_fc=args.teacher_fc)
         info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': file_sha256(path),
                 'feat_dim': network.feat_dim, 'teacher_fc': args.teacher_fc}

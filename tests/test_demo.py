@@ -1,0 +1,45 @@
+"""The embedded demo end to end at its smallest size: `bash run.sh` with DATA unset."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT
+from models.loading import load_student
+
+
+@pytest.mark.slow
+def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
+    env = {**os.environ, 'BASE_DIR': str(tmp_path / 'out'), 'DEMO_DIR': str(tmp_path / 'demo_data'),
+           'DEMO_EPOCHS': '3', 'DEMO_TRAIN_PER_CLASS': '12', 'DEMO_VAL_PER_CLASS': '6',
+           'DEMO_BATCH_SIZE': '24', 'DEMO_LINEAR_EPOCHS': '5', 'NGPUS': '1'}
+    env.pop('DATA', None)
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'run.sh')], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'RANDOM weights' in proc.stdout and 'wall time' in proc.stdout
+
+    exp = tmp_path / 'out' / 'exp' / 'demo'
+    ckpts = exp / 'checkpoints'
+    assert {'ckpt_epoch_0.pth', 'ckpt_epoch_3.pth', 'last.pth'} <= {p.name for p in ckpts.iterdir()}
+    backbone, head = load_student(str(ckpts / 'ckpt_epoch_3.pth'))
+    assert head(backbone(torch.randn(2, 3, 32, 32))).shape == (2, 512)
+    assert (exp / 'logs' / 'train_args.json').exists() and (exp / 'logs' / 'train.log').exists()
+    assert any(p.name.startswith('events.out.tfevents') for p in (exp / 'logs').iterdir())
+    for folder, epoch in [('features_teacher', 0), ('features_init', 0), ('features', 3)]:
+        knn = json.loads((exp / folder / 'knn_results.json').read_text())
+        assert set(knn['majority_top1']) >= {'1', '20'}
+        assert (exp / folder / f'nn_1_acc_epoch_{epoch:03d}.txt').exists()
+    linear = json.loads((exp / 'linear' / 'linear_results.json').read_text())
+    assert 0 <= linear['best']['top1'] <= 100
+
+    cosine = {json.loads(p.read_text())['epoch']: json.loads(p.read_text())['mean_cosine']
+              for p in (exp / 'imitation').iterdir()}
+    assert set(cosine) == {0, 3}
+    assert cosine[3] > cosine[0] + 0.3, cosine  # held-out imitation of the teacher improved a lot
+    table = proc.stdout[proc.stdout.index('teacher k-NN'):]
+    for row in ('student k-NN before distillation', 'student k-NN after distillation',
+                'student linear probe top-1', 'cos(head, teacher) on val, epoch 0 -> 3'):
+        assert row in table
