@@ -1,10 +1,5 @@
-"""Evaluation benchmarks: ours against a plain per-batch / per-query reference in the original's
-style, side by side in one process on the same inputs. Each prints one line
-
-    <name>: ours <x> <unit> | reference <y> <unit> | <ratio>x
-
-    python benchmarks/bench_eval.py            # ImageNet-like sizes (meant for a GPU)
-    python benchmarks/bench_eval.py --quick    # under a minute on a 2-core CPU
+"""Evaluation benchmarks (run by ``benchmarks/run.py``): ours against a plain per-batch / per-query
+reference in the original's style, side by side in one process on the same inputs.
 
 - probe epoch (cached features): ``utils.probe.train_epoch_cached`` (features kept on the device as
   one float16 tensor, metrics summed on the device) against the original's ``train_cached``
@@ -12,40 +7,16 @@ style, side by side in one process on the same inputs. Each prints one line
 - k-NN vote: the seeded vectorised majority vote against the original's per-query Counter + shuffle.
 - k-NN step: one faiss search at k=20 serving 1-NN and 20-NN, against the original's search per k.
 """
-import argparse
 import copy
-import os
 import random
-import sys
-import time
 from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import knn, probe  # noqa: E402
-
-
-def report(name, ours, reference, unit):
-    """Times: lower is better, so the ratio is reference / ours (how many times faster we are)."""
-    print(f'{name}: ours {ours:.4g} {unit} | reference {reference:.4g} {unit} | {reference / ours:.2f}x',
-          flush=True)
-
-
-def best_of(fn, repeats, device):
-    """Shortest wall time of ``repeats`` calls: the least disturbed by the rest of the machine."""
-    times = []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchmarks.common import best_of, report
+from utils import knn, probe
 
 
 # ------------------------------------------------------------------ reference (the original's way)
@@ -117,8 +88,9 @@ def bench_probe_epoch(n, dim, classes, batch_size, repeats, device):
                                                     batch_size), repeats, device)
     reference = best_of(lambda: reference_cached_epoch(reference_probe, reference_opt, feats, labels,
                                                        batch_size, device), repeats, device)
-    report(f'probe epoch, cached {n}x{dim} features, {classes} classes, batch {batch_size} ({device.type})',
-           ours, reference, 's/epoch')
+    report('linear_cached', ours, reference, 's/epoch', higher_is_better=False,
+           extra=f'  (one probe epoch on {n}x{dim} cached features, {classes} classes, batch {batch_size}, '
+                 f'{device.type})')
 
 
 def bench_knn(n_train, n_val, dim, classes, repeats):
@@ -137,33 +109,12 @@ def bench_knn(n_train, n_val, dim, classes, repeats):
     np_neighbors, np_val = neighbors.numpy(), val_labels.numpy()
     reference = best_of(lambda: [reference_vote(np_neighbors[:, :k], np_val, classes)
                                  for k in knn.MAJORITY_KS], repeats, cpu)
-    report(f'k-NN vote, 1+20-NN of {n_val} queries, {classes} classes', ours, reference, 's')
+    report('knn_vote', n_val / ours, n_val / reference, 'queries/s',
+           extra=f'  (1-NN and 20-NN majority votes, {classes} classes)')
 
     train_np, val_np = train.numpy(), val.numpy()
     ours = best_of(lambda: knn.evaluate(train, train_labels, val, val_labels, classes, weighted_ks=()), repeats, cpu)
     reference = best_of(lambda: reference_knn_step(train_np, train_labels.numpy(), val_np, np_val, classes),
                         repeats, cpu)
-    report(f'k-NN step, {n_val} queries over {n_train}x{dim} ({knn.faiss_device()})', ours, reference, 's')
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--quick', action='store_true', help='small sizes: under a minute on a 2-core CPU')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: 1 with --quick, whose sizes gain little from more and '
-                             'whose timings a busy shared CPU would otherwise swamp; else torch\'s choice)')
-    args = parser.parse_args()
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if args.quick:
-        bench_probe_epoch(n=50_000, dim=512, classes=100, batch_size=256, repeats=2, device=device)
-        bench_knn(n_train=20_000, n_val=5_000, dim=128, classes=100, repeats=2)
-    else:
-        bench_probe_epoch(n=400_000, dim=2048, classes=1000, batch_size=256, repeats=3, device=device)
-        bench_knn(n_train=200_000, n_val=20_000, dim=512, classes=1000, repeats=2)
-
-
-if __name__ == '__main__':
-    main()
+    report('knn', n_val / ours, n_val / reference, 'queries/s',
+           extra=f'  (exact search + 1/20-NN votes, {n_val} queries over {n_train}x{dim}, {knn.faiss_device()})')

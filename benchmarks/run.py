@@ -12,7 +12,6 @@ import os
 import resource
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -25,23 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folders import build_dataset  # noqa: E402
 from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
-
-
-def report(name, ours, reference, unit, higher_is_better=True, extra=''):
-    ratio = ours / reference if higher_is_better else reference / ours
-    print(f'{name}: ours {ours:.4g} {unit} | reference {reference:.4g} {unit} | {ratio:.2f}x{extra}',
-          flush=True)
-    return ratio
-
-
-def best_of(fn, repeats):
-    """Shortest wall time of ``repeats`` calls: the least disturbed by the rest of the machine."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchmarks import bench_eval  # noqa: E402
+from benchmarks.common import best_of, report  # noqa: E402
 
 
 # ------------------------------------------------------------------ input pipeline
@@ -202,8 +186,23 @@ def bench_train_step(quick):
                   extra=f'  (ResNet-50 -> ResNet-18, {size}px, batch {batch}, {device.type})')
 
 
+def bench_linear_cached(quick):
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if quick:
+        bench_eval.bench_probe_epoch(n=50_000, dim=512, classes=100, batch_size=256, repeats=2, device=device)
+    else:
+        bench_eval.bench_probe_epoch(n=400_000, dim=2048, classes=1000, batch_size=256, repeats=3, device=device)
+
+
+def bench_knn(quick):
+    if quick:
+        bench_eval.bench_knn(n_train=20_000, n_val=5_000, dim=128, classes=100, repeats=2)
+    else:
+        bench_eval.bench_knn(n_train=200_000, n_val=20_000, dim=512, classes=1000, repeats=2)
+
+
 BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
-              'train_step': bench_train_step}
+              'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step}
 
 
 def main():
@@ -211,7 +210,6 @@ def main():
     parser.add_argument('--quick', action='store_true', help='small sizes (under 2 minutes on 2 CPU cores)')
     parser.add_argument('--only', nargs='*', choices=sorted(BENCHMARKS), help='run only these')
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for name, bench in BENCHMARKS.items():
         if not args.only or name in args.only:
             bench(args.quick)

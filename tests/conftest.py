@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,16 @@ def make_image_folder(root, n_classes=3, per_class=8, size=48, splits=('train', 
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
                     os.path.join(folder, f'{i:03d}.jpg'), quality=90)
     return str(root)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Run a test module's forward passes on one intra-op thread: on a small machine shared with other
+    processes, OpenMP's barriers wait for descheduled threads and two threads run 3-4x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

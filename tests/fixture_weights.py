@@ -13,23 +13,12 @@ import zlib
 from collections import OrderedDict
 
 import numpy as np
-import pytest
 import torch
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 # Wrappers of the original SimReg checkpoint keys; the fill rule hashes keys without them.
 SIMREG_WRAPPERS = ('encoder_q.module.', 'predict_q.module.', 'encoder_t.module.')
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope='module')
-def one_thread():
-    """Run a test module's forward passes on one intra-op thread: on a small machine shared with other
-    processes, OpenMP's barriers wait for descheduled threads and two threads run 3-4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixture_weights import (assert_close_to_reference, fill, filled_state_dict, manifest, one_thread, reference_output,
+from fixture_weights import (assert_close_to_reference, fill, filled_state_dict, manifest, reference_output,
                              run_reference)
 from models import build_backbone, build_head, load_backbone
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def write(tmp_path, name, obj):

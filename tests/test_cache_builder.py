@@ -26,17 +26,11 @@ from utils.errors import SimRegError
 
 # 21 images in shards of 5: [0,5) [5,10) [10,15) [15,21), so the last shard takes the remainder and
 # two processes split shards unevenly
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
 BUILD = ['--arch_teacher', 'resnet18', '--image_size', '32', '--batch_size', '4', '--num_workers', '0',
          '--shard_size', '5']
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine spin-wait each other (100x slower); one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

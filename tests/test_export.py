@@ -4,10 +4,10 @@ import torch
 import torchvision
 
 import export_student
-from fixture_weights import (assert_close_to_reference, filled_state_dict, manifest, one_thread,
+from fixture_weights import (assert_close_to_reference, filled_state_dict, manifest,
                              original_simreg_checkpoint, run_reference)
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_original_student_exports_to_torchvision_resnet18(tmp_path, capsys):

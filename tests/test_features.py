@@ -18,16 +18,10 @@ from models.loading import load_student
 from utils import features
 from utils.errors import SimRegError
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
 HEAD_DIM = 64
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine spin-wait each other (100x slower); one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_student_checkpoint(path, head_dim=HEAD_DIM, linear_pred=False, seed=0):

@@ -9,13 +9,7 @@ from utils import knn
 from utils.errors import SimRegError
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine spin-wait each other (100x slower); one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def clusters(n_classes=5, per_class=40, dim=16, spread=0.05, seed=0):

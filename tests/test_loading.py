@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fixture_weights import (assert_close_to_reference, fill, filled_state_dict, fixture_input, manifest, one_thread,
+from fixture_weights import (assert_close_to_reference, fill, filled_state_dict, fixture_input, manifest,
                              original_simreg_checkpoint, reference_output, run_reference)
 from models import load_backbone, load_student, presets, resolve_weights
 from models.loading import LAYOUTS, read_checkpoint
 from utils.errors import SimRegError
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def linear(name, out_dim, in_dim, bias=True):

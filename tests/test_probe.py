@@ -10,13 +10,7 @@ from test_features import write_student_checkpoint
 from utils import features, probe
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine spin-wait each other (100x slower); one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_standardisation_equals_the_original_formula():
