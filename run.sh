@@ -33,10 +33,10 @@ DEMO_EXP=${DEMO_EXP:-demo}
 DEMO_TEACHER_ARCH=${DEMO_TEACHER_ARCH:-resnet18}
 DEMO_TEACHER_WEIGHTS=${DEMO_TEACHER_WEIGHTS:-}
 DEMO_STUDENT_ARCH=${DEMO_STUDENT_ARCH:-resnet18}
-DEMO_EPOCHS=${DEMO_EPOCHS:-8}
+DEMO_EPOCHS=${DEMO_EPOCHS:-10}
 DEMO_IMAGE_SIZE=${DEMO_IMAGE_SIZE:-32}
-DEMO_TRAIN_PER_CLASS=${DEMO_TRAIN_PER_CLASS:-120}
-DEMO_VAL_PER_CLASS=${DEMO_VAL_PER_CLASS:-40}
+DEMO_TRAIN_PER_CLASS=${DEMO_TRAIN_PER_CLASS:-150}
+DEMO_VAL_PER_CLASS=${DEMO_VAL_PER_CLASS:-50}
 DEMO_BATCH_SIZE=${DEMO_BATCH_SIZE:-64}
 DEMO_LINEAR_EPOCHS=${DEMO_LINEAR_EPOCHS:-40}
 
@@ -50,7 +50,7 @@ if [ -z "$DATA" ]; then
   if [ -z "$DEMO_TEACHER_WEIGHTS" ]; then
     DEMO_TEACHER_WEIGHTS=$DEMO_DIR/teacher_${DEMO_TEACHER_ARCH}_random.pth
     echo "run.sh: the demo teacher is a $DEMO_TEACHER_ARCH with RANDOM weights ($DEMO_TEACHER_WEIGHTS); set DEMO_TEACHER_WEIGHTS to use a trained one"
-    python -c "import sys, torch; from models.backbones import build_backbone; torch.manual_seed(0); torch.save(build_backbone(sys.argv[1]).state_dict(), sys.argv[2])" \
+    python -c "import sys, torch; from models.backbones import build_backbone; torch.manual_seed(2021); torch.save(build_backbone(sys.argv[1]).state_dict(), sys.argv[2])" \
       "$DEMO_TEACHER_ARCH" "$DEMO_TEACHER_WEIGHTS"
   fi
   exp_dir=$BASE_DIR/exp/$DEMO_EXP
