@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data.folders import build_dataset
+from data.folders import build_dataset, encoded_collate
 from data.teacher_cache import open_teacher_cache
-from data.transforms import TwoViews, normalize
+from data.transforms import TwoViews, decode_views_on, normalize
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.head import build_head
 from models.loading import load_backbone, load_strict, read_checkpoint, resolve_weights, student_checkpoint
@@ -80,6 +80,10 @@ def get_args_parser():
     p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default=None,
                    help='autocast dtype (default: bf16 on GPUs that support it, fp32 on CPU)')
     p.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster on GPUs)')
+    p.add_argument('--gpu_decode', action='store_true',
+                   help='loader workers only read files; JPEGs are decoded (nvjpeg) and augmented on the GPU')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the student (falls back to eager where compilation fails)')
     p.add_argument('--seed', type=int, default=0)
     return p
 
@@ -171,12 +175,17 @@ def cached_only(args):
     return args.use_cache and (len(feats) == 1 or all(feats))
 
 
+def make_views(args):
+    # with cached targets only the student's view is needed
+    return TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or cached_only(args))
+
+
 def make_loader(args, world_size, rank):
+    """Training loader: (index, views, label) batches, or (index, encoded files, label) with --gpu_decode."""
     if args.batch_size % world_size:
         raise SimRegError(f'--batch_size {args.batch_size} must divide by the {world_size} processes')
-    # with cached targets only the student's view is needed
-    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or cached_only(args))
-    dataset = build_dataset(args.data, 'train', views, args.dataset)
+    dataset = build_dataset(args.data, 'train', None if args.gpu_decode else make_views(args), args.dataset,
+                            encoded=args.gpu_decode)
     per_rank = args.batch_size // world_size
     if len(dataset) // world_size < per_rank:
         raise SimRegError(f'{len(dataset)} training images give no full batch of {per_rank} per '
@@ -186,7 +195,18 @@ def make_loader(args, world_size, rank):
     # Workers are re-created each epoch (no persistent_workers) so that their seeds come from the
     # per-epoch seed and a resumed run replays the same augmentations.
     return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True)
+                      pin_memory=torch.cuda.is_available(), drop_last=True,
+                      collate_fn=encoded_collate if args.gpu_decode else None)
+
+
+def compile_or_eager(model, log):
+    """torch.compile; where dynamo cannot compile (at once or at the first step), train eagerly."""
+    torch._dynamo.config.suppress_errors = True
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # any backend failure: eager training is still correct
+        log.warning('note: torch.compile failed (%s), training without it', str(exc).splitlines()[0])
+        return model
 
 
 def checkpoint_state(model, optimizer, scaler, epoch, args, teachers):
@@ -265,6 +285,8 @@ def main(args):
     if start_epoch > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        ddp_model = compile_or_eager(ddp_model, log)
     tensorboard = TensorBoard(logs_dir)
     try:
         for epoch in range(start_epoch, args.epochs + 1):
@@ -334,6 +356,7 @@ def train_one_epoch(model, teachers, loader, optimizer, scaler, epoch, args, dev
     model.train()
     steps, world_size = len(loader), dist_utils.get_world_size()
     single_view = args.single_aug or cached_only(args)
+    device_views = make_views(args) if args.gpu_decode else None
     loss_sum = torch.zeros(len(teachers), device=device)
     window_sum, window_start = torch.zeros(len(teachers), device=device), 0
     data_time = 0.0
@@ -341,6 +364,9 @@ def train_one_epoch(model, teachers, loader, optimizer, scaler, epoch, args, dev
     with tqdm(total=steps, desc=f'epoch {epoch}', disable=not dist_utils.is_main_process(),
               dynamic_ncols=True, leave=False) as bar:
         for step, (indices, views, _) in enumerate(loader):
+            if device_views is not None:
+                names = [loader.dataset.samples[i][0] for i in indices.tolist()]
+                views = decode_views_on(device, views, names, device_views)
             data_time += time.perf_counter() - end
             student_in, targets = batch_targets(teachers, indices, views, device, memory_format, amp_dtype,
                                                 single_view)

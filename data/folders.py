@@ -1,42 +1,66 @@
 """ImageFolder that returns each sample's index, with checks that fail early and clearly."""
+import io
 import os
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 
 from utils.errors import SimRegError
 
 
+def read_bytes(path):
+    """A file's bytes as a uint8 tensor, in ordinary memory so DataLoader workers can pass it on."""
+    try:
+        with open(path, 'rb') as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    except OSError as exc:
+        raise SimRegError(f'cannot read image {path} ({exc.strerror}): check the file') from None
+
+
 def decode_rgb(path):
-    """Decode an image file to a uint8 RGB tensor (C, H, W).
+    """Decode an image file to a uint8 RGB tensor (C, H, W)."""
+    return decode_bytes(read_bytes(path), path)
+
+
+def decode_bytes(data, name):
+    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W).
 
     ``decode_image`` reads JPEG, PNG (ImageNet has a PNG named .JPEG), CMYK and grayscale JPEGs;
     PIL is the fallback for anything else, and a file neither can read gets a message naming it.
     """
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
         pass
     try:
-        with open(path, 'rb') as f:
-            return pil_to_tensor(Image.open(f).convert('RGB'))
+        return pil_to_tensor(Image.open(io.BytesIO(data.numpy().tobytes())).convert('RGB'))
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows, or corrupt'
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    raise SimRegError(f'cannot read image {path} ({reason}): delete or replace the file')
+    raise SimRegError(f'cannot read image {name} ({reason}): delete or replace the file')
+
+
+def encoded_collate(batch):
+    """Batch of (index, encoded bytes, label): the byte strings differ in length, so they stay a list."""
+    indices, encoded, labels = zip(*batch)
+    return torch.tensor(indices), list(encoded), torch.tensor(labels)
 
 
 class IndexedImageFolder(datasets.ImageFolder):
-    """``(index, image, label)`` samples; the index addresses cached teacher features."""
+    """``(index, image, label)`` samples; the index addresses cached teacher features.
 
-    def __init__(self, root, transform=None):
+    ``encoded=True`` returns each file's bytes undecoded, for decoding on the GPU (``--gpu_decode``).
+    """
+
+    def __init__(self, root, transform=None, encoded=False):
         check_image_root(root)
         try:
-            super().__init__(root, transform=transform, loader=decode_rgb)
+            super().__init__(root, transform=transform, loader=read_bytes if encoded else decode_rgb)
         except FileNotFoundError as exc:
             raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
 
@@ -80,10 +104,10 @@ def keep_classes(dataset, keep):
     return dataset
 
 
-def build_dataset(data_root, split, transform, dataset='imagenet'):
+def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False):
     """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps the original's
     100-class subset (chosen from the classes of ``split``, so train and val agree)."""
-    folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform)
+    folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform, encoded=encoded)
     if dataset == 'imagenet100':
         if len(folder.classes) < 100:
             raise SimRegError(f'--dataset imagenet100 needs at least 100 classes, '

@@ -9,7 +9,10 @@ smaller than float32. ``normalize`` on the device then gives the values of the o
 import math
 
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
+
+from data.folders import decode_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +76,29 @@ class TwoViews:
     def __repr__(self):
         return (f'TwoViews(single_aug={self.single_aug},\n student={self.student_transform},\n'
                 f' teacher={self.teacher_transform})')
+
+
+def decode_views_on(device, encoded, names, views):
+    """``--gpu_decode``: decode a batch of encoded images on ``device`` (nvjpeg for JPEGs on CUDA) and
+    draw each image's views there; returns what the loader would have (a batch, or two).
+
+    Whatever the device decoder refuses (PNG, CMYK, ...) is decoded on the CPU and moved over.
+    """
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = [decode_one_on(device, data, name) for data, name in zip(encoded, names)]
+    per_image = [views(image) for image in images]
+    if isinstance(per_image[0], torch.Tensor):
+        return torch.stack(per_image)
+    return tuple(torch.stack(view) for view in zip(*per_image))
+
+
+def decode_one_on(device, data, name):
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return decode_bytes(data, name).to(device)
 
 
 def normalize(images, dtype=torch.float32):

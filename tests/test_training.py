@@ -185,3 +185,32 @@ def test_two_process_gloo_run(workspace, tmp_path):
     seen0, seen1 = set(rank0['indices']), set(rank1['indices'])
     assert not seen0 & seen1 and len(seen0) == len(seen1) == 24  # 48 images, 8 per rank and step
     assert ckpt(workspace, 'ddp', 'last.pth')['args']['batch_size'] == 16
+
+
+def test_gpu_decode_draws_the_same_views_as_the_loader(image_folder):
+    """--gpu_decode decodes and augments on the device: the same pixels as the worker pipeline for
+    the same RNG (checked on the CPU device; a PNG named .jpg takes the fallback decoder)."""
+    from data.folders import build_dataset, read_bytes
+    from data.transforms import TwoViews, decode_views_on
+    from PIL import Image
+    dataset = build_dataset(image_folder, 'train', None)
+    paths = [p for p, _ in dataset.samples[:5]]
+    Image.open(paths[0]).save(paths[0], format='PNG')
+    views = TwoViews(32, weak_weak=True)
+    torch.manual_seed(3)
+    expected = [views(dataset.loader(p)) for p in paths]
+    torch.manual_seed(3)
+    student, teacher = decode_views_on(torch.device('cpu'), [read_bytes(p) for p in paths], paths, views)
+    assert torch.equal(student, torch.stack([s for s, _ in expected]))
+    assert torch.equal(teacher, torch.stack([t for _, t in expected]))
+
+
+@pytest.mark.slow
+def test_gpu_decode_and_compile_fallback_train(workspace, monkeypatch):
+    def broken_compile(model, **kwargs):
+        raise RuntimeError('no compiler here')
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    run(train_args(workspace, 'gpu_decode', '--epochs', '1', '--gpu_decode', '--compile'))
+    log = (workspace / 'runs' / 'exp' / 'gpu_decode' / 'logs' / 'train.log').read_text()
+    assert 'torch.compile failed (no compiler here), training without it' in log
+    assert len(epoch_losses(workspace, 'gpu_decode')) == 1
