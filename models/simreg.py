@@ -48,12 +48,6 @@ def regression_loss(prediction, target, mse_nonorm=False):
     return (2 - 2 * cos).mean()
 
 
-@torch.no_grad()
-def cosine_to_target(prediction, target):
-    """Per-sample cosine between head output and teacher feature (how well the student imitates)."""
-    return F.cosine_similarity(prediction.float(), target.float(), dim=1)
-
-
 class LiveTeacher:
     """A frozen network run on the teacher's view of each batch."""
 
