@@ -10,6 +10,11 @@ normalised) outputs are stored as fp16 rows in dataset order, with the sidecar t
 checks against the dataset (``data.teacher_cache``). The work is split into shards of
 ``--shard_size`` images, each saved as soon as it is done: a rerun of the same command after an
 interruption computes only the missing shards.
+
+``--cache_views K`` caches K weak views per image instead (RandomResizedCrop(image_size, scale 0.2-1)
++ flip, the paper's view, each drawn from (--seed, image index, view) so that every process, shard
+and rerun draws the same ones): features [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's
+crop box and flip, which training replays for the student (the same pixels the teacher saw).
 """
 import argparse
 import json
@@ -21,8 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data.folders import build_dataset
-from data.teacher_cache import dataset_fingerprint, sidecar_path, write_cache
-from data.transforms import eval_transform
+from data.teacher_cache import dataset_fingerprint, sidecar_path, views_path, write_cache
+from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_transform, replay_weak_view, view_seed
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
 from utils.checkpoint import file_sha256, write_text_atomic
@@ -44,7 +49,13 @@ def get_args_parser():
                    help='teacher checkpoint (any layout models.loading accepts) or a preset name')
     p.add_argument('--teacher_fc', action='store_true',
                    help="cache the teacher's pretrained projection (a plain Linear fc) output")
-    p.add_argument('--image_size', type=int, default=224, help='center crop size (resized to size*256/224 first)')
+    p.add_argument('--image_size', type=int, default=224,
+                   help='center crop size (resized to size*256/224 first); with --cache_views the views\' size')
+    p.add_argument('--cache_views', type=int, metavar='K',
+                   help='cache K weak views per image (random crop + flip, boxes stored beside the cache) '
+                        'instead of the center crop: the student then trains on the very views the teacher saw')
+    p.add_argument('--seed', type=int, default=0,
+                   help='with --cache_views: view k of image i is drawn from (seed, i, k)')
     p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
     p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default='fp32',
@@ -60,7 +71,9 @@ def get_args_parser():
 
 def default_output(args, sha256):
     fc = '_fc' if args.teacher_fc else ''
-    return os.path.join('teacher_feats', f'{args.arch_teacher}{fc}_{sha256[:8]}_{args.dataset}_{args.image_size}.npy')
+    views = f'_views{args.cache_views}' if args.cache_views else ''
+    return os.path.join('teacher_feats',
+                        f'{args.arch_teacher}{fc}_{sha256[:8]}_{args.dataset}_{args.image_size}{views}.npy')
 
 
 def shard_ranges(n_samples, shard_size):
@@ -83,6 +96,29 @@ class ShardView(Dataset):
     def __getitem__(self, position):
         _, image, label = self.dataset[self.start + position]
         return position, image, label
+
+
+class ShardViews(Dataset):
+    """The K weak views of each image of rows [start, stop): position p is view p % K of image
+    start + p // K, returned as (p, the view, its (top, left, height, width, flip)). The dataset
+    yields decoded uint8 images; the K views of an image are made from one decoding."""
+
+    def __init__(self, dataset, rows, num_views, size, seed):
+        self.dataset = dataset
+        self.start, self.stop = rows
+        self.num_views, self.size, self.seed = num_views, size, seed
+        self.decoded = (None, None)
+
+    def __len__(self):
+        return (self.stop - self.start) * self.num_views
+
+    def __getitem__(self, position):
+        index = self.start + position // self.num_views
+        if self.decoded[0] != index:
+            self.decoded = (index, self.dataset[index][1])
+        image = self.decoded[1]
+        view = draw_weak_view(image, self.size, view_seed(self.seed, index, position % self.num_views))
+        return position, replay_weak_view(image, view, self.size), torch.tensor(view)
 
 
 def identity(meta):
@@ -111,19 +147,25 @@ class ShardStore:
             with open(sidecar_path(self.array_path(k))) as f:
                 recorded = json.load(f)
             array = np.load(self.array_path(k), mmap_mode='r')
+            views = np.load(views_path(self.array_path(k)), mmap_mode='r') if self.recipe.get('views') else None
         except (OSError, ValueError):
             return False
         return (identity(recorded) == identity({**self.recipe, 'rows': list(rows)})
-                and array.dtype == np.float16 and len(array) == rows[1] - rows[0])
+                and array.dtype == np.float16 and len(array) == rows[1] - rows[0]
+                and (views is None or len(views) == len(array)))
 
-    def save(self, k, rows, features):
+    def save(self, k, rows, features, views=None):
+        """The shard's features (and views, for a multi-view cache), then its json: the shard is done."""
         if not np.isfinite(features).all():
             raise SimRegError(f'the teacher gave non-finite features for images {rows[0]}-{rows[1] - 1} (fp16 '
                               f'overflow or broken weights): check --teacher_weights, or use --precision fp32')
         os.makedirs(self.folder, exist_ok=True)
-        tmp = self.array_path(k) + '.tmp.npy'
-        np.save(tmp, features)
-        os.replace(tmp, self.array_path(k))
+        arrays = {self.array_path(k): features}
+        if views is not None:
+            arrays[views_path(self.array_path(k))] = views
+        for path, array in arrays.items():
+            np.save(path + '.tmp.npy', array)
+            os.replace(path + '.tmp.npy', path)
         write_text_atomic(json.dumps({**self.recipe, 'rows': list(rows)}, indent=2) + '\n',
                           sidecar_path(self.array_path(k)))
 
@@ -152,7 +194,13 @@ def main(args):
                           f'raise it (each process extracts part of every shard)')
     if args.output and not args.output.endswith('.npy'):
         raise SimRegError(f'--output {args.output} must end in .npy (the sidecar goes beside it as .json)')
-    dataset = build_dataset(args.data, 'train', eval_transform(args.image_size), args.dataset)
+    if args.cache_views is not None and args.cache_views < 1:
+        raise SimRegError(f'--cache_views {args.cache_views}: give the number of views per image (1 or more)')
+    if args.cache_views and args.seed < 0:
+        raise SimRegError(f'--seed {args.seed}: the views\' seed must be 0 or more')
+    # with --cache_views the images stay decoded uint8, and ShardViews cuts each view from them
+    dataset = build_dataset(args.data, 'train', None if args.cache_views else eval_transform(args.image_size),
+                            args.dataset)
     run_on_main(lambda: resolve_weights(args.teacher_weights))  # a preset is downloaded once, by rank 0
     weights = resolve_weights(args.teacher_weights)
 
@@ -160,9 +208,15 @@ def main(args):
         teacher = {'arch': args.arch_teacher, 'weights': os.path.abspath(weights),
                    'sha256': file_sha256(weights), 'teacher_fc': args.teacher_fc}
         size = args.image_size
-        return {'teacher': teacher, 'dataset': dataset_fingerprint(dataset),
-                'transform': f'eval_transform: Resize({int(round(size * 256 / 224))}) + CenterCrop({size})',
-                'image_size': size, 'precision': args.precision}
+        recipe = {'teacher': teacher, 'dataset': dataset_fingerprint(dataset),
+                  'transform': f'eval_transform: Resize({int(round(size * 256 / 224))}) + CenterCrop({size})',
+                  'image_size': size, 'precision': args.precision}
+        if args.cache_views:
+            recipe.update(transform=f'{args.cache_views} weak views per image, boxes and flips in the .views.npy',
+                          views=args.cache_views,
+                          view_spec={'crop': f'RandomResizedCrop({size}, scale={WEAK_SCALE})',
+                                     'flip': 'horizontal, p=0.5', 'seed': args.seed, 'columns': list(VIEW_COLUMNS)})
+        return recipe
 
     recipe = run_on_main(describe)
     output = args.output or default_output(args, recipe['teacher']['sha256'])
@@ -187,18 +241,31 @@ def main(args):
     amp_dtype = AUTOCAST_DTYPES[args.precision]
     for k in todo:
         rows = ranges[k]
-        features = extract_features(teacher, ShardView(dataset, rows), args.batch_size, args.num_workers,
-                                    device, amp=amp_dtype is not None, amp_dtype=amp_dtype, l2_normalize=False,
-                                    desc=f'shard {k + 1}/{len(ranges)}')
-        run_on_main(lambda: shards.save(k, rows, features.numpy()))
+        extract = dict(amp=amp_dtype is not None, amp_dtype=amp_dtype, l2_normalize=False,
+                       desc=f'shard {k + 1}/{len(ranges)}')
+        if args.cache_views:
+            views = ShardViews(dataset, rows, args.cache_views, args.image_size, args.seed)
+            features, boxes = extract_features(teacher, views, args.batch_size, args.num_workers, device,
+                                               with_labels=True, **extract)
+            per_image = (rows[1] - rows[0], args.cache_views)
+            run_on_main(lambda: shards.save(k, rows, features.numpy().reshape(*per_image, -1),
+                                            boxes.numpy().reshape(*per_image, len(VIEW_COLUMNS)).astype(np.int32)))
+        else:
+            features = extract_features(teacher, ShardView(dataset, rows), args.batch_size, args.num_workers,
+                                        device, **extract)
+            run_on_main(lambda: shards.save(k, rows, features.numpy()))
     main_process = is_main_process()
     cleanup()  # rank 0 assembles alone; the others are done
     if not main_process:
         return output
     blocks = [np.load(shards.array_path(k), mmap_mode='r') for k in range(len(ranges))]
-    write_cache(output, blocks, recipe)
+    view_blocks = ([np.load(views_path(shards.array_path(k)), mmap_mode='r') for k in range(len(ranges))]
+                   if args.cache_views else None)
+    write_cache(output, blocks, recipe, view_blocks)
     shutil.rmtree(shards.folder)
-    log.info(f'wrote {output} ({len(dataset)} x {blocks[0].shape[1]} fp16) and {sidecar_path(output)}; '
+    shape = ' x '.join(str(n) for n in blocks[0].shape[1:])
+    written = sidecar_path(output) + (f', {views_path(output)}' if args.cache_views else '')
+    log.info(f'wrote {output} ({len(dataset)} x {shape} fp16) and {written}; '
              f'train with --use_cache --teacher_feats {output}')
     return output
 

@@ -4,6 +4,11 @@ Training memory-maps the array and gathers a batch's target rows by the sample i
 loader returns, one vectorised read per batch. The original instead kept a Python dict
 file name -> tensor of every feature in RAM (42 GB for a ResNet-50x4 teacher) and copied rows one
 by one each step; such a file is converted once (``convert_original_cache``).
+
+A multi-view cache (``cache_teacher_feats.py --cache_views K``) holds [N, K, D] features of K weak
+views per image, and beside it ``<name>.views.npy``, each view's crop box and flip [N, K, 5]
+(``data.transforms.VIEW_COLUMNS``): training replays a stored view for the student
+(``ReplayedViews``) and regresses that view's row, so teacher and student see the same pixels.
 """
 import hashlib
 import json
@@ -11,8 +16,10 @@ import os
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from utils.checkpoint import write_text_atomic
+from data.transforms import replay_weak_view
+from utils.checkpoint import file_sha256, write_text_atomic
 from utils.errors import SimRegError
 
 FORMAT = 'simreg-teacher-features'
@@ -20,6 +27,11 @@ FORMAT = 'simreg-teacher-features'
 
 def sidecar_path(npy_path):
     return os.path.splitext(npy_path)[0] + '.json'
+
+
+def views_path(npy_path):
+    """Where a multi-view cache keeps its views (crop box + flip of each cached view)."""
+    return os.path.splitext(npy_path)[0] + '.views.npy'
 
 
 def dataset_fingerprint(dataset):
@@ -44,14 +56,31 @@ class TeacherFeatureCache:
                               f'cache with cache_teacher_feats.py')
         self.path = path
         self.features = np.load(path, mmap_mode='r')
-        expected = (self.meta['dataset']['num_samples'], self.meta['dim'])
+        views = (self.num_views,) if self.num_views else ()
+        expected = (self.meta['dataset']['num_samples'], *views, self.meta['dim'])
         if self.features.shape != expected or self.features.dtype != np.float16:
             raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
                               f'says float16 {expected}: the file is incomplete; rebuild it')
+        self.views = self.open_views() if self.num_views else None
 
     @property
     def feat_dim(self):
         return self.meta['dim']
+
+    @property
+    def num_views(self):
+        """K for a cache of K views per image, None for one center crop per image."""
+        return self.meta.get('views')
+
+    def open_views(self):
+        """The [N, K, 5] views, refused unless they are the very file the cache was built with."""
+        path = views_path(self.path)
+        if not os.path.isfile(path) or file_sha256(path) != self.meta.get('views_sha256'):
+            state = 'is missing' if not os.path.isfile(path) else 'is not the one it was built with'
+            raise SimRegError(f'{self.path} holds {self.num_views} views per image but their boxes file {path} '
+                              f'{state}: delete {self.path} and rebuild it with cache_teacher_feats.py '
+                              f'--cache_views {self.num_views}')
+        return np.load(path, mmap_mode='r')
 
     def check_matches(self, dataset):
         """Refuse a cache made for other images: the rows would be other images' targets."""
@@ -66,23 +95,64 @@ class TeacherFeatureCache:
                               f"not the same files; rebuild the cache")
 
     def rows(self, indices):
-        """fp16 CPU tensor of the rows for these sample indices (one vectorised memmap read)."""
-        return torch.from_numpy(np.ascontiguousarray(self.features[indices.numpy()]))
+        """fp16 CPU tensor of the rows for these sample indices (one vectorised memmap read); for a
+        multi-view cache ``indices`` holds (sample, view) pairs [B, 2], as ``ReplayedViews`` returns."""
+        index = indices.numpy()
+        if (index.ndim == 2) != bool(self.num_views):
+            raise ValueError(f'{self.path}: {index.ndim}-d indices for a cache of '
+                             f'{self.num_views or 1} view(s) per image')
+        picked = self.features[index[:, 0], index[:, 1]] if index.ndim == 2 else self.features[index]
+        return torch.from_numpy(np.ascontiguousarray(picked))
 
 
-def write_cache(path, blocks, meta):
+class ReplayedViews(Dataset):
+    """Training samples for a multi-view cache: each time a sample is drawn it picks one of its K stored
+    views at random (the loader's RNG, seeded per epoch like every augmentation, so a resumed run
+    replays the same choice) and returns ``((index, view), the replayed view, label)``; the teacher's
+    target is that view's row."""
+
+    def __init__(self, dataset, views, size):
+        self.dataset = dataset
+        self.views = views
+        self.size = size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        path, label = self.dataset.samples[index]
+        view = int(torch.randint(self.views.shape[1], ()))
+        image = replay_weak_view(self.dataset.loader(path), self.views[index, view], self.size)
+        return torch.tensor([index, view]), image, label
+
+
+def write_cache(path, blocks, meta, view_blocks=None):
     """Write the arrays ``blocks`` ([n_i, D] each, in dataset order) one after another as the fp16 cache
     ``path``, then its sidecar. One block at a time is read (memory-mapped blocks are welcome), never
-    all N x D; the array appears atomically and the sidecar last, so a cache without one was interrupted."""
-    dims = {block.shape[1] for block in blocks}
-    if len(dims) != 1:
-        raise ValueError(f'blocks of {sorted(dims)} columns: one feature dim expected')
-    if os.path.exists(sidecar_path(path)):
-        os.remove(sidecar_path(path))  # never pair a new array with an old sidecar
+    all N x D; the array appears atomically and the sidecar last, so a cache without one was interrupted.
+
+    A multi-view cache has blocks [n_i, K, D] and ``view_blocks`` [n_i, K, 5] (``VIEW_COLUMNS``), written
+    to ``views_path(path)`` before the sidecar, which records their sha256 (``meta`` has ``views: K``)."""
+    shapes = {block.shape[1:] for block in blocks}
+    if len(shapes) != 1:
+        raise ValueError(f'blocks of {sorted(shapes)} trailing shapes: one feature dim (and view count) expected')
+    for stale in (sidecar_path(path), views_path(path)):
+        if os.path.exists(stale):
+            os.remove(stale)  # never pair a new array with an old sidecar or old views
+    write_blocks(path, blocks, np.float16)
+    if view_blocks is not None:
+        write_blocks(views_path(path), view_blocks, np.int32)
+        meta = {**meta, 'views_sha256': file_sha256(views_path(path))}
+    write_sidecar(path, meta)
+
+
+def write_blocks(path, blocks, dtype):
+    """Concatenate ``blocks`` along their first axis into the ``.npy`` at ``path``, one block in memory
+    at a time; the file appears atomically."""
     tmp = path + '.tmp.npy'
     try:
-        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16,
-                                        shape=(sum(len(block) for block in blocks), dims.pop()))
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype,
+                                        shape=(sum(len(block) for block in blocks), *blocks[0].shape[1:]))
         row = 0
         for block in blocks:
             out[row:row + len(block)] = block
@@ -93,18 +163,20 @@ def write_cache(path, blocks, meta):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    write_sidecar(path, meta)
 
 
 def write_sidecar(path, meta):
     """The one writer of the sidecar of the fp16 ``.npy`` at ``path``: ``format`` and ``dim`` (read from
     the array, whose rows must match ``meta['dataset']['num_samples']``) plus ``meta``: ``teacher``,
-    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size`` and any extra keys."""
+    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size`` and any extra keys; a multi-view
+    cache's ``views`` (K, its array is [N, K, D]), ``view_spec`` and ``views_sha256``."""
     array = np.load(path, mmap_mode='r')
-    if array.dtype != np.float16 or array.ndim != 2 or len(array) != meta['dataset']['num_samples']:
-        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected float16 rows for "
-                         f"{meta['dataset']['num_samples']} images")
-    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(array.shape[1]), **meta}, indent=2) + '\n',
+    views = (meta['views'],) if meta.get('views') else ()
+    if (array.dtype != np.float16 or array.ndim != 2 + len(views) or array.shape[1:-1] != views
+            or len(array) != meta['dataset']['num_samples']):
+        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected float16 rows of "
+                         f"{views[0] if views else 1} view(s) for {meta['dataset']['num_samples']} images")
+    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(array.shape[-1]), **meta}, indent=2) + '\n',
                       sidecar_path(path))
 
 

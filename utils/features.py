@@ -156,12 +156,14 @@ def shard_bounds(n_samples, world_size):
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
-                     amp_dtype=None, l2_normalize=True):
+                     amp_dtype=None, l2_normalize=True, with_labels=False):
     """L2-normalised float16 features of ``dataset`` in dataset order, on rank 0 (None elsewhere).
 
     Each rank extracts its contiguous slice; rank 0 gathers the slices. ``batch_size`` is the
     total over ranks, as in the original. ``amp_dtype`` picks the autocast dtype (default: the
     device's); ``l2_normalize=False`` keeps the raw outputs (teacher targets for training).
+    ``with_labels=True`` returns (features, labels): the third item of every sample, in the same
+    order (a class label, or any per-sample tensor, e.g. the crop box of a cached teacher view).
     The sample indices ``dataset`` returns must be its own positions (0..len-1).
     """
     world, rank = get_world_size(), get_rank()
@@ -173,8 +175,8 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=max(1, batch_size // world),
                         shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
     model.eval().to(device)
-    local = None
-    for indices, images, _ in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
+    local = local_labels = None
+    for indices, images, labels in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
         images = normalize(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             output = model(images).float()
@@ -182,7 +184,12 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
         if local is None:
             local = torch.empty(stop - start, output.shape[1], dtype=torch.float16)
         local[indices - start] = output
-    return gather_in_order(local, bounds, device)
+        if with_labels:
+            if local_labels is None:
+                local_labels = torch.empty(stop - start, *labels.shape[1:], dtype=labels.dtype)
+            local_labels[indices - start] = labels
+    features = gather_in_order(local, bounds, device)
+    return (features, gather_in_order(local_labels, bounds, device)) if with_labels else features
 
 
 def gather_in_order(local, bounds, device):
@@ -196,7 +203,7 @@ def gather_in_order(local, bounds, device):
     pieces = [[] for _ in range(world)]
     for row in range(0, max(counts), GATHER_ROWS):
         rows = min(GATHER_ROWS, max(counts) - row)
-        piece = torch.zeros(rows, local.shape[1], dtype=local.dtype)
+        piece = torch.zeros(rows, *local.shape[1:], dtype=local.dtype)
         mine = local[row:row + rows]
         piece[:len(mine)] = mine
         piece = piece.to(comm_device)
