@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data.folders import build_dataset, encoded_collate
-from data.teacher_cache import open_teacher_cache
+from data.teacher_cache import ReplayedViews, open_teacher_cache
 from data.transforms import TwoViews, decode_views_on, normalize
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.head import build_head
@@ -138,6 +138,11 @@ def build_teachers(args, dataset, device, memory_format, log):
     for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
         if args.use_cache and (feat or len(archs) == 1):
             cache = open_teacher_cache(feat, dataset, log.info)
+            if cache.num_views and cache.meta['image_size'] != args.image_size:
+                raise SimRegError(f"{cache.path} holds teacher features of views cropped to "
+                                  f"{cache.meta['image_size']}px, the student would replay them at "
+                                  f"{args.image_size}px: pass --image_size {cache.meta['image_size']} (or build "
+                                  f"the cache at this size)")
             if cache.meta.get('image_size') not in (None, args.image_size):
                 log.warning('note: %s holds teacher features of %spx center crops, the student trains on '
                             '%dpx crops', cache.path, cache.meta['image_size'], args.image_size)
@@ -180,12 +185,36 @@ def make_views(args):
     return TwoViews(args.image_size, args.weak_strong, args.weak_weak, args.single_aug or cached_only(args))
 
 
-def make_loader(args, world_size, rank):
-    """Training loader: (index, views, label) batches, or (index, encoded files, label) with --gpu_decode."""
+def replayed_views(teachers, args):
+    """The views stored with a multi-view cache, which the student replays (None without one). The
+    student has one view per step, so either one multi-view cache is the only teacher, or every
+    teacher is a cache of the same views."""
+    with_views = {name: t.cache for name, t in teachers.items() if t.views is not None}
+    if not with_views:
+        return None
+    cache = next(iter(with_views.values()))
+    if len(with_views) < len(teachers):
+        others = ', '.join(name for name in teachers if name not in with_views)
+        raise SimRegError(f'{cache.path} holds {cache.num_views} views per image that the student replays, but '
+                          f'teacher(s) {others} cannot target them: give every teacher a cache built with the same '
+                          f'--cache_views, --seed and --image_size, or use single-view caches')
+    if len({c.meta['views_sha256'] for c in with_views.values()}) > 1:
+        raise SimRegError(f'the multi-view caches {", ".join(c.path for c in with_views.values())} hold different '
+                          f'views: build them with the same --cache_views, --seed and --image_size')
+    if args.gpu_decode or not args.weak_weak:
+        raise SimRegError(f'{cache.path} holds weak views that the student replays as they are: train with '
+                          f'--weak_weak{" and without --gpu_decode" if args.gpu_decode else ""}')
+    return cache.views
+
+
+def make_loader(args, world_size, rank, dataset=None):
+    """Training loader: (index, views, label) batches, or (index, encoded files, label) with --gpu_decode;
+    over ``dataset`` when given (``ReplayedViews`` for a multi-view cache: ((index, view), view, label))."""
     if args.batch_size % world_size:
         raise SimRegError(f'--batch_size {args.batch_size} must divide by the {world_size} processes')
-    dataset = build_dataset(args.data, 'train', None if args.gpu_decode else make_views(args), args.dataset,
-                            encoded=args.gpu_decode)
+    if dataset is None:
+        dataset = build_dataset(args.data, 'train', None if args.gpu_decode else make_views(args), args.dataset,
+                                encoded=args.gpu_decode)
     per_rank = args.batch_size // world_size
     if len(dataset) // world_size < per_rank:
         raise SimRegError(f'{len(dataset)} training images give no full batch of {per_rank} per '
@@ -263,6 +292,11 @@ def main(args):
     loader = make_loader(args, world_size, rank)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     teachers = build_teachers(args, loader.dataset, device, memory_format, log)
+    views = replayed_views(teachers, args)
+    if views is not None:
+        loader = make_loader(args, world_size, rank, ReplayedViews(loader.dataset, views, args.image_size))
+        log.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
+                 views.shape[1])
     model = build_student(args, teachers).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)

@@ -52,6 +52,7 @@ class LiveTeacher:
     """A frozen network run on the teacher's view of each batch."""
 
     needs_view = True
+    views = None
 
     def __init__(self, network, info):
         self.network = freeze(network)
@@ -71,7 +72,8 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """Teacher features read from a ``data.teacher_cache`` by sample index; no network, no view."""
+    """Teacher features read from a ``data.teacher_cache`` by sample index, or by (sample index, view)
+    for a multi-view cache, whose stored ``views`` the student replays; no network, no view."""
 
     needs_view = False
 
@@ -79,6 +81,7 @@ class CachedTeacher:
         self.cache = cache
         self.feat_dim = cache.feat_dim
         self.info = info
+        self.views = cache.views
         self.device = torch.device('cpu')
 
     def to(self, device, memory_format=None):
