@@ -23,22 +23,12 @@ from utils.logging import setup_logger
 
 parser = argparse.ArgumentParser(description='k-NN evaluation of SimReg students and teachers')
 parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/')
+features.add_checkpoint_args(parser)
 parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
                     help='full dataset or the original 100-class subset')
 parser.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
-parser.add_argument('-a', '--arch', default=None,
-                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '
-                         'own (if given, it is checked against the student)')
-parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
-parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
-parser.add_argument('--linear_pred', action='store_true',
-                    help='check that the student has the linear head (the head is built from the checkpoint)')
-parser.add_argument('--stage', default=None,
-                    help='where to take features: backbone (default), layer3, layer4, head or head.<i> '
-                         '(output of the head Linear at index i)')
 parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
 parser.add_argument('--save', default='./outputs', help='output folder for features, logs and results')
-parser.add_argument('--weights', required=True, help='checkpoint to evaluate')
 parser.add_argument('--load_cache', action='store_true',
                     help='reuse features cached in --save by an earlier run of the same checkpoint')
 parser.add_argument('--epoch', default=130, type=int, help='epoch of the checkpoint, used in result file names')

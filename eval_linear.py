@@ -30,12 +30,10 @@ from utils.logging import TensorBoard, setup_logger
 
 parser = argparse.ArgumentParser(description='Linear probe of SimReg students and teachers')
 parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/')
+features.add_checkpoint_args(parser)
 parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
                     help='full dataset or the original 100-class subset')
 parser.add_argument('-j', '--workers', default=4, type=int, help='data loading workers per process')
-parser.add_argument('-a', '--arch', default=None,
-                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '
-                         'own (if given, it is checked against the student)')
 parser.add_argument('--epochs', default=40, type=int, help='training epochs of the probe')
 parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
 parser.add_argument('--lr', '--learning-rate', default=0.01, type=float, dest='lr', help='initial learning rate')
@@ -49,16 +47,9 @@ parser.add_argument('--seed', default=0, type=int, help='seed of the probe init,
 parser.add_argument('--save', default='./output', help='output folder for caches, checkpoints and results')
 parser.add_argument('-e', '--evaluate', action='store_true',
                     help='only validate the probe of --resume (default: <save>/model_best.pth.tar)')
-parser.add_argument('--weights', required=True, help='checkpoint whose features are probed')
 parser.add_argument('--use_cache', action='store_true',
                     help='train on the cached center-crop features (minutes instead of hours, usually '
                          'slightly lower accuracy)')
-parser.add_argument('--use_pred', action='store_true', help='probe the regression head output (= --stage head)')
-parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
-parser.add_argument('--linear_pred', action='store_true',
-                    help='check that the student has the linear head (the head is built from the checkpoint)')
-parser.add_argument('--stage', default=None,
-                    help='where to take features: backbone (default), layer3, layer4, head or head.<i>')
 parser.add_argument('--image_size', default=224, type=int, help='crop size (eval: resize to size*256/224)')
 parser.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
 

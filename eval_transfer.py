@@ -28,19 +28,12 @@ SPLITS = ('train', 'val', 'test')
 parser = argparse.ArgumentParser(description='Transfer evaluation (L-BFGS logistic regression and k-NN on '
                                              'frozen features) of SimReg students and teachers')
 parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/ and/or test/')
+features.add_checkpoint_args(parser, linear_pred=False)
 parser.add_argument('--name', default=None, help='dataset name in the results (default: the folder name of DIR)')
 parser.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
-parser.add_argument('-a', '--arch', default=None,
-                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '
-                         'own (if given, it is checked against the student)')
-parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
-parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
-parser.add_argument('--stage', default=None,
-                    help='where to take features: backbone (default), layer3, layer4, head or head.<i>')
 parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
 parser.add_argument('--save', default=None,
                     help='output folder for features, logs and results (default: ./outputs/transfer/<name>)')
-parser.add_argument('--weights', required=True, help='checkpoint to evaluate')
 parser.add_argument('--load_cache', action='store_true',
                     help='reuse features cached in --save by an earlier run of the same checkpoint and dataset')
 parser.add_argument('--image_size', default=224, type=int, help='center crop size (resize to size*256/224)')

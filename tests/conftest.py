@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny generated image folders, and the project root on sys.path."""
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -43,3 +45,16 @@ def one_thread():
 def image_folder(tmp_path):
     """A 3-class, 8-images-per-class train/val folder at 48x48."""
     return make_image_folder(tmp_path / 'data')
+
+
+def run_command(cmd, expect=0, **env):
+    """Run a command from the project root on one OpenMP thread; assert its exit code."""
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

@@ -1,15 +1,13 @@
 """End to end: knn_eval.sh / lin_eval.sh / eval_knn.py / eval_linear.py as a user runs them, on a tiny
 generated image folder at --image_size 32 with a tiny student checkpoint in the training layout."""
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import make_image_folder, read_json, run_command as run
 from test_features import HEAD_DIM, write_student_checkpoint, write_teacher_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -26,18 +24,6 @@ def base(tmp_path_factory):
     write_student_checkpoint(base / 'exp' / 'demo' / 'checkpoints' / 'ckpt_epoch_1.pth')
     write_teacher_checkpoint(base / 'teacher.pth')
     return base
-
-
-def run(cmd, expect=0, **env):
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def knn_single(base, save, *extra, expect=0):

@@ -1,16 +1,14 @@
 """Transfer evaluation: the L-BFGS probe finds a known linear separator with a sensible L2 strength,
 the search and the holdout are deterministic, the split rules, and eval_transfer.py /
 transfer_eval.sh end to end on tiny generated folders."""
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import models
-from conftest import ROOT, make_image_folder
+from conftest import make_image_folder, read_json, run_command as run
 from eval_transfer import present_splits
 from test_features import write_student_checkpoint
 from utils import transfer
@@ -127,18 +125,6 @@ def test_knn_uses_the_same_reference_as_the_final_probe(splits):
     assert on == 'train+val -> test' and len(reference[0]) == 800 and query is test
     assert transfer.knn_splits(train, val, None)[2] == 'train -> val'
     assert transfer.knn_splits(train, None, test)[2] == 'train -> test'
-
-
-def run(cmd, expect=0, **env):
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.mark.slow
