@@ -399,8 +399,8 @@ def train_one_epoch(model, teachers, loader, optimizer, scaler, epoch, args, dev
               dynamic_ncols=True, leave=False) as bar:
         for step, (indices, views, _) in enumerate(loader):
             if device_views is not None:
-                names = [loader.dataset.samples[i][0] for i in indices.tolist()]
-                views = decode_views_on(device, views, names, device_views)
+                views = decode_views_on(device, views, device_views,
+                                        lambda j: loader.dataset.samples[indices[j]][0])
             data_time += time.perf_counter() - end
             student_in, targets = batch_targets(teachers, indices, views, device, memory_format, amp_dtype,
                                                 single_view)

@@ -106,27 +106,28 @@ class TwoViews:
                 f' teacher={self.teacher_transform})')
 
 
-def decode_views_on(device, encoded, names, views):
+def decode_views_on(device, encoded, views, name_of):
     """``--gpu_decode``: decode a batch of encoded images on ``device`` (nvjpeg for JPEGs on CUDA) and
     draw each image's views there; returns what the loader would have (a batch, or two).
 
-    Whatever the device decoder refuses (PNG, CMYK, ...) is decoded on the CPU and moved over.
+    Whatever the device decoder refuses (PNG, CMYK, ...) is decoded on the CPU and moved over;
+    ``name_of(j)`` names the j-th file for the error message when neither can read it.
     """
     try:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        images = [decode_one_on(device, data, name) for data, name in zip(encoded, names)]
+        images = [decode_one_on(device, data, name_of, j) for j, data in enumerate(encoded)]
     per_image = [views(image) for image in images]
     if isinstance(per_image[0], torch.Tensor):
         return torch.stack(per_image)
     return tuple(torch.stack(view) for view in zip(*per_image))
 
 
-def decode_one_on(device, data, name):
+def decode_one_on(device, data, name_of, position):
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        return decode_bytes(data, name).to(device)
+        return decode_bytes(data, name_of(position)).to(device)
 
 
 def normalize(images, dtype=torch.float32):
