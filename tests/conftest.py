@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny generated image folders, and the project root on sys.path."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -58,3 +59,27 @@ def run_command(cmd, expect=0, **env):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def free_port():
+    """A free TCP port on the loopback, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def cache_workspace(ws):
+    """<ws>/data (3 classes x 7 images of 40 px) and <ws>/teacher.pth (a seeded resnet18)."""
+    from models.backbones import build_backbone
+    make_image_folder(ws / 'data', n_classes=3, per_class=7, size=40, splits=('train',))
+    torch.manual_seed(1)
+    torch.save({'state_dict': build_backbone('resnet18').state_dict()}, ws / 'teacher.pth')
+    return ws
+
+
+def build_cache(ws, output, *args):
+    """cache_teacher_feats.py on a cache_workspace, in this process."""
+    import cache_teacher_feats
+    parsed = cache_teacher_feats.get_args_parser().parse_args(
+        [str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / output), *args])
+    return cache_teacher_feats.main(parsed)

@@ -3,7 +3,6 @@ same under torchrun, refuses to overwrite another cache, and feeds --use_cache t
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 import cache_teacher_feats
 import models
 import train_student
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, build_cache, cache_workspace, free_port
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, open_teacher_cache, sidecar_path
 from data.transforms import TwoViews, eval_transform, normalize
@@ -36,19 +35,13 @@ BUILD = ['--arch_teacher', 'resnet18', '--image_size', '32', '--batch_size', '4'
 @pytest.fixture(scope='module')
 def ws(tmp_path_factory):
     """<ws>/data (3 classes x 7 images), <ws>/teacher.pth (a seeded resnet18), and one finished build."""
-    ws = tmp_path_factory.mktemp('cache_builder')
-    make_image_folder(ws / 'data', n_classes=3, per_class=7, size=40, splits=('train',))
-    torch.manual_seed(1)
-    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, ws / 'teacher.pth')
+    ws = cache_workspace(tmp_path_factory.mktemp('cache_builder'))
     build(ws, 'reference.npy')
     return ws
 
 
 def build(ws, output, *extra):
-    args = cache_teacher_feats.get_args_parser().parse_args(
-        [str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / output), *BUILD,
-         *extra])
-    return cache_teacher_feats.main(args)
+    return build_cache(ws, output, *BUILD, *extra)
 
 
 def test_cache_is_the_live_teacher_on_the_eval_view(ws):
@@ -123,12 +116,6 @@ def test_a_finished_cache_of_another_teacher_is_not_overwritten(ws, tmp_path):
         cache_teacher_feats.main(args)
     with pytest.raises(SimRegError, match='smaller than'):
         build(ws, 'x.npy', '--shard_size', '0')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

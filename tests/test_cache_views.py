@@ -4,7 +4,6 @@ and caches whose views cannot be replayed are refused."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,9 +13,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import cache_teacher_feats
-import models
 import train_student
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, build_cache, cache_workspace, free_port
 from data.folders import build_dataset
 from data.teacher_cache import ReplayedViews, TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
 from data.transforms import normalize, view_seed, weak_transform
@@ -35,19 +33,13 @@ BUILD = ['--arch_teacher', 'resnet18', '--image_size', '32', '--batch_size', '4'
 @pytest.fixture(scope='module')
 def ws(tmp_path_factory):
     """<ws>/data (3 classes x 7 images of 40 px), <ws>/teacher.pth (a seeded resnet18) and a 2-view cache."""
-    ws = tmp_path_factory.mktemp('cache_views')
-    make_image_folder(ws / 'data', n_classes=3, per_class=7, size=40, splits=('train',))
-    torch.manual_seed(1)
-    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, ws / 'teacher.pth')
+    ws = cache_workspace(tmp_path_factory.mktemp('cache_views'))
     build(ws, 'views.npy')
     return ws
 
 
 def build(ws, output, *extra):
-    args = cache_teacher_feats.get_args_parser().parse_args(
-        [str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / output), *BUILD,
-         *extra])
-    return cache_teacher_feats.main(args)
+    return build_cache(ws, output, *BUILD, *extra)
 
 
 def same_files(ws, a, b):
@@ -117,12 +109,6 @@ def test_views_are_the_same_however_the_build_runs(ws, monkeypatch):
     assert (ws / views_path('views.npy')).read_bytes() == (ws / views_path('one_shard.npy')).read_bytes()
     np.testing.assert_allclose(np.load(ws / 'one_shard.npy').astype(np.float32),
                                np.load(ws / 'views.npy').astype(np.float32), rtol=2e-3, atol=2e-3)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, free_port, make_image_folder
 from data.folders import imagenet100_classes, keep_classes
 from models.backbones import build_backbone
 from models.head import build_head
@@ -159,12 +158,6 @@ def test_resume_reaches_the_same_weights(workspace):
 def test_resume_auto_without_checkpoint_starts_fresh(workspace):
     run(train_args(workspace, 'fresh', '--epochs', '1', '--resume', 'auto'))
     assert ckpt(workspace, 'fresh', 'last.pth')['epoch'] == 1
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
