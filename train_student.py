@@ -312,6 +312,9 @@ def main(args):
                           for name, t in teachers.items())
     log.info('==> %d training images, %d processes, %d images per process and step, teachers: %s; '
              'student %s', len(loader.dataset), world_size, loader.batch_size, described, args.arch_student)
+    log.info('==> device %s, backend %s, autocast %s, %s', device, dist_utils.backend_name(),
+             str(amp_dtype).replace('torch.', '') if amp_dtype else 'off',
+             'channels_last' if args.channels_last else 'contiguous')
     if start_epoch == 1 and rank == 0:
         # the initial student: the "before distillation" baseline for evaluation
         save_atomic(checkpoint_state(model, optimizer, scaler, 0, args, teachers),

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils.errors import SimRegError
+
 
 def init_distributed():
     """Join the process group when launched by torchrun; a plain ``python`` run is rank 0 of 1.
@@ -16,11 +18,21 @@ def init_distributed():
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+            local_rank, gpus = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise SimRegError(f'process {local_rank} of this node has no GPU ({gpus} visible): start at most '
+                                  f'{gpus} per node (torchrun --nproc_per_node={gpus}), or set '
+                                  'CUDA_VISIBLE_DEVICES= to run on CPUs')
+            torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=30))
     if torch.cuda.is_available():
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
+
+
+def backend_name():
+    """'nccl' or 'gloo' under torchrun, 'none' for a plain single-process run."""
+    return dist.get_backend() if is_distributed() else 'none'
 
 
 def is_distributed():
