@@ -55,13 +55,15 @@ class TeacherFeatureCache:
             raise SimRegError(f'{sidecar_path(path)} is not a teacher feature sidecar: rebuild the '
                               f'cache with cache_teacher_feats.py')
         self.path = path
-        self.features = np.load(path, mmap_mode='r')
+        # copy-on-write map: shared with the page cache like a read-only one, but torch can wrap it
+        self.features = np.load(path, mmap_mode='c')
         views = (self.num_views,) if self.num_views else ()
         expected = (self.meta['dataset']['num_samples'], *views, self.meta['dim'])
         if self.features.shape != expected or self.features.dtype != np.float16:
             raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
                               f'says float16 {expected}: the file is incomplete; rebuild it')
         self.views = self.open_views() if self.num_views else None
+        self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # one row per (sample, view)
 
     @property
     def feat_dim(self):
@@ -95,14 +97,13 @@ class TeacherFeatureCache:
                               f"not the same files; rebuild the cache")
 
     def rows(self, indices):
-        """fp16 CPU tensor of the rows for these sample indices (one vectorised memmap read); for a
+        """fp16 CPU tensor of the rows for these sample indices (one index_select on the memmap); for a
         multi-view cache ``indices`` holds (sample, view) pairs [B, 2], as ``ReplayedViews`` returns."""
-        index = indices.numpy()
-        if (index.ndim == 2) != bool(self.num_views):
-            raise ValueError(f'{self.path}: {index.ndim}-d indices for a cache of '
+        if (indices.dim() == 2) != bool(self.num_views):
+            raise ValueError(f'{self.path}: {indices.dim()}-d indices for a cache of '
                              f'{self.num_views or 1} view(s) per image')
-        picked = self.features[index[:, 0], index[:, 1]] if index.ndim == 2 else self.features[index]
-        return torch.from_numpy(np.ascontiguousarray(picked))
+        rows = indices[:, 0] * self.num_views + indices[:, 1] if indices.dim() == 2 else indices
+        return self.table.index_select(0, rows)
 
 
 class ReplayedViews(Dataset):
