@@ -96,14 +96,18 @@ class TeacherFeatureCache:
                               f"({theirs['root']}) than {ours['root']}: the same number of images but "
                               f"not the same files; rebuild the cache")
 
-    def rows(self, indices):
+    def rows(self, indices, pin_memory=False):
         """fp16 CPU tensor of the rows for these sample indices (one index_select on the memmap); for a
-        multi-view cache ``indices`` holds (sample, view) pairs [B, 2], as ``ReplayedViews`` returns."""
+        multi-view cache ``indices`` holds (sample, view) pairs [B, 2], as ``ReplayedViews`` returns.
+
+        ``pin_memory=True`` gathers into page-locked memory from torch's caching host allocator, so the
+        copy to a GPU is truly asynchronous, and a buffer is reused only once its copy is done."""
         if (indices.dim() == 2) != bool(self.num_views):
             raise ValueError(f'{self.path}: {indices.dim()}-d indices for a cache of '
                              f'{self.num_views or 1} view(s) per image')
         rows = indices[:, 0] * self.num_views + indices[:, 1] if indices.dim() == 2 else indices
-        return self.table.index_select(0, rows)
+        out = torch.empty((len(rows), self.feat_dim), dtype=self.table.dtype, pin_memory=pin_memory)
+        return torch.index_select(self.table, 0, rows, out=out)
 
 
 class ReplayedViews(Dataset):

@@ -89,4 +89,4 @@ class CachedTeacher:
         return self
 
     def targets(self, indices, view, amp_dtype):
-        return self.cache.rows(indices).to(self.device, non_blocking=True)
+        return self.cache.rows(indices, pin_memory=self.device.type == 'cuda').to(self.device, non_blocking=True)

@@ -143,3 +143,22 @@ def test_graphed_probe_epochs_equal_eager_ones():
         assert torch.allclose(eager, graph, rtol=1e-5, atol=1e-6)
     for eager, graph in zip(eager_stats, graph_stats):
         assert graph == pytest.approx(eager, rel=1e-5)
+
+
+def test_cached_targets_copied_asynchronously_stay_intact(tmp_path):
+    """Cached targets travel through pinned buffers with non-blocking copies: each batch's rows arrive
+    whole, and no later gather overwrites a buffer whose copy is still in flight."""
+    import numpy as np
+    from data.teacher_cache import TeacherFeatureCache, write_sidecar
+    from models.simreg import CachedTeacher
+    path = str(tmp_path / 'feats.npy')
+    rows = np.random.RandomState(0).randn(4096, 256).astype(np.float16)
+    np.save(path, rows)
+    write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': len(rows)}})
+    teacher = CachedTeacher(TeacherFeatureCache(path), {}).to(CUDA)
+    batches = [torch.randint(0, len(rows), (512,)) for _ in range(20)]
+    targets = [teacher.targets(b, None, None) for b in batches]
+    torch.cuda.synchronize()
+    for indices, target in zip(batches, targets):
+        assert target.device.type == 'cuda'
+        assert torch.equal(target.cpu(), torch.from_numpy(rows[indices.numpy()]))
