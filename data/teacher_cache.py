@@ -13,6 +13,7 @@ views per image, and beside it ``<name>.views.npy``, each view's crop box and fl
 import hashlib
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -55,15 +56,16 @@ class TeacherFeatureCache:
             raise SimRegError(f'{sidecar_path(path)} is not a teacher feature sidecar: rebuild the '
                               f'cache with cache_teacher_feats.py')
         self.path = path
-        # copy-on-write map: shared with the page cache like a read-only one, but torch can wrap it
-        self.features = np.load(path, mmap_mode='c')
+        self.features = np.load(path, mmap_mode='r')
         views = (self.num_views,) if self.num_views else ()
         expected = (self.meta['dataset']['num_samples'], *views, self.meta['dim'])
         if self.features.shape != expected or self.features.dtype != np.float16:
             raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
                               f'says float16 {expected}: the file is incomplete; rebuild it')
         self.views = self.open_views() if self.num_views else None
-        self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # one row per (sample, view)
+        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read from
+            warnings.simplefilter('ignore', UserWarning)
+            self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # a row per (sample, view)
 
     @property
     def feat_dim(self):
