@@ -24,7 +24,7 @@ from models.loading import read_checkpoint
 from utils import features, probe
 from utils.checkpoint import save_atomic, write_text_atomic
 from utils.distributed import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_main_process,
-                               seed_everything)
+                               run_on_main, seed_everything)
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import TensorBoard, setup_logger
 
@@ -91,7 +91,7 @@ def main():
                    amp=args.amp)
     train_feats, train_labels = features.split_features(cache, 'train', train_center, **extract)
     val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
-    var, mean = features.run_on_main(lambda: probe.feature_stats(train_feats))
+    var, mean = run_on_main(lambda: probe.feature_stats(train_feats))
     linear = probe.build_probe(var, mean, num_classes).to(device)
     optimizer = torch.optim.SGD(linear.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

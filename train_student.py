@@ -116,14 +116,6 @@ def head_names(archs):
     return [arch if archs.count(arch) == 1 else f'{arch}_{i}' for i, arch in enumerate(archs)]
 
 
-def resolve_on_main_first(weights):
-    """A preset is downloaded once: by rank 0, then the other ranks find it in the cache."""
-    if dist_utils.is_main_process():
-        path = resolve_weights(weights)
-    dist_utils.barrier()
-    return path if dist_utils.is_main_process() else resolve_weights(weights)
-
-
 def build_teachers(args, dataset, device, memory_format, log):
     """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order."""
     archs = args.arch_teacher.split(',')
@@ -152,9 +144,11 @@ def build_teachers(args, dataset, device, memory_format, log):
         if not weight:
             raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
                               f'{arch}{", one per teacher" if len(archs) > 1 else ""})')
-        path = resolve_on_main_first(weight)
+        dist_utils.run_on_main(lambda: resolve_weights(weight))  # a preset is downloaded once, by rank 0
+        path = resolve_weights(weight)
         network = load_backbone(arch, path, keep_fc=args.teacher_fc)
-        info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': file_sha256(path),
+        sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
+        info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
                 'feat_dim': network.feat_dim, 'teacher_fc': args.teacher_fc}
         teachers[name] = LiveTeacher(network, info).to(device, memory_format)
     return teachers

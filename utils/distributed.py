@@ -81,3 +81,21 @@ def all_reduce_mean(tensor):
         dist.all_reduce(tensor)
         tensor /= get_world_size()
     return tensor
+
+
+def run_on_main(fn):
+    """Run ``fn`` on rank 0 and give its (small, picklable) result to every rank; a SimRegError
+    raised there is raised on every rank instead of leaving the others waiting."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except SimRegError as exc:
+            error = str(exc)
+    if is_distributed():
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error is not None:
+        raise SimRegError(error)
+    return result

@@ -23,7 +23,7 @@ from data.transforms import normalize
 from models.backbones import build_backbone
 from models.loading import load_backbone, load_student, read_checkpoint, student_checkpoint, student_heads
 from utils.checkpoint import file_sha256, write_text_atomic
-from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process
+from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
 
 GATHER_ROWS = 32768
@@ -232,24 +232,6 @@ def gather_in_order(local, bounds, device):
     if rank != 0:
         return None
     return torch.cat([torch.cat(pieces[r])[:counts[r]] for r in range(world)])
-
-
-def run_on_main(fn):
-    """Run ``fn`` on rank 0 and give its (small, picklable) result to every rank; a SimRegError
-    raised there is raised on every rank instead of leaving the others waiting."""
-    result, error = None, None
-    if is_main_process():
-        try:
-            result = fn()
-        except SimRegError as exc:
-            error = str(exc)
-    if is_distributed():
-        shared = [result, error]
-        dist.broadcast_object_list(shared, src=0)
-        result, error = shared
-    if error is not None:
-        raise SimRegError(error)
-    return result
 
 
 class FeatureCache:
