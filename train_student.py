@@ -127,8 +127,8 @@ def build_teachers(args, dataset, device, memory_format, log):
     if any(feats) and not args.use_cache:
         raise SimRegError('--teacher_feats is read only with --use_cache: add --use_cache')
     teachers = {}
-    for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
-        if args.use_cache and (feat or len(archs) == 1):
+    for name, arch, weight, feat, cached in zip(head_names(archs), archs, weights, feats, cached_teachers(args)):
+        if cached:
             cache = open_teacher_cache(feat, dataset, log.info)
             if cache.num_views and cache.meta['image_size'] != args.image_size:
                 raise SimRegError(f"{cache.path} holds teacher features of views cropped to "
@@ -168,10 +168,16 @@ def build_student(args, teachers):
     return model.train()
 
 
+def cached_teachers(args):
+    """Per teacher, whether its targets come from a cache: with --use_cache, the one teacher, or each
+    teacher that has a --teacher_feats entry."""
+    feats = split_per_teacher(args.teacher_feats, len(args.arch_teacher.split(',')), '--teacher_feats')
+    return [args.use_cache and (bool(feat) or len(feats) == 1) for feat in feats]
+
+
 def cached_only(args):
     """Every teacher comes from a cache, so only the student's view is needed."""
-    feats = split_per_teacher(args.teacher_feats, len(args.arch_teacher.split(',')), '--teacher_feats')
-    return args.use_cache and (len(feats) == 1 or all(feats))
+    return all(cached_teachers(args))
 
 
 def make_views(args):
