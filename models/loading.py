@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from models.backbones import build_backbone, classifier_attr, set_projection
 from models.head import build_head
-from models.presets import PRESET_ARCHS, PRESETS, download_preset, preset_path
+from models.presets import PRESET_ARCHS, PRESETS, download_preset, preset_named, preset_path
 from utils.errors import SimRegError
 
 
@@ -221,8 +221,9 @@ def load_backbone(arch, path, keep_fc=False):
     ``keep_fc`` is the original ``--teacher_fc``: keep the file's plain-Linear projection on top, so
     that ``feat_dim`` becomes its ``out_features``.
     """
-    if path in PRESETS and not os.path.isfile(path) and arch not in PRESET_ARCHS:
-        raise SimRegError(f'preset {path} is a ResNet-50 with torchvision padding, not {arch}: '
+    preset = preset_named(path)
+    if preset and arch not in PRESET_ARCHS:
+        raise SimRegError(f'preset {preset} is a ResNet-50 with torchvision padding, not {arch}: '
                           f'use --arch_teacher resnet50')
     path = resolve_weights(path)
     layout, state = detect_layout(read_checkpoint(path), path)

@@ -54,6 +54,14 @@ def preset_path(name):
     return os.path.join(torch.hub.get_dir(), 'checkpoints', f'{name}.pth')
 
 
+def preset_named(spec):
+    """The preset that ``spec`` names, as a name or as the cached file it resolves to; None for any
+    other file (an existing file called like a preset is that file)."""
+    if spec in PRESETS and not os.path.isfile(spec):
+        return spec
+    return next((name for name in PRESETS if os.path.abspath(spec) == os.path.abspath(preset_path(name))), None)
+
+
 def download_preset(name, dst):
     """Download the preset's file to ``dst`` with a progress bar and check its published digest."""
     preset = PRESETS[name]

@@ -358,6 +358,11 @@ def test_preset_that_fails_its_check_is_not_kept(hub_dir, layout_file, monkeypat
     assert os.listdir(hub_dir / 'checkpoints') == []
 
 
-def test_preset_for_another_arch_is_refused(hub_dir):
+def test_preset_for_another_arch_is_refused(hub_dir, layout_file):
     with pytest.raises(SimRegError, match='preset moco_v2_800ep is a ResNet-50 .* not byol_resnet50'):
         load_backbone('byol_resnet50', 'moco_v2_800ep')
+    # the scripts resolve the name to its cached file first (a preset is downloaded by rank 0 only)
+    os.makedirs(hub_dir / 'checkpoints')
+    os.symlink(layout_file('MoCo v2'), hub_dir / 'checkpoints' / 'moco_v2_800ep.pth')
+    with pytest.raises(SimRegError, match='preset moco_v2_800ep is a ResNet-50 .* not byol_resnet50'):
+        load_backbone('byol_resnet50', resolve_weights('moco_v2_800ep'))
