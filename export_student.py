@@ -23,7 +23,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    backbone, _ = load_student(args.checkpoint, arch=args.arch)
+    backbone, _ = load_student(args.checkpoint, arch=args.arch, backbone_only=True)
     state = backbone.state_dict()
     save_atomic(state, args.output)
     print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '

@@ -319,11 +319,14 @@ def select_head(state, head, source):
             **{'predict_q.' + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}}
 
 
-def load_student(path, arch=None, head=None):
+def load_student(path, arch=None, head=None, backbone_only=False):
     """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
     by the original code (the authors' released students). ``arch``, when given, must match the file;
-    ``head`` names the head to take from a several-teacher student."""
+    ``head`` names the head to take from a several-teacher student, which a caller that uses only the
+    backbone (``backbone_only``) need not name: it then gets the first."""
     args, state = student_checkpoint(read_checkpoint(path), path)
+    if backbone_only and head is None:
+        head = next(iter(student_heads(state)), None)
     state = select_head(state, head, path)
     if arch is not None and arch != args['arch_student']:
         raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '

@@ -48,3 +48,19 @@ def test_teacher_file_is_refused_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'not a SimReg student checkpoint' in err and err.count('\n') == 1
     assert not (tmp_path / 'out.pth').exists()
+
+
+def test_several_teacher_student_exports_its_backbone(tmp_path):
+    """The backbone is shared by every head, so exporting needs no --head."""
+    backbone = filled_state_dict(manifest('resnet18'))
+    head = filled_state_dict(manifest('mlp4_resnet18'))
+    state = {**{'encoder_q.' + k: v for k, v in backbone.items()},
+             **{f'predict_q.{name}.{k}': v for name in ('resnet50', 'resnet50_1') for k, v in head.items()}}
+    args = {'arch_student': 'resnet18', 'arch_teacher': 'resnet50,resnet50', 'n_mlp_layers': 4,
+            'linear_pred': False}
+    checkpoint = tmp_path / 'last.pth'
+    torch.save({'epoch': 1, 'state_dict': state, 'optimizer': {}, 'scaler': {}, 'args': args}, checkpoint)
+    export_student.main([str(checkpoint), str(tmp_path / 'resnet18.pth')])
+    exported = torch.load(tmp_path / 'resnet18.pth', weights_only=True)
+    assert exported.keys() == backbone.keys()
+    assert all(torch.equal(exported[k], v) for k, v in backbone.items())

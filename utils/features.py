@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.transforms import normalize
 from models.backbones import build_backbone
-from models.loading import load_backbone, load_student, read_checkpoint, student_checkpoint, student_heads
+from models.loading import load_backbone, load_student, read_checkpoint
 from utils.checkpoint import file_sha256, write_text_atomic
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
@@ -144,10 +144,7 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
     """
     checkpoint = read_checkpoint(weights)
     if _holds_student(checkpoint):
-        if not stage.startswith('head') and head_name is None:
-            # backbone stages do not depend on the head: any one will do
-            head_name = next(iter(student_heads(student_checkpoint(checkpoint, weights)[1])), None)
-        backbone, head = load_student(weights, head=head_name)
+        backbone, head = load_student(weights, head=head_name, backbone_only=not stage.startswith('head'))
         if arch is not None and not _same_network(backbone, build_backbone(arch)):
             raise SimRegError(f'--arch {arch} does not match the student stored in {weights}: '
                               f'drop --arch (students carry their architecture) or fix it')
