@@ -30,7 +30,7 @@ from data.teacher_cache import dataset_fingerprint, sidecar_path, views_path, wr
 from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_transform, replay_weak_view, view_seed
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
-from utils.checkpoint import file_sha256, write_text_atomic
+from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
 from utils.features import extract_features
@@ -164,8 +164,7 @@ class ShardStore:
         if views is not None:
             arrays[views_path(self.array_path(k))] = views
         for path, array in arrays.items():
-            np.save(path + '.tmp.npy', array)
-            os.replace(path + '.tmp.npy', path)
+            save_npy_atomic(array, path)
         write_text_atomic(json.dumps({**self.recipe, 'rows': list(rows)}, indent=2) + '\n',
                           sidecar_path(self.array_path(k)))
 

@@ -5,17 +5,19 @@ import os
 import re
 import tempfile
 
+import numpy as np
 import torch
 
 
-def save_atomic(state, path):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+def _write_atomic(path, mode, write):
+    """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``:
+    a crash never leaves half a file, and a failed write leaves no temp file behind."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -25,14 +27,19 @@ def save_atomic(state, path):
         raise
 
 
+def save_atomic(state, path):
+    """torch.save, atomically (checkpoints)."""
+    _write_atomic(path, 'wb', lambda f: torch.save(state, f))
+
+
+def save_npy_atomic(array, path):
+    """np.save, atomically (feature caches)."""
+    _write_atomic(path, 'wb', lambda f: np.save(f, array))
+
+
 def write_text_atomic(text, path):
-    """Same guarantee for small text/JSON result files."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Small text/JSON result files, atomically."""
+    _write_atomic(path, 'w', lambda f: f.write(text))
 
 
 def epoch_checkpoint_path(ckpt_dir, epoch):

@@ -8,7 +8,6 @@ float16 with a JSON sidecar that says what they are, so a later run can reuse th
 import json
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from data.transforms import normalize
 from models.backbones import build_backbone
 from models.loading import load_backbone, load_student, read_checkpoint
-from utils.checkpoint import file_sha256, write_text_atomic
+from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
 
@@ -279,24 +278,12 @@ class FeatureCache:
     def save(self, split, dataset, features, labels, amp):
         """Arrays first, sidecar last, each atomically: a cache without a sidecar does not exist."""
         os.makedirs(self.folder, exist_ok=True)
-        _save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
-        _save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
+        save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
+        save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
         sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
                    'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
                    'amp': amp, 'created': time.strftime('%Y-%m-%d %H:%M:%S')}
         write_text_atomic(json.dumps(sidecar, indent=2) + '\n', self.path(split, 'feats.json'))
-
-
-def _save_npy_atomic(array, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def split_features(cache, split, dataset, model, reuse, batch_size, workers, device, amp=False):
