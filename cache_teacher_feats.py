@@ -30,13 +30,13 @@ from data.teacher_cache import dataset_fingerprint, sidecar_path, views_path, wr
 from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_transform, replay_weak_view, view_seed
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
+from models.simreg import AUTOCAST_DTYPES
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
 from utils.features import extract_features
 from utils.logging import setup_logger
 
-AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def get_args_parser():

@@ -24,7 +24,7 @@ from data.transforms import TwoViews, decode_views_on, normalize
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.head import build_head
 from models.loading import load_backbone, load_strict, read_checkpoint, resolve_weights, student_checkpoint
-from models.simreg import CachedTeacher, LiveTeacher, SimReg, regression_loss
+from models.simreg import AUTOCAST_DTYPES, CachedTeacher, LiveTeacher, SimReg, regression_loss
 from utils import distributed as dist_utils
 from utils.checkpoint import epoch_checkpoint_path, file_sha256, latest_checkpoint, save_atomic
 from utils.errors import SimRegError, exit_on_user_error
@@ -77,7 +77,7 @@ def get_args_parser():
     p.add_argument('--restart', action='store_true',
                    help='with --resume: take the weights only, restart optimizer and epochs')
     # execution
-    p.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default=None,
+    p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default=None,
                    help='autocast dtype (default: bf16 on GPUs that support it, fp32 on CPU)')
     p.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster on GPUs)')
     p.add_argument('--gpu_decode', action='store_true',
@@ -97,7 +97,7 @@ def resolve_precision(args, device):
     if args.precision is None:
         bf16_ok = device.type == 'cuda' and torch.cuda.is_bf16_supported()
         args.precision = 'bf16' if bf16_ok else 'fp32'
-    return {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
+    return AUTOCAST_DTYPES[args.precision]
 
 
 def split_per_teacher(value, count, flag):

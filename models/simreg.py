@@ -3,6 +3,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# --precision: the autocast dtype of each choice (fp32: autocast off)
+AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
 
 class SimReg(nn.Module):
     """Student backbone ``encoder_q`` followed by the regression head ``predict_q``.
