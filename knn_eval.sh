@@ -19,7 +19,6 @@ torchrun --standalone --nproc_per_node="$NGPUS" "$(dirname "$0")/eval_knn.py" \
     ${ARCH:+--arch "$ARCH"} \
     --batch-size "$BATCH_SIZE" \
     --epoch "$EPOCH" \
-    -k 1 \
     --weights "$WEIGHTS" \
     --save "$SAVE" \
     "$@" \

@@ -140,12 +140,13 @@ def train_epoch_images(feature_model, probe, loader, optimizer, device, amp=Fals
 def evaluate(probe, features, labels, batch_size=4096):
     """Top-1 / top-5 accuracy (%) and mean loss of the probe on (cached) features."""
     probe.eval()
-    loss_sum, top1, top5 = 0.0, 0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=features.device)  # loss sum, top-1, top-5 hits
     for rows, targets in zip(features.split(batch_size), labels.split(batch_size)):
         logits = probe(rows.float())
-        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (best[:, 0] == targets).sum().item()
-        top5 += (best == targets[:, None]).any(dim=1).sum().item()
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
+                               (best[:, 0] == targets).sum().double(),
+                               (best == targets[:, None]).any(dim=1).sum().double()])
+    loss_sum, top1, top5 = totals.tolist()
     n = len(features)
     return {'loss': loss_sum / n, 'acc1': 100.0 * top1 / n, 'acc5': 100.0 * top5 / n}

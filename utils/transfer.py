@@ -109,8 +109,10 @@ def score(weight, bias, x, y):
     """(correct count, mean cross-entropy, per-class mean top-1 %) of a fitted classifier."""
     logits = x @ weight.T + bias
     hits = logits.argmax(1) == y
-    per_class = [hits[y == c].double().mean().item() for c in torch.unique(y).tolist()]
-    return int(hits.sum().item()), F.cross_entropy(logits, y).item(), 100.0 * sum(per_class) / len(per_class)
+    counts = torch.bincount(y)
+    present = counts > 0
+    per_class = torch.bincount(y, weights=hits.double())[present] / counts[present]
+    return int(hits.sum().item()), F.cross_entropy(logits, y).item(), 100.0 * per_class.mean().item()
 
 
 def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
