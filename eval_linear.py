@@ -89,6 +89,18 @@ def main():
                                   refuse_hint='delete those files or pass another --save')
     extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device,
                    amp=args.amp)
+    if args.evaluate:  # the probe checkpoint holds the train statistics: the train split is not needed
+        val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
+        if is_main_process():
+            dim = val_feats.shape[1]
+            linear = probe.build_probe(torch.ones(dim), torch.zeros(dim), num_classes).to(device)
+            load_probe_checkpoint(probe_path, cache, linear)
+            result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
+            logger.info(f'{probe_path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
+            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(probe_path), **result}, indent=2) + '\n',
+                              os.path.join(save, 'linear_evaluate.json'))
+        cleanup()
+        return
     train_feats, train_labels = features.split_features(cache, 'train', train_center, **extract)
     val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
     var, mean = run_on_main(lambda: probe.feature_stats(train_feats))
@@ -97,16 +109,6 @@ def main():
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones)
     state = {'start_epoch': 0, 'best_acc1': 0.0, 'best_epoch': None, 'history': []}
-
-    if args.evaluate:
-        load_probe_checkpoint(probe_path, cache, linear)
-        if is_main_process():
-            result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
-            logger.info(f'{probe_path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
-            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(probe_path), **result}, indent=2) + '\n',
-                              os.path.join(save, 'linear_evaluate.json'))
-        cleanup()
-        return
     if args.resume:
         state.update(load_probe_checkpoint(args.resume, cache, linear, optimizer, scheduler))
         logger.info(f'=> resumed from {args.resume} at epoch {state["start_epoch"]}')

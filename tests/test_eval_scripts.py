@@ -97,12 +97,16 @@ def probe_run(base, save, *extra):
 def test_eval_linear_on_images_resumes_exactly_and_evaluates(base):
     probe_run(base, 'whole', '--epochs', '3')
     probe_run(base, 'split', '--epochs', '2')
-    probe_run(base, 'split', '--epochs', '3', '--resume', str(base / 'split/checkpoint.pth.tar'))
+    resumed = probe_run(base, 'split', '--epochs', '3', '--resume', str(base / 'split/checkpoint.pth.tar'))
+    assert '=> resumed from' in resumed.stdout + resumed.stderr  # not a fresh run that happens to match
     whole = torch.load(base / 'whole/checkpoint.pth.tar', weights_only=True)
     split = torch.load(base / 'split/checkpoint.pth.tar', weights_only=True)
     assert [r['epoch'] for r in split['history']] == [1, 2, 3]
     for key, value in whole['state_dict'].items():
         torch.testing.assert_close(split['state_dict'][key], value)
+    for name in ('train_feats.npy', 'train_labels.npy', 'train_feats.json'):
+        os.remove(base / 'split' / name)
     probe_run(base, 'split', '--evaluate')
     evaluated = read_json(base / 'split/linear_evaluate.json')
     assert evaluated['acc1'] == read_json(base / 'split/linear_results.json')['best']['top1']
+    assert not (base / 'split/train_feats.npy').exists()  # the probe carries the train statistics
