@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny generated image folders, and the project root on sys.path."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,3 +88,17 @@ def build_cache(ws, output, *args):
     parsed = cache_teacher_feats.get_args_parser().parse_args(
         [str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / output), *args])
     return cache_teacher_feats.main(parsed)
+
+
+def train(argv):
+    """train_student.py in this process, on these command-line arguments."""
+    import train_student
+    return train_student.main(train_student.get_args_parser().parse_args(argv))
+
+
+def resumed_from(exp_dir):
+    """The epoch a training run in ``exp_dir`` resumed after, from its log; None for a fresh start. A
+    resume test needs it: a run that silently started over would replay the same per-epoch seeds and
+    end with the same weights."""
+    found = re.findall(r'==> resumed from .* \(epoch (\d+)\)', (exp_dir / 'logs' / 'train.log').read_text())
+    return int(found[-1]) if found else None

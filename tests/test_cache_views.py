@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import cache_teacher_feats
 import train_student
-from conftest import ROOT, build_cache, cache_workspace, free_port
+from conftest import ROOT, build_cache, cache_workspace, free_port, resumed_from, train as run
 from data.folders import build_dataset
 from data.teacher_cache import ReplayedViews, TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
 from data.transforms import normalize, view_seed, weak_transform
@@ -136,10 +136,6 @@ def cached_args(ws, exp, *extra, cache='views.npy'):
     return train_args(ws, exp, '--use_cache', '--teacher_feats', str(ws / cache), *extra)
 
 
-def run(argv):
-    return train_student.main(train_student.get_args_parser().parse_args(argv))
-
-
 def last_state(ws, exp):
     return torch.load(ws / 'runs' / 'exp' / exp / 'checkpoints' / 'last.pth', weights_only=True)['state_dict']
 
@@ -209,6 +205,7 @@ def test_cached_view_training_resumes_exactly(ws):
     interrupted.mkdir(parents=True)
     shutil.copy(ws / 'runs' / 'exp' / 'cached' / 'checkpoints' / 'ckpt_epoch_1.pth', interrupted / 'last.pth')
     run(cached_args(ws, 'resumed', '--epochs', '2', '--resume', 'auto'))
+    assert resumed_from(ws / 'runs' / 'exp' / 'resumed') == 1
     straight, resumed = last_state(ws, 'cached'), last_state(ws, 'resumed')
     assert all(torch.equal(value, resumed[key]) for key, value in straight.items())
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from tests.conftest import free_port, make_image_folder, run_command
+from conftest import free_port, make_image_folder, resumed_from, run_command
 from data.folders import build_dataset, decode_rgb, read_bytes
 from data.transforms import decode_views_on, normalize
 from models.backbones import build_backbone
@@ -111,6 +111,7 @@ def test_nccl_bf16_gpu_decode_run_and_resume(tmp_path):
     resumed.mkdir(parents=True)
     (resumed / 'last.pth').write_bytes((straight / 'checkpoints' / 'ckpt_epoch_1.pth').read_bytes())
     train('resumed', '--epochs', '3', '--resume', 'auto')
+    assert resumed_from(tmp_path / 'exp' / 'resumed') == 1
     a = torch.load(straight / 'checkpoints' / 'last.pth', weights_only=True)['state_dict']
     b = torch.load(resumed / 'last.pth', weights_only=True)['state_dict']
     assert a.keys() == b.keys()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder
+from conftest import make_image_folder, resumed_from, train as run
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, write_cache
 from models.backbones import build_backbone
@@ -43,10 +43,6 @@ def args_for(ws, exp, *extra):
             str(ws / 'data')]
 
 
-def run(argv):
-    return train_student.main(train_student.get_args_parser().parse_args(argv))
-
-
 def checkpoint(ws, exp, name):
     return torch.load(ws / 'runs' / 'exp' / exp / 'checkpoints' / name, weights_only=True)
 
@@ -71,6 +67,7 @@ def test_two_teachers_train_both_heads_and_resume(ws):
     resumed.mkdir(parents=True)
     (resumed / 'last.pth').write_bytes((ws / 'runs' / 'exp' / 'two' / 'checkpoints' / 'ckpt_epoch_1.pth').read_bytes())
     run(args_for(ws, 'two_resumed', '--epochs', '3', '--save_freq', '1', '--resume', 'auto'))
+    assert resumed_from(ws / 'runs' / 'exp' / 'two_resumed') == 1
     again = checkpoint(ws, 'two_resumed', 'last.pth')['state_dict']
     assert all(torch.equal(v, again[k]) for k, v in state['state_dict'].items())
 

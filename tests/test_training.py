@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, free_port, make_image_folder
+from conftest import ROOT, free_port, make_image_folder, resumed_from, train as run
 from data.folders import imagenet100_classes, keep_classes
 from models.backbones import build_backbone
 from models.head import build_head
@@ -109,10 +109,6 @@ def train_args(ws, exp, *extra):
             '--single_aug', '--weak_weak', *extra, str(ws / 'data')]
 
 
-def run(argv):
-    return train_student.main(train_student.get_args_parser().parse_args(argv))
-
-
 def ckpt(ws, exp, name):
     return torch.load(ws / 'runs' / 'exp' / exp / 'checkpoints' / name, weights_only=True)
 
@@ -148,6 +144,7 @@ def test_resume_reaches_the_same_weights(workspace):
     (interrupted / 'last.pth').write_bytes(
         (workspace / 'runs' / 'exp' / 'straight' / 'checkpoints' / 'ckpt_epoch_1.pth').read_bytes())
     run(train_args(workspace, 'resumed', '--epochs', '2', '--save_freq', '1', '--resume', 'auto'))
+    assert resumed_from(workspace / 'runs' / 'exp' / 'resumed') == 1
     straight, resumed = ckpt(workspace, 'straight', 'last.pth'), ckpt(workspace, 'resumed', 'last.pth')
     assert resumed['epoch'] == 2
     for key, value in straight['state_dict'].items():
@@ -157,6 +154,7 @@ def test_resume_reaches_the_same_weights(workspace):
 @pytest.mark.slow
 def test_resume_auto_without_checkpoint_starts_fresh(workspace):
     run(train_args(workspace, 'fresh', '--epochs', '1', '--resume', 'auto'))
+    assert resumed_from(workspace / 'runs' / 'exp' / 'fresh') is None
     assert ckpt(workspace, 'fresh', 'last.pth')['epoch'] == 1
 
 
