@@ -40,7 +40,12 @@ def test_cached_epoch_steps_even_when_the_set_is_smaller_than_a_batch():
     stats = probe.train_epoch_cached(linear, optimizer, rows.half(), torch.randint(0, 3, (10,)), 256)
     assert not torch.equal(linear[2].weight, before)
     assert set(stats) == {'loss', 'acc1'}
-    assert probe.evaluate(linear, rows, torch.zeros(10, dtype=torch.long))['acc5'] == 100.0
+    # fewer than 5 classes: top-5 covers them all, top-1 is the argmax
+    labels = torch.zeros(10, dtype=torch.long)
+    result = probe.evaluate(linear, rows, labels)
+    with torch.no_grad():
+        expected_acc1 = 100.0 * (linear(rows).argmax(1) == labels).double().mean().item()
+    assert result['acc5'] == 100.0 and result['acc1'] == pytest.approx(expected_acc1)
 
 
 @pytest.fixture(scope='module')
