@@ -66,6 +66,12 @@ def read_json(path):
         return json.load(f)
 
 
+def torchrun(script, *args, nproc=2):
+    """The command line of ``script`` under torchrun with ``nproc`` processes on a free loopback port."""
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
+            f'--master_port={free_port()}', script, *args]
+
+
 def free_port():
     """A free TCP port on the loopback, for a torchrun rendezvous."""
     with socket.socket() as s:

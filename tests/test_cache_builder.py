@@ -3,8 +3,6 @@ same under torchrun, refuses to overwrite another cache, and feeds --use_cache t
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 import cache_teacher_feats
 import models
 import train_student
-from conftest import ROOT, build_cache, cache_workspace, free_port
+from conftest import build_cache, cache_workspace, run_command, torchrun
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, open_teacher_cache, sidecar_path
 from data.transforms import TwoViews, eval_transform, normalize
@@ -120,12 +118,8 @@ def test_a_finished_cache_of_another_teacher_is_not_overwritten(ws, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_build_equals_one_process(ws):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', 'cache_teacher_feats.py', str(ws / 'data'),
-           '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / 'two.npy'), *BUILD]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_command(torchrun('cache_teacher_feats.py', str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'),
+                         '--output', str(ws / 'two.npy'), *BUILD))
     two, one = np.load(ws / 'two.npy'), np.load(ws / 'reference.npy')
     assert two.shape == one.shape == (21, 512)
     # per-process batches differ in size, which may move a value by an fp16 step

@@ -4,8 +4,6 @@ and caches whose views cannot be replayed are refused."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import cache_teacher_feats
 import train_student
-from conftest import ROOT, build_cache, cache_workspace, free_port, resumed_from, train as run
+from conftest import build_cache, cache_workspace, resumed_from, run_command, torchrun, train as run
 from data.folders import build_dataset
 from data.teacher_cache import ReplayedViews, TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
 from data.transforms import normalize, view_seed, weak_transform
@@ -113,12 +111,8 @@ def test_views_are_the_same_however_the_build_runs(ws, monkeypatch):
 
 @pytest.mark.slow
 def test_two_process_build_draws_the_same_views(ws):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', 'cache_teacher_feats.py', str(ws / 'data'),
-           '--teacher_weights', str(ws / 'teacher.pth'), '--output', str(ws / 'two.npy'), *BUILD]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_command(torchrun('cache_teacher_feats.py', str(ws / 'data'), '--teacher_weights', str(ws / 'teacher.pth'),
+                         '--output', str(ws / 'two.npy'), *BUILD))
     assert (ws / views_path('views.npy')).read_bytes() == (ws / views_path('two.npy')).read_bytes()
     np.testing.assert_allclose(np.load(ws / 'two.npy').astype(np.float32),
                                np.load(ws / 'views.npy').astype(np.float32), rtol=2e-3, atol=2e-3)

@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from torchvision.transforms import v2
 
 from data import synthetic
 from data.folders import IndexedImageFolder
-from conftest import ROOT
+from conftest import run_command
 from utils.errors import SimRegError
 
 SMALL = dict(num_classes=10, train_per_class=3, val_per_class=2, image_size=32)
@@ -111,12 +110,11 @@ def test_a_folder_it_did_not_make_is_never_overwritten(tmp_path):
 def test_command_writes_then_reuses(tmp_path):
     command = [sys.executable, '-m', 'data.synthetic', str(tmp_path / 'd'), '--num_classes', '3',
                '--train_per_class', '2', '--val_per_class', '1', '--image_size', '32', '--seed', '5']
-    wrote = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    reused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    wrote, reused = run_command(command), run_command(command)
     assert wrote.stdout.startswith('wrote 9 images of 3 classes (32px, seed 5)')
     assert reused.stdout.startswith('reused 9 images')
-    bad = subprocess.run(command + ['--image_size', '8'], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and 'error: --image_size must be at least 16' in bad.stderr
+    bad = run_command(command + ['--image_size', '8'], expect=2)
+    assert 'error: --image_size must be at least 16' in bad.stderr
 
 
 def standardised_pixels(root, split):

@@ -2,15 +2,13 @@
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, free_port, make_image_folder, resumed_from, train as run
+from conftest import ROOT, make_image_folder, resumed_from, run_command, torchrun, train as run
 from data.folders import imagenet100_classes, keep_classes
 from models.backbones import build_backbone
 from models.head import build_head
@@ -161,11 +159,8 @@ def test_resume_auto_without_checkpoint_starts_fresh(workspace):
 @pytest.mark.slow
 def test_two_process_gloo_run(workspace, tmp_path):
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', os.path.join(ROOT, 'tests', 'ddp_worker.py'), str(out),
-           *train_args(workspace, 'ddp', '--epochs', '2')]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_command(torchrun(os.path.join(ROOT, 'tests', 'ddp_worker.py'), str(out),
+                         *train_args(workspace, 'ddp', '--epochs', '2')))
     rank0, rank1 = torch.load(out / 'rank0.pt'), torch.load(out / 'rank1.pt')
     # DDP keeps parameters in lockstep; BN running stats are per process between DDP's
     # broadcasts from rank 0 (whose state is what the checkpoint holds), as the original's were per GPU
