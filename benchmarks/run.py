@@ -170,8 +170,8 @@ def bench_train_step(quick):
 
     def ours():
         for _ in range(steps):
-            x = train_student.to_model_input(images, device, memory_format)
-            targets = {'teacher': teacher.targets(None, x, amp_dtype)}
+            x, targets = train_student.batch_targets({'teacher': teacher}, None, images, device, memory_format,
+                                                     amp_dtype, single_view=True)
             train_student.train_step(model, x, targets, optimizer, scaler, amp_dtype, False)
         if gpu:
             torch.cuda.synchronize()

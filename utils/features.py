@@ -128,9 +128,12 @@ def _holds_student(checkpoint):
     return any(isinstance(k, str) and 'predict_q.' in k for d in dicts for k in d)
 
 
-def _same_network(a, b):
+def _is_arch(backbone, arch):
+    """Whether ``backbone`` has the parameter shapes of ``arch`` (built on the meta device: no weights)."""
+    with torch.device('meta'):
+        reference = build_backbone(arch)
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    return shapes(a) == shapes(b)
+    return shapes(backbone) == shapes(reference)
 
 
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
@@ -144,7 +147,7 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
     checkpoint = read_checkpoint(weights)
     if _holds_student(checkpoint):
         backbone, head = load_student(weights, head=head_name, backbone_only=not stage.startswith('head'))
-        if arch is not None and not _same_network(backbone, build_backbone(arch)):
+        if arch is not None and not _is_arch(backbone, arch):
             raise SimRegError(f'--arch {arch} does not match the student stored in {weights}: '
                               f'drop --arch (students carry their architecture) or fix it')
         if linear_pred and not isinstance(head[0], nn.BatchNorm1d):
