@@ -10,6 +10,9 @@ import argparse
 import json
 import os
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from data.folders import build_dataset
 from data.transforms import eval_transform
@@ -45,6 +48,22 @@ def recorded_teacher(ckpt, args):
     return arch, resolve_weights(weights), bool(recorded.get('teacher_fc')) and not args.teacher_weights
 
 
+class HeadAndTeacher(nn.Module):
+    """The student head's output and the teacher's feature of the same images, each L2-normalised, side
+    by side: one pass over the images (each decoded once) serves both."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def forward(self, images):
+        predicted, target = self.student(images).float(), self.teacher(images).float()
+        if predicted.shape[1] != target.shape[1]:
+            raise SimRegError(f'the head gives {predicted.shape[1]}-d outputs, the teacher {target.shape[1]}-d '
+                              f'features: pass the teacher this student was distilled from')
+        return torch.cat([F.normalize(predicted, dim=1), F.normalize(target, dim=1)], dim=1)
+
+
 def main():
     args = parser.parse_args()
     device = init_distributed()
@@ -54,13 +73,14 @@ def main():
     teacher = features.FeatureModel(load_backbone(arch, teacher_path, keep_fc=teacher_fc), None)
     dataset = build_dataset(args.data, args.split, eval_transform(args.image_size), args.dataset)
     extract = dict(dataset=dataset, batch_size=args.batch_size, workers=args.workers, device=device)
-    predicted = features.extract_features(student, desc='student head', **extract)
-    target = features.extract_features(teacher, desc='teacher', **extract)
+    both = features.extract_features(HeadAndTeacher(student, teacher), desc='student head and teacher',
+                                     l2_normalize=False, **extract)
     cleanup()
     if not is_main_process():
         return
+    predicted, target = both.float().chunk(2, dim=1)
     # both are L2-normalised: the row-wise dot product is the cosine
-    cosine = (predicted.float() * target.float()).sum(dim=1)
+    cosine = (predicted * target).sum(dim=1)
     result = {'mean_cosine': cosine.mean().item(), 'loss_2_minus_2cos': (2 - 2 * cosine).mean().item(),
               'epoch': ckpt.get('epoch'), 'weights': os.path.abspath(args.weights), 'teacher_arch': arch,
               'teacher_weights': os.path.abspath(teacher_path), 'split': args.split, 'images': len(dataset),
