@@ -68,6 +68,7 @@ def test_no_teacher(ws):
     assert_user_error(train(ws, ws / 'data', '--exp', 'e', teacher=None), '--teacher_weights')
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ws):
     train(ws, ws / 'data', '--exp', 'nan', '--epochs', '2', expect=0)
     last = ws / 'runs' / 'exp' / 'nan' / 'checkpoints' / 'last.pth'
