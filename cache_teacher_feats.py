@@ -34,7 +34,7 @@ from models.simreg import AUTOCAST_DTYPES
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
-from utils.features import extract_features
+from evaluation.features import extract_features
 from utils.logging import setup_logger
 
 

@@ -15,7 +15,7 @@ import torch
 
 from data.folders import build_dataset
 from data.transforms import eval_transform
-from utils import features, knn
+from evaluation import features, knn
 from utils.checkpoint import write_text_atomic
 from utils.distributed import cleanup, init_distributed, get_world_size, is_main_process
 from utils.errors import exit_on_user_error

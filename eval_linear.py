@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from models.loading import read_checkpoint
-from utils import features, probe
+from evaluation import features, probe
 from utils.checkpoint import save_atomic, write_text_atomic
 from utils.distributed import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_main_process,
                                run_on_main, seed_everything)

@@ -3,7 +3,7 @@
 ``<data>/train/<class>/<image>``, ``<data>/val/...`` and/or ``<data>/test/...`` (train and at
 least one of the others). Center-crop features are extracted once (cached in ``--save``), then
 rank 0 fits an L-BFGS logistic-regression probe with the L2 strength chosen on a held-out split
-(the protocol of ``utils/transfer.py``) and runs k-NN on the same features. Results go to
+(the protocol of ``evaluation/transfer.py``) and runs k-NN on the same features. Results go to
 ``transfer_results.json`` and ``transfer_results.txt``.
 
     torchrun --nproc_per_node=<gpus> eval_transfer.py --weights ckpt.pth --save out/ /path/to/dataset
@@ -17,7 +17,7 @@ import torch
 
 from data.folders import build_dataset
 from data.transforms import eval_transform
-from utils import features, knn, transfer
+from evaluation import features, knn, transfer
 from utils.checkpoint import write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process
 from utils.errors import SimRegError, exit_on_user_error

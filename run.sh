@@ -77,7 +77,7 @@ if [ -z "$DATA" ]; then
     EXP=$DEMO_EXP EPOCH=$DEMO_EPOCHS \
     USE_CACHE=1 EVAL_FREQ=5 bash lin_eval.sh --image_size "$DEMO_IMAGE_SIZE" -j 2 --epochs "$DEMO_LINEAR_EPOCHS"
   set +x
-  python -m utils.report "$exp_dir" --wall_time $((SECONDS - started))
+  python -m evaluation.report "$exp_dir" --wall_time $((SECONDS - started))
   echo "The demo teacher is $DEMO_TEACHER_WEIGHTS: with random weights the k-NN numbers say little; the cosine rising on held-out images shows the student learnt to imitate it."
   exit 0
 fi

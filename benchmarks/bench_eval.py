@@ -1,7 +1,7 @@
 """Evaluation benchmarks (run by ``benchmarks/run.py``): ours against a plain per-batch / per-query
 reference in the original's style, side by side in one process on the same inputs.
 
-- probe epoch (cached features): ``utils.probe.train_epoch_cached`` (features kept on the device as
+- probe epoch (cached features): ``evaluation.probe.train_epoch_cached`` (features kept on the device as
   one float16 tensor, metrics summed on the device) against the original's ``train_cached``
   (float32 features on the host, each batch copied to the device, loss/accuracy read back each step).
 - k-NN vote: the seeded vectorised majority vote against the original's per-query Counter + shuffle.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import best_of, report
-from utils import knn, probe
+from evaluation import knn, probe
 
 
 # ------------------------------------------------------------------ reference (the original's way)

@@ -17,7 +17,7 @@ from data.teacher_cache import dataset_fingerprint, open_teacher_cache, sidecar_
 from data.transforms import TwoViews, eval_transform, normalize
 from models.loading import load_backbone
 from models.simreg import LiveTeacher
-from utils import features
+from evaluation import features
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError
 

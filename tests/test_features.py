@@ -15,7 +15,7 @@ from conftest import make_image_folder
 from data.folders import build_dataset
 from data.transforms import eval_transform, normalize
 from models.loading import load_student
-from utils import features
+from evaluation import features
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')

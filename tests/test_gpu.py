@@ -122,7 +122,7 @@ def test_nccl_bf16_gpu_decode_run_and_resume(tmp_path):
 def test_graphed_probe_epochs_equal_eager_ones():
     """The CUDA-graph probe epoch replays the eager step's kernels, and each epoch captures its own
     learning rate (MultiStepLR drops it after the first)."""
-    from utils import probe
+    from evaluation import probe
     torch.manual_seed(0)
     features = torch.nn.functional.normalize(torch.randn(2048, 64), dim=1)
     labels = torch.randint(0, 10, (2048,))

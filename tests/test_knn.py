@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import knn
+from evaluation import knn
 from utils.errors import SimRegError
 
 

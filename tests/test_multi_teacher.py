@@ -13,7 +13,7 @@ from models.backbones import build_backbone
 from models.head import build_head
 from models.loading import load_student
 from models.simreg import SimReg, regression_loss
-from utils import features
+from evaluation import features
 from utils.errors import SimRegError
 import train_student
 

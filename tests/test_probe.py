@@ -7,7 +7,7 @@ from conftest import make_image_folder
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from test_features import write_student_checkpoint
-from utils import features, probe
+from evaluation import features, probe
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -11,7 +11,7 @@ import models
 from conftest import make_image_folder, read_json, run_command as run
 from eval_transfer import present_splits
 from test_features import write_student_checkpoint
-from utils import transfer
+from evaluation import transfer
 from utils.errors import SimRegError
 
 

@@ -4,7 +4,7 @@ Better?"), which SimCLR and BYOL use for their transfer tables.
 
 Protocol, exactly:
 
-1. Features are the cached ones of ``utils.features`` (pooled features of Resize(size*256/224) +
+1. Features are the cached ones of ``evaluation.features`` (pooled features of Resize(size*256/224) +
    CenterCrop(size), L2-normalised, float16), then standardised per dimension with the mean and
    (population) std of the rows the classifier is fitted on. Standardising is the literature's
    step; the L2 step before it comes with the shared cache and only removes each image's overall

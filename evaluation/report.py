@@ -1,6 +1,6 @@
 """The demo's closing table, read from the result files the evaluation scripts wrote.
 
-    python -m utils.report exp/demo [--wall_time SECONDS]
+    python -m evaluation.report exp/demo [--wall_time SECONDS]
 """
 import argparse
 import json
