@@ -147,8 +147,9 @@ def bench_train_step(quick):
     import train_student
     from models.backbones import build_backbone
     from models.head import build_head
-    from models.simreg import LiveTeacher, SimReg
-    from data.transforms import normalize
+    from models.simreg import SimReg
+    from models.teachers import LiveTeacher
+    from data.transforms import DeviceInput, normalize
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gpu = device.type == 'cuda'
@@ -168,10 +169,12 @@ def bench_train_step(quick):
     teacher, model, optimizer = build(memory_format)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
 
-    def ours():
+    to_device = DeviceInput(device, memory_format, single_view=True)
+
+    def ours():  # the body of train_student.train_one_epoch
         for _ in range(steps):
-            x, targets = train_student.batch_targets({'teacher': teacher}, None, images, device, memory_format,
-                                                     amp_dtype, single_view=True)
+            x, teacher_in = to_device(None, images)
+            targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
             train_student.train_step(model, x, targets, optimizer, scaler, amp_dtype, False)
         if gpu:
             torch.cuda.synchronize()

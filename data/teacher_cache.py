@@ -62,7 +62,7 @@ class TeacherFeatureCache:
         if self.features.shape != expected or self.features.dtype != np.float16:
             raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
                               f'says float16 {expected}: the file is incomplete; rebuild it')
-        self.views = self.open_views() if self.num_views else None
+        self.boxes = self.open_boxes() if self.num_views else None
         with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read from
             warnings.simplefilter('ignore', UserWarning)
             self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # a row per (sample, view)
@@ -76,8 +76,8 @@ class TeacherFeatureCache:
         """K for a cache of K views per image, None for one center crop per image."""
         return self.meta.get('views')
 
-    def open_views(self):
-        """The [N, K, 5] views, refused unless they are the very file the cache was built with."""
+    def open_boxes(self):
+        """The [N, K, 5] view boxes (crop box + flip), refused unless they are the very file the cache was built with."""
         path = views_path(self.path)
         if not os.path.isfile(path) or file_sha256(path) != self.meta.get('views_sha256'):
             state = 'is missing' if not os.path.isfile(path) else 'is not the one it was built with'
@@ -118,9 +118,9 @@ class ReplayedViews(Dataset):
     replays the same choice) and returns ``((index, view), the replayed view, label)``; the teacher's
     target is that view's row."""
 
-    def __init__(self, dataset, views, size):
+    def __init__(self, dataset, boxes, size):
         self.dataset = dataset
-        self.views = views
+        self.boxes = boxes
         self.size = size
 
     def __len__(self):
@@ -128,8 +128,8 @@ class ReplayedViews(Dataset):
 
     def __getitem__(self, index):
         path, label = self.dataset.samples[index]
-        view = int(torch.randint(self.views.shape[1], ()))
-        image = replay_weak_view(self.dataset.loader(path), self.views[index, view], self.size)
+        view = int(torch.randint(self.boxes.shape[1], ()))
+        image = replay_weak_view(self.dataset.loader(path), self.boxes[index, view], self.size)
         return torch.tensor([index, view]), image, label
 
 

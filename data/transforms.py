@@ -83,14 +83,15 @@ class TwoViews:
 
     The original built ``TwoCropsTransform(weak, strong)`` with (weak, strong) = (weak, strong)
     for --weak_strong, (weak, weak) for --weak_weak and (strong, strong) otherwise; the student
-    got the second, the teacher the first. --single_aug returns one view, fed to both nets.
+    got the second, the teacher the first; given both flags, --weak_strong won, as it does here.
+    --single_aug returns one view, fed to both nets.
     """
 
     def __init__(self, size, weak_strong=False, weak_weak=False, single_aug=False):
-        if weak_weak:
-            teacher_t, student_t = weak_transform(size), weak_transform(size)
-        elif weak_strong:
+        if weak_strong:
             teacher_t, student_t = weak_transform(size), strong_transform(size)
+        elif weak_weak:
+            teacher_t, student_t = weak_transform(size), weak_transform(size)
         else:
             teacher_t, student_t = strong_transform(size), strong_transform(size)
         self.student_transform, self.teacher_transform = student_t, teacher_t
@@ -122,6 +123,30 @@ def decode_views_on(device, encoded, views, name_of):
     if isinstance(per_image[0], torch.Tensor):
         return torch.stack(per_image)
     return tuple(torch.stack(view) for view in zip(*per_image))
+
+
+class DeviceInput:
+    """A training batch from the loader -> (student input, teacher input): on the device, normalised, in the
+    model's memory format; the same tensor twice when one view serves both nets. With ``--gpu_decode``
+    (``gpu_views``, the view transform, given) the batch holds encoded files, decoded and augmented on the
+    device first; ``file_of(index)`` names a sample's file for the error message when it cannot be read."""
+
+    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None):
+        self.device, self.memory_format, self.single_view = device, memory_format, single_view
+        self.gpu_views, self.file_of = gpu_views, file_of
+
+    def __call__(self, index, images):
+        if self.gpu_views is not None:
+            images = decode_views_on(self.device, images, self.gpu_views, lambda j: self.file_of(int(index[j])))
+        if self.single_view:
+            student_in = teacher_in = self.to_input(images)
+        else:
+            student_in, teacher_in = self.to_input(images[0]), self.to_input(images[1])
+        return student_in, teacher_in
+
+    def to_input(self, uint8_images):
+        images = normalize(uint8_images.to(self.device, non_blocking=True))
+        return images.contiguous(memory_format=self.memory_format)
 
 
 def decode_one_on(device, data, name_of, position):

@@ -1,10 +1,23 @@
-"""SimReg: the trained student (backbone + regression head), the frozen teacher, the loss."""
+"""SimReg: the trained student (backbone + regression head), the loss, and the autocast dtype.
+
+The teachers it regresses are in ``models.teachers``.
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # --precision: the autocast dtype of each choice (fp32: autocast off)
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def default_precision(device):
+    """What --precision means when it is not given, for training and the teacher cache alike: bf16 on GPUs
+    that compute it natively (compute capability 8.0+: A100, H100, RTX 30xx and later); fp16 with the grad
+    scaler on older GPUs (V100, RTX 20xx, the original's), where bf16 is only emulated and slow while
+    fp16 runs on their tensor cores; fp32 on CPUs."""
+    if device.type != 'cuda':
+        return 'fp32'
+    return 'bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16'
 
 
 class SimReg(nn.Module):
@@ -49,47 +62,3 @@ def regression_loss(prediction, target, mse_nonorm=False):
         return ((prediction - target) ** 2).sum(dim=1).mean()
     cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
     return (2 - 2 * cos).mean()
-
-
-class LiveTeacher:
-    """A frozen network run on the teacher's view of each batch."""
-
-    needs_view = True
-    views = None
-
-    def __init__(self, network, info):
-        self.network = freeze(network)
-        self.feat_dim = network.feat_dim
-        self.info = info
-
-    def to(self, device, memory_format=torch.contiguous_format):
-        self.network.to(device, memory_format=memory_format)
-        return self
-
-    def targets(self, indices, view, amp_dtype):
-        with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
-                                                    enabled=amp_dtype is not None):
-            features = self.network(view)
-        # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
-        return features.clone()
-
-
-class CachedTeacher:
-    """Teacher features read from a ``data.teacher_cache`` by sample index, or by (sample index, view)
-    for a multi-view cache, whose stored ``views`` the student replays; no network, no view."""
-
-    needs_view = False
-
-    def __init__(self, cache, info):
-        self.cache = cache
-        self.feat_dim = cache.feat_dim
-        self.info = info
-        self.views = cache.views
-        self.device = torch.device('cpu')
-
-    def to(self, device, memory_format=None):
-        self.device = device
-        return self
-
-    def targets(self, indices, view, amp_dtype):
-        return self.cache.rows(indices, pin_memory=self.device.type == 'cuda').to(self.device, non_blocking=True)

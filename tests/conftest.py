@@ -1,7 +1,6 @@
 """Shared test fixtures: tiny generated image folders, and the project root on sys.path."""
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -102,9 +101,14 @@ def train(argv):
     return train_student.main(train_student.get_args_parser().parse_args(argv))
 
 
+def train_log(exp_dir, event):
+    """The records of one event ('start', 'window', 'epoch') in the JSON log of the run in ``exp_dir``."""
+    from utils.logging import json_log_path, read_json_log
+    return read_json_log(json_log_path(os.path.join(exp_dir, 'logs')), event)
+
+
 def resumed_from(exp_dir):
-    """The epoch a training run in ``exp_dir`` resumed after, from its log; None for a fresh start. A
+    """The epoch the last training run in ``exp_dir`` resumed after, from its log; None for a fresh start. A
     resume test needs it: a run that silently started over would replay the same per-epoch seeds and
     end with the same weights."""
-    found = re.findall(r'==> resumed from .* \(epoch (\d+)\)', (exp_dir / 'logs' / 'train.log').read_text())
-    return int(found[-1]) if found else None
+    return train_log(exp_dir, 'start')[-1]['resumed_from']

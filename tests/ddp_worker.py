@@ -6,11 +6,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_student  # noqa: E402
+from data.folders import build_dataset  # noqa: E402
 
 out, argv = sys.argv[1], sys.argv[2:]
 args = train_student.get_args_parser().parse_args(argv)
 rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-loader = train_student.make_loader(args, world_size, rank)
+loader = train_student.make_loader(build_dataset(args.data, 'train', None), args, world_size, rank)
 loader.sampler.set_epoch(1)
 indices = [i for batch in loader.batch_sampler for i in batch]
 model = train_student.main(args)

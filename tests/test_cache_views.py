@@ -17,7 +17,7 @@ from data.folders import build_dataset
 from data.teacher_cache import ReplayedViews, TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
 from data.transforms import normalize, view_seed, weak_transform
 from models.loading import load_backbone
-from models.simreg import CachedTeacher, LiveTeacher
+from models.teachers import CachedTeacher, LiveTeacher
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -62,7 +62,7 @@ def test_rows_are_the_live_teacher_on_the_replayed_views(ws):
             assert torch.equal(weak_transform(32)(image), images[-1])
     assert len({tuple(v) for v in views.reshape(-1, 5).tolist()}) == 21 * VIEWS and 0 < views[..., 4].mean() < 1
     teacher = LiveTeacher(load_backbone('resnet18', str(ws / 'teacher.pth')), {})
-    live = teacher.targets(None, normalize(torch.stack(images)), None)
+    live = teacher(None, normalize(torch.stack(images)))
     np.testing.assert_allclose(cached.reshape(-1, 512).astype(np.float32), live.numpy(), rtol=1e-3, atol=1e-3)
     with open(sidecar_path(str(ws / 'views.npy'))) as f:
         meta = json.load(f)
@@ -154,9 +154,9 @@ def test_cached_training_equals_live_training_on_the_replayed_views(ws, monkeypa
     build(ws, 'one_by_one.npy', '--batch_size', '1')
     assert (ws / views_path('one_by_one.npy')).read_bytes() == (ws / views_path('views.npy')).read_bytes()
     # the cached run, recording which (image, view) rows it reads
-    read, real_rows = [], CachedTeacher.targets
-    monkeypatch.setattr(CachedTeacher, 'targets', lambda self, indices, *a: read.append(indices.clone())
-                        or real_rows(self, indices, *a))
+    read, real_rows = [], CachedTeacher.__call__
+    monkeypatch.setattr(CachedTeacher, '__call__', lambda self, index, *a: read.append(index.clone())
+                        or real_rows(self, index, *a))
     cached_steps = recorded_steps(monkeypatch)
     run(cached_args(ws, 'cached_one_by_one', '--epochs', '2', cache='one_by_one.npy'))
     assert len(read) == 10 and all(r.shape == (4, 2) for r in read)  # 5 steps of 4 per epoch
@@ -168,16 +168,15 @@ def test_cached_training_equals_live_training_on_the_replayed_views(ws, monkeypa
     # run's initial weights (building a live teacher draws random numbers that a cached one does not)
     monkeypatch.undo()
     stored = TeacherFeatureCache(str(ws / 'one_by_one.npy'))
-    real_make_loader, real_targets = train_student.make_loader, LiveTeacher.targets
+    real_make_loader, real_call = train_student.make_loader, LiveTeacher.__call__
 
-    def replaying_loader(args, world_size, rank):
-        base = real_make_loader(args, world_size, rank).dataset
-        return real_make_loader(args, world_size, rank, ReplayedViews(base, stored.views, args.image_size))
+    def replaying_loader(dataset, args, *rest):
+        return real_make_loader(ReplayedViews(dataset, stored.boxes, args.image_size), args, *rest)
 
-    def one_view_at_a_time(self, indices, views, amp_dtype):
-        return torch.cat([real_targets(self, indices, view[None], amp_dtype) for view in views]).half()
+    def one_view_at_a_time(self, index, views, amp_dtype=None):
+        return torch.cat([real_call(self, index, view[None], amp_dtype) for view in views]).half()
     monkeypatch.setattr(train_student, 'make_loader', replaying_loader)
-    monkeypatch.setattr(LiveTeacher, 'targets', one_view_at_a_time)
+    monkeypatch.setattr(LiveTeacher, '__call__', one_view_at_a_time)
     live_steps = recorded_steps(monkeypatch)
     initial = ws / 'runs' / 'exp' / 'cached_one_by_one' / 'checkpoints' / 'ckpt_epoch_0.pth'
     run(train_args(ws, 'live', '--teacher_weights', str(ws / 'teacher.pth'), '--single_aug', '--epochs', '2',
@@ -235,8 +234,9 @@ def test_training_refuses_what_cannot_replay_the_views(ws):
     refused = {
         'cropped to 32px, the student would replay them at 48px: pass --image_size 32':
             cached_args(ws, 'r', '--image_size', '48'),
-        r'train with --weak_weak$': [a for a in cached_args(ws, 'r') if a != '--weak_weak'],
-        'train with --weak_weak and without --gpu_decode': cached_args(ws, 'r', '--gpu_decode'),
+        r'train with --weak_weak \(without --weak_strong\)$': [a for a in cached_args(ws, 'r') if a != '--weak_weak'],
+        r'train with --weak_weak \(without --weak_strong, --gpu_decode\)': cached_args(ws, 'r', '--gpu_decode'),
+        r'train with --weak_weak \(without --weak_strong\)': cached_args(ws, 'r', '--weak_strong'),
         r'teacher\(s\) resnet18_0 cannot target them: give every teacher a cache built with the same --cache_views':
             train_args(ws, 'r', '--arch_teacher', 'resnet18,resnet18', '--teacher_weights',
                        f'{ws / "teacher.pth"},', '--use_cache', '--teacher_feats', f',{views}'),

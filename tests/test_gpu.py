@@ -151,14 +151,14 @@ def test_cached_targets_copied_asynchronously_stay_intact(tmp_path):
     whole, and no later gather overwrites a buffer whose copy is still in flight."""
     import numpy as np
     from data.teacher_cache import TeacherFeatureCache, write_sidecar
-    from models.simreg import CachedTeacher
+    from models.teachers import CachedTeacher
     path = str(tmp_path / 'feats.npy')
     rows = np.random.RandomState(0).randn(4096, 256).astype(np.float16)
     np.save(path, rows)
     write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': len(rows)}})
     teacher = CachedTeacher(TeacherFeatureCache(path), {}).to(CUDA)
     batches = [torch.randint(0, len(rows), (512,)) for _ in range(20)]
-    targets = [teacher.targets(b, None, None) for b in batches]
+    targets = [teacher(b) for b in batches]
     torch.cuda.synchronize()
     for indices, target in zip(batches, targets):
         assert target.device.type == 'cuda'

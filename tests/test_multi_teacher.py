@@ -1,12 +1,11 @@
 """Several teachers: one head each, mean loss, checkpoints, resume, evaluation per head; and the
 single-teacher step unchanged."""
-import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, resumed_from, train as run
+from conftest import make_image_folder, resumed_from, train as run, train_log
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, write_cache
 from models.backbones import build_backbone
@@ -50,10 +49,9 @@ def checkpoint(ws, exp, name):
 @pytest.mark.slow
 def test_two_teachers_train_both_heads_and_resume(ws):
     run(args_for(ws, 'two', '--epochs', '3', '--save_freq', '1'))
-    log = (ws / 'runs' / 'exp' / 'two' / 'logs' / 'train.log').read_text()
-    per_epoch = re.findall(r'epoch \d+  lr [\d.]+  loss [\d.]+ \(resnet18 ([\d.]+), resnet50 ([\d.]+)\)', log)
+    per_epoch = train_log(ws / 'runs' / 'exp' / 'two', 'epoch')
     assert len(per_epoch) == 3
-    live, cached = [[float(e[i]) for e in per_epoch] for i in (0, 1)]
+    live, cached = [[e[f'loss_{name}'] for e in per_epoch] for name in ('resnet18', 'resnet50')]
     assert live[-1] < live[0] and cached[-1] < cached[0]
 
     state = checkpoint(ws, 'two', 'ckpt_epoch_3.pth')

@@ -1,14 +1,13 @@
 """Distillation training: head, loss, schedule, data subset, end-to-end runs, DDP, resume."""
 import math
 import os
-import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, make_image_folder, resumed_from, run_command, torchrun, train as run
+from conftest import ROOT, make_image_folder, resumed_from, run_command, torchrun, train as run, train_log
 from data.folders import imagenet100_classes, keep_classes
 from models.backbones import build_backbone
 from models.head import build_head
@@ -112,8 +111,7 @@ def ckpt(ws, exp, name):
 
 
 def epoch_losses(ws, exp):
-    log = (ws / 'runs' / 'exp' / exp / 'logs' / 'train.log').read_text()
-    return [float(x) for x in re.findall(r'epoch \d+  lr [\d.]+  loss ([\d.]+)', log)]
+    return [record['loss'] for record in train_log(ws / 'runs' / 'exp' / exp, 'epoch')]
 
 
 @pytest.mark.slow

@@ -1,10 +1,18 @@
-"""Text log, TensorBoard and tqdm, on rank 0 only."""
+"""Logging on rank 0: the text log, one JSON object per line (``log.jsonl``), TensorBoard, tqdm, and the
+training meter (``MetricLogger``, after torchvision's references/classification)."""
+import json
 import logging
+import math
+import os
 import sys
+import time
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from utils.distributed import is_main_process
+from utils.distributed import all_reduce_mean, get_world_size, is_main_process
+from utils.errors import SimRegError
 
 
 def setup_logger(log_file=None, name='simreg'):
@@ -40,3 +48,121 @@ class TensorBoard:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+class JsonLog:
+    """The machine-readable log, as DINO's log.txt: one JSON object per line, appended on rank 0 (a no-op
+    elsewhere). Every record has ``event``: ``start`` (a run began; ``resumed_from`` is the epoch it
+    continues after, or null), ``window`` (every ``--print_freq`` steps) or ``epoch``."""
+
+    def __init__(self, path):
+        self.path = path if is_main_process() else None
+
+    def write(self, event, **values):
+        if self.path is None:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'event': event, **values}) + '\n')
+
+
+def read_json_log(path, event=None):
+    """The records of a ``JsonLog`` file, those of one ``event`` if given."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if event is None or r['event'] == event]
+
+
+class MetricLogger:
+    """The bookkeeping of one training epoch, kept out of the loop that ``log_every`` drives.
+
+    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq``
+    steps and at the epoch's end, the window's mean loss is averaged over ranks (one sync; every rank
+    takes the same decision on a non-finite loss, which stops the run) and reported with the lr, the
+    images per second over all processes and the share of time spent waiting for the loader: to
+    TensorBoard, the JSON log, the text log (full windows) and the tqdm bar.
+    """
+
+    def __init__(self, heads, epoch, print_freq, optimizer, log, tensorboard, json_log, device):
+        self.heads, self.epoch, self.print_freq = list(heads), epoch, print_freq
+        self.optimizer, self.log, self.tensorboard, self.json_log = optimizer, log, tensorboard, json_log
+        self.epoch_sum = torch.zeros(len(self.heads), device=device)
+        self.window_sum = torch.zeros(len(self.heads), device=device)
+        self.window_start, self.steps, self.data_time, self.images_per_step = 0, 0, 0.0, 0
+        self.start = time.perf_counter()
+
+    def update(self, losses):
+        self.epoch_sum += losses
+        self.window_sum += losses
+
+    def log_every(self, loader):
+        """Yield the loader's batches, timing the wait for each, and report after every step."""
+        self.steps, self.images_per_step = len(loader), loader.batch_size * get_world_size()
+        bar = tqdm(total=self.steps, desc=f'epoch {self.epoch}', disable=not is_main_process(),
+                   dynamic_ncols=True, leave=False)
+        self.start = end = time.perf_counter()
+        with bar:
+            for step, batch in enumerate(loader):
+                self.data_time += time.perf_counter() - end
+                yield batch
+                bar.update(1)
+                if (step + 1) % self.print_freq == 0 or step + 1 == self.steps:
+                    self.report_window(step + 1, bar)
+                end = time.perf_counter()
+
+    def report_window(self, done, bar):
+        window = all_reduce_mean(self.window_sum / (done - self.window_start)).tolist()
+        loss = sum(window) / len(window)
+        check_finite(loss, self.epoch, done)
+        elapsed = time.perf_counter() - self.start
+        stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'],
+                 'images_per_s': done * self.images_per_step / elapsed, 'data_wait_share': self.data_time / elapsed}
+        heads = dict(zip(self.heads, window))
+        self.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
+                                 (self.epoch - 1) * self.steps + done)
+        self.json_log.write('window', epoch=self.epoch, step=done, steps=self.steps, **stats, **prefixed(heads))
+        bar.set_postfix(loss=f'{loss:.4f}')
+        if done % self.print_freq == 0:
+            self.log.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, done, self.steps, loss,
+                          per_head(heads), stats['images_per_s'])
+        self.window_sum.zero_()
+        self.window_start = done
+
+    def summary(self):
+        """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; reported
+        to the text log, TensorBoard (at step = epoch) and the JSON log."""
+        elapsed = time.perf_counter() - self.start
+        losses = all_reduce_mean(self.epoch_sum / self.steps).tolist()
+        loss = sum(losses) / len(losses)
+        check_finite(loss, self.epoch, self.steps)
+        heads, lr = dict(zip(self.heads, losses)), self.optimizer.param_groups[0]['lr']
+        stats = {'loss': loss, 'lr': lr, 'images_per_s': self.steps * self.images_per_step / elapsed,
+                 'data_wait_share': self.data_time / elapsed}
+        self.log.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
+                      per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
+        self.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
+                                  **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
+        self.json_log.write('epoch', epoch=self.epoch, **stats, **prefixed(heads))
+        return {**stats, 'head_losses': heads}
+
+
+def prefixed(head_losses):
+    """{'loss_<head>': value} with several heads, {} with one."""
+    return {f'loss_{name}': v for name, v in head_losses.items()} if len(head_losses) > 1 else {}
+
+
+def per_head(head_losses):
+    """' (name 0.1234, name 0.2345)' with several heads, '' with one."""
+    if len(head_losses) < 2:
+        return ''
+    return ' (' + ', '.join(f'{name} {v:.4f}' for name, v in head_losses.items()) + ')'
+
+
+def check_finite(loss, epoch, step):
+    if not math.isfinite(loss):
+        raise SimRegError(f'loss is {loss} at epoch {epoch} step {step}: training diverged; the '
+                          f'last good checkpoint is kept: lower --learning_rate or use '
+                          f'--precision fp32, then --resume auto')
+
+
+def json_log_path(logs_dir):
+    return os.path.join(logs_dir, 'log.jsonl')

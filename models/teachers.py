@@ -1,0 +1,150 @@
+"""The frozen teachers a student regresses, and how the flags make them.
+
+A teacher is called on a batch: ``teacher(index, view)`` returns its targets for those samples.
+A ``LiveTeacher`` runs its network on the teacher's view; a ``CachedTeacher`` reads the rows of a
+feature cache (``data.teacher_cache``) by sample index and needs no view. ``needs_view`` says which,
+and is the one thing the rest of the code asks (the loader draws a teacher view only when some
+teacher needs one).
+
+Several teachers (``--arch_teacher a,b``) give one head each, named by ``head_names``; the
+per-teacher flags (``--teacher_weights``, ``--teacher_feats``) are comma-separated lists.
+"""
+import os
+
+import torch
+
+from data.teacher_cache import open_teacher_cache
+from models.backbones import TEACHER_ARCHS
+from models.loading import load_backbone, resolve_weights
+from models.simreg import freeze
+from utils import distributed as dist_utils
+from utils.checkpoint import file_sha256
+from utils.errors import SimRegError
+
+
+class LiveTeacher:
+    """A frozen network run on the teacher's view of each batch."""
+
+    needs_view = True
+    boxes = None
+
+    def __init__(self, network, info):
+        self.network = freeze(network)
+        self.feat_dim = network.feat_dim
+        self.info = info
+
+    def to(self, device, memory_format=torch.contiguous_format):
+        self.network.to(device, memory_format=memory_format)
+        return self
+
+    def __call__(self, index, view, amp_dtype=None):
+        with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
+                                                    enabled=amp_dtype is not None):
+            features = self.network(view)
+        # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
+        return features.clone()
+
+
+class CachedTeacher:
+    """Teacher features read from a ``data.teacher_cache`` by sample index, or by (sample index, view)
+    for a multi-view cache, whose stored view ``boxes`` the student replays; no network, no view."""
+
+    needs_view = False
+
+    def __init__(self, cache, info):
+        self.cache = cache
+        self.feat_dim = cache.feat_dim
+        self.info = info
+        self.boxes = cache.boxes
+        self.device = torch.device('cpu')
+
+    def to(self, device, memory_format=None):
+        self.device = device
+        return self
+
+    def __call__(self, index, view=None, amp_dtype=None):
+        return self.cache.rows(index, pin_memory=self.device.type == 'cuda').to(self.device, non_blocking=True)
+
+
+def head_names(archs):
+    """What each teacher's head is called in checkpoints: its arch, numbered when archs repeat."""
+    return [arch if archs.count(arch) == 1 else f'{arch}_{i}' for i, arch in enumerate(archs)]
+
+
+def split_per_teacher(value, count, flag):
+    """A comma-separated flag with one entry per teacher ('' where a teacher has none)."""
+    if not value:
+        return [''] * count
+    entries = value.split(',')
+    if len(entries) != count:
+        raise SimRegError(f'{flag} lists {len(entries)} entries for {count} teachers (--arch_teacher): '
+                          f'give one per teacher, empty ones included (e.g. "a.pth,")')
+    return entries
+
+
+def build_teachers(args, dataset, device, memory_format, log):
+    """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order. With --use_cache the one
+    teacher, or each teacher that has a --teacher_feats entry, is read from its cache."""
+    archs = args.arch_teacher.split(',')
+    unknown = [a for a in archs if a not in TEACHER_ARCHS]
+    if unknown:
+        raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)}')
+    weights = split_per_teacher(args.teacher_weights, len(archs), '--teacher_weights')
+    feats = split_per_teacher(args.teacher_feats, len(archs), '--teacher_feats')
+    if any(feats) and not args.use_cache:
+        raise SimRegError('--teacher_feats is read only with --use_cache: add --use_cache')
+    teachers = {}
+    for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
+        if args.use_cache and (feat or len(archs) == 1):
+            teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(device)
+        else:
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format)
+    return teachers
+
+
+def cached_teacher(path, dataset, image_size, log):
+    cache = open_teacher_cache(path, dataset, log.info)
+    if cache.num_views and cache.meta['image_size'] != image_size:
+        raise SimRegError(f"{cache.path} holds teacher features of views cropped to {cache.meta['image_size']}px, "
+                          f"the student would replay them at {image_size}px: pass --image_size "
+                          f"{cache.meta['image_size']} (or build the cache at this size)")
+    if cache.meta.get('image_size') not in (None, image_size):
+        log.warning('note: %s holds teacher features of %spx center crops, the student trains on %dpx crops',
+                    cache.path, cache.meta['image_size'], image_size)
+    info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim}
+    return CachedTeacher(cache, info)
+
+
+def live_teacher(name, arch, weight, count, teacher_fc):
+    if not weight:
+        raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
+                          f'{arch}{", one per teacher" if count > 1 else ""})')
+    dist_utils.run_on_main(lambda: resolve_weights(weight))  # a preset is downloaded once, by rank 0
+    path = resolve_weights(weight)
+    network = load_backbone(arch, path, keep_fc=teacher_fc)
+    sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
+    info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
+            'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc}
+    return LiveTeacher(network, info)
+
+
+def replayed_boxes(teachers, args):
+    """The view boxes stored with a multi-view cache, which the student replays (None without one).
+    The student has one view per step, so either one multi-view cache is the only teacher, or every
+    teacher is a cache of the same views."""
+    with_views = {name: t.cache for name, t in teachers.items() if t.boxes is not None}
+    if not with_views:
+        return None
+    cache = next(iter(with_views.values()))
+    if len(with_views) < len(teachers):
+        others = ', '.join(name for name in teachers if name not in with_views)
+        raise SimRegError(f'{cache.path} holds {cache.num_views} views per image that the student replays, but '
+                          f'teacher(s) {others} cannot target them: give every teacher a cache built with the same '
+                          f'--cache_views, --seed and --image_size, or use single-view caches')
+    if len({c.meta['views_sha256'] for c in with_views.values()}) > 1:
+        raise SimRegError(f'the multi-view caches {", ".join(c.path for c in with_views.values())} hold different '
+                          f'views: build them with the same --cache_views, --seed and --image_size')
+    if args.gpu_decode or args.weak_strong or not args.weak_weak:
+        raise SimRegError(f'{cache.path} holds weak views that the student replays as they are: train with '
+                          f'--weak_weak (without --weak_strong{", --gpu_decode" if args.gpu_decode else ""})')
+    return cache.boxes
