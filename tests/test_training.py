@@ -69,6 +69,25 @@ def test_lr_schedule_matches_original_formula():
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
+def test_default_precision_is_native_bf16_else_fp16_on_gpus(monkeypatch):
+    from models.simreg import default_precision
+    assert default_precision(torch.device('cpu')) == 'fp32'
+    native = {}
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True:
+                        native['bf16'] or including_emulation)
+    native['bf16'] = True  # compute capability 8.0+ (A100, H100)
+    assert default_precision(torch.device('cuda', 0)) == 'bf16'
+    native['bf16'] = False  # V100, RTX 2080 Ti: bf16 only emulated
+    assert default_precision(torch.device('cuda', 0)) == 'fp16'
+
+
+def test_weak_strong_wins_over_weak_weak_as_in_the_original():
+    from data.transforms import TwoViews
+    both = TwoViews(32, weak_strong=True, weak_weak=True)
+    assert 'ColorJitter' in repr(both.student_transform) and 'ColorJitter' not in repr(both.teacher_transform)
+    assert 'ColorJitter' not in repr(TwoViews(32, weak_weak=True).student_transform)
+
+
 def test_imagenet100_picks_the_original_classes():
     classes = [f'n{i:08d}' for i in range(1000)]
     np.random.seed(1234)  # the original: np.random.seed(1234); permutation(len(classes))[:100]
@@ -119,6 +138,15 @@ def test_two_epoch_run_loss_falls_and_outputs(workspace):
     run(train_args(workspace, 'straight', '--epochs', '2', '--save_freq', '1'))
     losses = epoch_losses(workspace, 'straight')
     assert len(losses) == 2 and losses[1] < losses[0]
+    # the JSON log: a window per --print_freq (1) step, 48 images / 16 = 3 steps an epoch; the epoch's loss
+    # is the mean of its steps'
+    windows = train_log(workspace / 'runs' / 'exp' / 'straight', 'window')
+    assert [(w['epoch'], w['step'], w['steps']) for w in windows] == [(e, s, 3) for e in (1, 2) for s in (1, 2, 3)]
+    for epoch, loss in zip((1, 2), losses):
+        assert loss == pytest.approx(np.mean([w['loss'] for w in windows if w['epoch'] == epoch]), rel=1e-6)
+    assert all(w['lr'] == train_student.cosine_lr(w['epoch'], train_student.get_args_parser().parse_args(
+        ['x', '--epochs', '2'])) and w['images_per_s'] > 0 and 0 <= w['data_wait_share'] < 1 for w in windows)
+    assert train_log(workspace / 'runs' / 'exp' / 'straight', 'start')[-1]['resumed_from'] is None
     exp = workspace / 'runs' / 'exp' / 'straight'
     assert {p.name for p in (exp / 'checkpoints').iterdir()} == {'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth',
                                                                  'ckpt_epoch_2.pth', 'last.pth'}
