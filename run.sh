@@ -18,7 +18,8 @@ SAVE_FREQ=${SAVE_FREQ:-10}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 NUM_WORKERS=${NUM_WORKERS:-8}           # per GPU
 AUG=${AUG:---single_aug --weak_weak}    # the paper: one weak view for teacher and student
-NGPUS=${NGPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}  # processes per node (0 found: 1 on CPU)
+# processes per node: the GPUs torch sees, so CUDA_VISIBLE_DEVICES counts (none: one CPU process)
+NGPUS=${NGPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
