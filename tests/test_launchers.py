@@ -1,6 +1,7 @@
-"""run.sh, cheaply: stub `torchrun` and `nvidia-smi` record how they were called, and a `sitecustomize`
-makes torch see the GPUs of an emulated node."""
+"""run.sh and demo.sh, cheaply: stub `torchrun`, `nvidia-smi` and `demo.sh`/`run.sh` record how they
+were called, and a `sitecustomize` makes torch see the GPUs of an emulated node."""
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -88,4 +89,35 @@ def test_run_sh_starts_a_process_per_gpu_torch_sees(node, tmp_path, gpus, env, n
     # the real recipe, not the demo: train_student.py on DATA with the paper's settings
     assert args[args.index('train_student.py') + 1] == str(tmp_path / 'imagenet')
     assert args[args.index('--exp') + 1] == 'moco_r50_to_r18' and args[args.index('--epochs') + 1] == '130'
-    assert '--resume' in args
+    assert '--resume' in args and 'DATA is unset' not in proc.stdout
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """copy_of(script, stub): a folder holding the project's ``script`` and, beside it, a recording
+    stub named ``stub``; returns the copied script's path."""
+    def copy(script, stub):
+        folder = tmp_path / 'project'
+        folder.mkdir()
+        shutil.copy(os.path.join(ROOT, script), folder / script)
+        write_script(folder / stub, RECORDER)
+        return folder / script
+    return copy
+
+
+def test_run_sh_without_data_runs_demo_sh_with_its_settings(node, copy_of):
+    proc, calls = node(copy_of('run.sh', 'demo.sh'), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1', LR='0.1')
+    assert 'DATA is unset, running the embedded demo' in proc.stdout
+    assert called(calls, 'torchrun') is None  # run.sh handed over to demo.sh (exec) and did not train
+    assert called(calls, 'demo.sh') == []
+    demo_env = environment(calls, 'demo.sh')
+    settings = [demo_env[name] for name in ('NGPUS', 'LR', 'N_MLP_LAYERS', 'BASE_DIR')]
+    assert settings == ['2', '0.1', '4', './']  # two GPUs visible, and run.sh's settings
+    assert 'DATA' not in demo_env
+
+
+def test_demo_sh_on_its_own_goes_through_run_sh(node, copy_of):
+    """Without run.sh's settings demo.sh starts run.sh, DATA unset so that it comes back to the demo."""
+    proc, calls = node(copy_of('demo.sh', 'run.sh'), NODE_GPUS, DATA='/data/imagenet', NGPUS='2')
+    assert called(calls, 'run.sh') == [] and 'DATA' not in environment(calls, 'run.sh')
+    assert called(calls, 'torchrun') is None
