@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from data.folders import build_dataset, decode_rgb
 from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TwoViews, eval_transform, normalize,
@@ -53,12 +54,65 @@ def test_decode_matches_pil_for_every_imagenet_oddity(tmp_path, pil_image):
         assert decoded.dtype == torch.uint8 and torch.equal(decoded, reference), name
 
 
+def total_variation(image):
+    """The sum of the absolute differences of neighbouring pixels: a blur lowers it."""
+    image = image.int()
+    return (image.diff(dim=-1).abs().sum() + image.diff(dim=-2).abs().sum()).item()
+
+
 def test_strong_view_runs_every_augmentation(image):
-    torch.manual_seed(0)
-    views = [strong_transform(32)(image) for _ in range(20)]
-    assert all(v.dtype == torch.uint8 and v.shape == (3, 32, 32) for v in views)
-    gray = [v for v in views if torch.equal(v[0], v[1]) and torch.equal(v[1], v[2])]
-    assert 0 < len(gray) < 20  # grayscale applied with p=0.2
+    """MoCo-v2's strong view: RandomResizedCrop (scale 0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8,
+    grayscale with p=0.2, Gaussian blur (sigma 0.1-2) with p=0.5, horizontal flip. Replayed one op at a
+    time from each view's seed, every op does its part in about its share of the views, and the ops in
+    turn make exactly the views strong_transform makes."""
+    strong = strong_transform(32)
+    crop, jitter, gray, blur, flip = strong.transforms
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (32, 32) and crop.scale == (0.2, 1.0)
+    assert isinstance(jitter, v2.RandomApply) and jitter.p == 0.8 and isinstance(jitter.transforms[0], v2.ColorJitter)
+    assert [getattr(jitter.transforms[0], name) for name in ('brightness', 'contrast', 'saturation', 'hue')] == \
+        [pytest.approx((0.6, 1.4))] * 3 + [pytest.approx((-0.1, 0.1))]
+    assert isinstance(gray, v2.RandomGrayscale) and gray.p == 0.2
+    assert isinstance(blur, v2.RandomApply) and blur.p == 0.5 and isinstance(blur.transforms[0], v2.GaussianBlur)
+    assert list(blur.transforms[0].sigma) == [0.1, 2.0]
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.5
+
+    views, areas, done = 60, [], {'jitter': 0, 'gray': 0, 'blur': 0, 'flip': 0}
+    height, width = image.shape[1:]
+    for seed in range(views):
+        torch.manual_seed(seed)
+        view = strong(image)
+        assert view.dtype == torch.uint8 and view.shape == (3, 32, 32)
+
+        torch.manual_seed(seed)
+        box = crop.make_params([image])  # what crop(image) draws
+        areas.append(box['height'] * box['width'] / (height * width))
+        assert 0.19 < areas[-1] <= 1 and 0.7 < box['width'] / box['height'] < 1.4, box
+        cropped = crop.transform(image, box)
+        assert torch.equal(cropped, v2.functional.resized_crop(
+            image, box['top'], box['left'], box['height'], box['width'], [32, 32], antialias=True))
+        jittered = jitter(cropped)
+        if not torch.equal(jittered, cropped):
+            done['jitter'] += 1  # brightness x0.6-1.4; contrast, saturation and hue keep the mean grey level
+            assert 0.5 < jittered.float().mean() / cropped.float().mean() < 1.5
+        grayed = gray(jittered)
+        if not torch.equal(grayed, jittered):
+            done['gray'] += 1
+            assert torch.equal(grayed[0], grayed[1]) and torch.equal(grayed[1], grayed[2])
+        blurred = blur(grayed)
+        if not torch.equal(blurred, grayed):
+            done['blur'] += 1
+            assert total_variation(blurred) < total_variation(grayed)
+        flipped = flip(blurred)
+        if not torch.equal(flipped, blurred):
+            done['flip'] += 1
+            assert torch.equal(flipped, blurred.flip(-1))
+        assert torch.equal(flipped, view), seed  # nothing else happens, in this order
+    assert min(areas) < 0.4 and max(areas) > 0.8  # the crops span the scale range
+    # each op in about its share p of the views (within 3 standard deviations); a blur with a sigma near
+    # 0.1 leaves the pixels as they were, and counts as not done
+    for op, p in [('jitter', 0.8), ('gray', 0.2), ('blur', 0.5), ('flip', 0.5)]:
+        margin = 3 * (views * p * (1 - p)) ** 0.5
+        assert p * views - margin - (6 if op == 'blur' else 0) <= done[op] <= p * views + margin, (op, done)
 
 
 def test_two_views_flags(image):

@@ -1,4 +1,4 @@
-"""The embedded demo end to end at its smallest size: `bash run.sh` with DATA unset."""
+"""The embedded demo end to end at its smallest size: `bash run.sh` with DATA unset, which runs demo.sh."""
 import json
 import os
 import re
@@ -20,6 +20,7 @@ def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
     proc = subprocess.run(['bash', os.path.join(ROOT, 'run.sh')], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'run.sh: DATA is unset' in proc.stdout and 'demo.sh: the demo teacher' in proc.stdout
     assert 'RANDOM weights' in proc.stdout and 'wall time' in proc.stdout
 
     exp = tmp_path / 'out' / 'exp' / 'demo'

@@ -1,6 +1,7 @@
 """GPU-only paths: nvjpeg decoding, bf16 autocast, torch.compile and an NCCL training run.
 
-Skipped without a CUDA GPU. The rest of the suite hides GPUs, so run these with
+Skipped without a CUDA GPU, but for a CPU check of how the compile test tells that nothing was
+compiled. The rest of the suite hides GPUs, so run these with
 ``SIMREG_TEST_GPU=1 python -m pytest -q tests/test_gpu.py`` (``benchmarks/gpu_check.sh`` does).
 """
 import copy
@@ -17,12 +18,16 @@ from models.backbones import build_backbone
 from models.head import build_head
 from models.simreg import SimReg
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason='needs a CUDA GPU and SIMREG_TEST_GPU=1')]
 CUDA = torch.device('cuda')
 
 
+def gpu_test(test):
+    """Marks a GPU-only test: skipped without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason='needs a CUDA GPU and SIMREG_TEST_GPU=1')(test))
+
+
+@gpu_test
 def test_nvjpeg_decodes_like_the_cpu(tmp_path):
     """The same images, not the same bytes: nvjpeg upsamples chroma more simply than libjpeg-turbo, which
     costs a few grey levels per pixel on these noisy 4:2:0 JPEGs (mean 3.6 seen on an H100)."""
@@ -36,6 +41,7 @@ def test_nvjpeg_decodes_like_the_cpu(tmp_path):
         assert psnr > 28 and torch.corrcoef(torch.stack([gpu.flatten(), cpu.flatten()]))[0, 1] > 0.98, path
 
 
+@gpu_test
 def test_gpu_decode_falls_back_for_a_png_in_the_batch(tmp_path):
     root = make_image_folder(tmp_path / 'data', n_classes=1, per_class=3, size=64, splits=('train',))
     paths = [p for p, _ in build_dataset(root, 'train', None).samples]
@@ -63,6 +69,7 @@ def train_losses(model, images, target, amp_dtype, memory_format, steps=15):
             for _ in range(steps)]
 
 
+@gpu_test
 def test_bf16_channels_last_training_follows_fp32():
     """bf16 rounds every activation to 8 mantissa bits: single-step updates of this random net agree
     with fp32 only to cos ~0.87 (so on the CPU too), but the loss curve follows fp32's (on the CPU
@@ -74,6 +81,18 @@ def test_bf16_channels_last_training_follows_fp32():
     assert bf16[-1] < 0.2 * bf16[0]
 
 
+def compiled_graphs(run):
+    """``run()``'s result, the graphs torch.compile's backend compiled while it ran and the frames it
+    failed to compile. Under ``suppress_errors`` (compile_or_eager sets it) a failed compile runs eagerly
+    without a word: no graph, a failed frame, and outputs that equal eager ones trivially."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # nothing compiled before is reused
+    counters.clear()
+    result = run()
+    return result, counters['stats']['unique_graphs'], counters['frames']['total'] - counters['frames']['ok']
+
+
+@gpu_test
 def test_compiled_model_computes_the_eager_outputs():
     import train_student
     from utils.logging import setup_logger
@@ -81,10 +100,30 @@ def test_compiled_model_computes_the_eager_outputs():
     model.eval()
     compiled = train_student.compile_or_eager(model, setup_logger(name='compile-test'))
     with torch.no_grad():
-        eager_out, compiled_out = model(images), compiled(images)
+        eager_out = model(images)
+        compiled_out, graphs, failed = compiled_graphs(lambda: compiled(images))
+    assert graphs >= 1 and failed == 0, f'torch.compile fell back to eager: {graphs} graphs, {failed} failed'
     assert torch.allclose(compiled_out, eager_out, rtol=1e-3, atol=1e-3)
 
 
+def test_compiled_graphs_tells_a_compile_from_a_silent_fallback():
+    """compiled_graphs on the CPU (this test needs no GPU): dynamo's eager backend compiles one graph; a
+    backend that fails falls back to eager under suppress_errors, same outputs, and no graph is counted."""
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError('no compiler here')
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    with torch._dynamo.config.patch(suppress_errors=True), torch.no_grad():
+        eager_out = model(x)
+        out, graphs, failed = compiled_graphs(lambda: torch.compile(model, backend='eager')(x))
+        assert (graphs, failed) == (1, 0) and torch.equal(out, eager_out)
+        out, graphs, failed = compiled_graphs(lambda: torch.compile(model, backend=failing_backend)(x))
+        assert graphs == 0 and failed >= 1 and torch.equal(out, eager_out)
+
+
+@gpu_test
 @pytest.mark.slow
 def test_nccl_bf16_gpu_decode_run_and_resume(tmp_path):
     """torchrun on the GPU: NCCL, bf16 autocast, channels_last, nvjpeg; the loss falls, and a run
@@ -119,6 +158,7 @@ def test_nccl_bf16_gpu_decode_run_and_resume(tmp_path):
         assert torch.allclose(a[key].double(), b[key].double(), rtol=5e-2, atol=5e-3), key
 
 
+@gpu_test
 def test_graphed_probe_epochs_equal_eager_ones():
     """The CUDA-graph probe epoch replays the eager step's kernels, and each epoch captures its own
     learning rate (MultiStepLR drops it after the first)."""
@@ -146,6 +186,7 @@ def test_graphed_probe_epochs_equal_eager_ones():
         assert graph == pytest.approx(eager, rel=1e-5)
 
 
+@gpu_test
 def test_cached_targets_copied_asynchronously_stay_intact(tmp_path):
     """Cached targets travel through pinned buffers with non-blocking copies: each batch's rows arrive
     whole, and no later gather overwrites a buffer whose copy is still in flight."""
