@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from conftest import free_port, make_image_folder, resumed_from, run_command
+from conftest import free_port, make_image_folder, resumed_from, run_command, train_log
 from data.folders import build_dataset, decode_rgb, read_bytes
 from data.transforms import decode_views_on, normalize
 from models.backbones import build_backbone
@@ -141,9 +141,9 @@ def test_nccl_bf16_gpu_decode_run_and_resume(tmp_path):
         return tmp_path / 'exp' / exp
 
     straight = train('straight', '--epochs', '3', '--save_freq', '1')
-    log = (straight / 'logs' / 'train.log').read_text()
-    assert 'backend nccl, autocast bfloat16, channels_last' in log
-    losses = [float(line.split('  loss ')[1].split()[0]) for line in log.splitlines() if '  lr ' in line]
+    start = train_log(straight, 'start')[-1]
+    assert (start['backend'], start['precision'], start['channels_last']) == ('nccl', 'bf16', True)
+    losses = [record['loss'] for record in train_log(straight, 'epoch')]
     assert len(losses) == 3 and losses[2] < losses[0]
 
     resumed = tmp_path / 'exp' / 'resumed' / 'checkpoints'
