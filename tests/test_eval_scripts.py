@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, read_json, run_command as run
-from test_features import HEAD_DIM, write_student_checkpoint, write_teacher_checkpoint
+from conftest import (HEAD_DIM, make_image_folder, read_json, run_command as run, write_student_checkpoint,
+                      write_teacher_checkpoint)
 
 pytestmark = pytest.mark.slow
 SMALL = ['--image_size', '32', '--workers', '0']

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import models
-from conftest import make_image_folder
+from conftest import HEAD_DIM, make_image_folder, write_student_checkpoint, write_teacher_checkpoint
 from data.folders import build_dataset
 from data.transforms import eval_transform, normalize
 from models.loading import load_student
@@ -19,29 +18,6 @@ from evaluation import features
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-HEAD_DIM = 64
-
-
-def write_student_checkpoint(path, head_dim=HEAD_DIM, linear_pred=False, seed=0):
-    """A resnet18 student in this project's checkpoint layout (what train_student.py writes)."""
-    torch.manual_seed(seed)
-    backbone = models.build_backbone('resnet18')
-    head = models.build_head(backbone.feat_dim, head_dim, linear_pred=linear_pred)
-    state = {'encoder_q.' + k: v for k, v in backbone.state_dict().items()}
-    state.update({'predict_q.' + k: v for k, v in head.state_dict().items()})
-    torch.save({'epoch': 1, 'state_dict': state,
-                'args': {'arch_student': 'resnet18', 'arch_teacher': 'resnet18', 'n_mlp_layers': 4,
-                         'linear_pred': linear_pred, 'image_size': 32}}, path)
-    return str(path)
-
-
-def write_teacher_checkpoint(path, seed=1):
-    """A plain torchvision-layout resnet18 (what a teacher file looks like)."""
-    torch.manual_seed(seed)
-    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, path)
-    return str(path)
 
 
 @pytest.fixture(scope='module')
