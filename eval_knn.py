@@ -54,12 +54,11 @@ def main():
     transform = eval_transform(args.image_size)
     train_set = build_dataset(args.data, 'train', transform, args.dataset)
     val_set = build_dataset(args.data, 'val', transform, args.dataset)
-    features.check_same_classes(train_set, val_set)
+    features.check_same_classes({'train': train_set, 'val': val_set})
     cache = features.FeatureCache(save, args.weights, stage, args.dataset, args.image_size,
                                   refuse_hint='delete those files, pass another --save, or run without '
-                                              '--load_cache to recompute them')
-    extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers,
-                   device=device, amp=args.amp)
+                                              '--load_cache to recompute them', amp=args.amp)
+    extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers, device=device)
     train_feats, train_labels = features.split_features(cache, 'train', train_set, **extract)
     val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
     world_size, main_process = get_world_size(), is_main_process()

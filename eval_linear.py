@@ -83,12 +83,11 @@ def main():
     transform = eval_transform(args.image_size)
     train_center = build_dataset(args.data, 'train', transform, args.dataset)
     val_set = build_dataset(args.data, 'val', transform, args.dataset)
-    features.check_same_classes(train_center, val_set)
+    features.check_same_classes({'train': train_center, 'val': val_set})
     num_classes = len(train_center.classes)
     cache = features.FeatureCache(save, args.weights, stage, args.dataset, args.image_size,
-                                  refuse_hint='delete those files or pass another --save')
-    extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device,
-                   amp=args.amp)
+                                  refuse_hint='delete those files or pass another --save', amp=args.amp)
+    extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device)
     if args.evaluate:  # the probe checkpoint holds the train statistics: the train split is not needed
         val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
         if is_main_process():

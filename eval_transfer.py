@@ -53,13 +53,6 @@ def present_splits(root):
     return present
 
 
-def check_same_classes(datasets):
-    for split, dataset in datasets.items():
-        if dataset.classes != datasets['train'].classes:
-            raise SimRegError(f'train/ and {split}/ hold different classes ({len(datasets["train"].classes)} vs '
-                              f'{len(dataset.classes)}): every split needs the same class folders')
-
-
 def main():
     args = parser.parse_args()
     if args.max_iter < 1:
@@ -79,12 +72,11 @@ def main():
     model = features.load_feature_model(args.weights, args.arch, stage, head_name=args.head)
     transform = eval_transform(args.image_size)
     datasets = {split: build_dataset(args.data, split, transform) for split in splits}
-    check_same_classes(datasets)
+    features.check_same_classes(datasets)
     cache = features.FeatureCache(save, args.weights, stage, name, args.image_size,
                                   refuse_hint='delete those files, pass another --save, or run without '
-                                              '--load_cache to recompute them')
-    extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers,
-                   device=device, amp=args.amp)
+                                              '--load_cache to recompute them', amp=args.amp)
+    extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers, device=device)
     extracted = {split: features.split_features(cache, split, dataset, **extract)
                  for split, dataset in datasets.items()}
     world_size, main_process = get_world_size(), is_main_process()
