@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_knn
 from conftest import (HEAD_DIM, make_image_folder, read_json, run_command as run, write_student_checkpoint,
                       write_teacher_checkpoint)
 
@@ -66,6 +67,16 @@ def test_knn_cache_is_reused_and_a_foreign_one_refused(base, single):
                    '--save', str(single), '--load_cache', *SMALL, str(base / 'data')], expect=2)
     error = refused.stderr.strip().splitlines()[-1]
     assert error.startswith('error: cached train features') and 'weights_sha256' in error and '--save' in error
+
+
+def test_eval_knn_main_returns_the_report_it_writes(base, single):
+    """In this process, as a notebook or another script calls it: main(parsed flags) -> the results."""
+    args = eval_knn.get_args_parser().parse_args(
+        ['--weights', str(base / 'exp/demo/checkpoints/ckpt_epoch_1.pth'), '--save', str(single), '--epoch', '1',
+         '--load_cache', *SMALL, str(base / 'data')])
+    report = eval_knn.main(args)
+    assert report == read_json(single / 'knn_results.json')
+    assert report['majority_top1']['1'] >= 90.0 and report['settings']['num_train'] == 21
 
 
 def test_knn_use_pred_evaluates_the_head(base):
