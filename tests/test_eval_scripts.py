@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eval_knn
-from conftest import (HEAD_DIM, make_image_folder, read_json, run_command as run, write_student_checkpoint,
+from conftest import (HEAD_DIM, make_image_folder, read_json, run_command as run, torchrun, write_student_checkpoint,
                       write_teacher_checkpoint)
 
 pytestmark = pytest.mark.slow
@@ -121,3 +121,17 @@ def test_eval_linear_on_images_resumes_exactly_and_evaluates(base):
     evaluated = read_json(base / 'split/linear_evaluate.json')
     assert evaluated['acc1'] == read_json(base / 'split/linear_results.json')['best']['top1']
     assert not (base / 'split/train_feats.npy').exists()  # the probe carries the train statistics
+
+
+def test_eval_imitation_under_torchrun_matches_a_single_process(base):
+    """Every rank but 0 stops after its share of the extraction (they used to go on and fail on rank 0's
+    work: the rank was read after the process group had ended)."""
+    student = write_student_checkpoint(base / 'student_512.pth', head_dim=512)    # the teacher's dim
+    flags = ['--weights', student, '--arch_teacher', 'resnet18', '--teacher_weights', str(base / 'teacher.pth'),
+             *SMALL, str(base / 'data')]
+    run(torchrun('eval_imitation.py', *flags, '--save', str(base / 'imitation_2')))
+    run([sys.executable, 'eval_imitation.py', *flags, '--save', str(base / 'imitation_1')])
+    two = read_json(base / 'imitation_2/imitation_epoch_1.json')
+    one = read_json(base / 'imitation_1/imitation_epoch_1.json')
+    assert two['images'] == one['images'] == 21 and -1 < one['mean_cosine'] < 1
+    assert two['mean_cosine'] == pytest.approx(one['mean_cosine'], abs=1e-3)
