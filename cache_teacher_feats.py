@@ -28,19 +28,18 @@ from torch.utils.data import Dataset
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, sidecar_path, views_path, write_cache
 from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_transform, replay_weak_view, view_seed
+from evaluation.features import extract_features
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
 from models.simreg import AUTOCAST_DTYPES
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
-from evaluation.features import extract_features
 from utils.logging import setup_logger
 
 
-
 def get_args_parser():
-    p = argparse.ArgumentParser('Cache teacher features for SimReg --use_cache training')
+    p = argparse.ArgumentParser('Cache teacher features for SimReg --use_cache training', add_help=True)
     p.add_argument('data', help='dataset root holding train/<class>/<image>')
     p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
                    help="full dataset, or the original's 100-class subset (as the training run will use)")

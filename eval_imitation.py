@@ -16,24 +16,23 @@ import torch.nn.functional as F
 
 from data.folders import build_dataset
 from data.transforms import eval_transform
+from evaluation import common, features
 from models.loading import load_backbone, read_checkpoint, resolve_weights
-from evaluation import features
 from utils.checkpoint import write_text_atomic
 from utils.distributed import cleanup, init_distributed, is_main_process
 from utils.errors import SimRegError, exit_on_user_error
 
-parser = argparse.ArgumentParser(description='mean cosine between a student head and its teacher on val')
-parser.add_argument('data', help='dataset root holding val/')
-parser.add_argument('--weights', required=True, help='student checkpoint')
-parser.add_argument('--arch_teacher', help='teacher architecture (default: the one the checkpoint records)')
-parser.add_argument('--teacher_weights', help='teacher weights (default: the file the checkpoint records)')
-parser.add_argument('--head', help='which head of a several-teacher student (its teacher is the one compared)')
-parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'])
-parser.add_argument('--split', default='val', help='folder of held-out images')
-parser.add_argument('--image_size', type=int, default=224)
-parser.add_argument('-b', '--batch-size', type=int, default=256, help='total over all processes')
-parser.add_argument('-j', '--workers', type=int, default=8)
-parser.add_argument('--save', help='write imitation_epoch_<epoch>.json here')
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Mean cosine between a student head and its teacher on val', add_help=True)
+    common.add_data_args(p, 'dataset root holding val/ (or the --split folder)',
+                         save_help='write imitation_epoch_<epoch>.json here (default: %(default)s)')
+    p.add_argument('--weights', required=True, help='student checkpoint')
+    p.add_argument('--arch_teacher', help='teacher architecture (default: the one the checkpoint records)')
+    p.add_argument('--teacher_weights', help='teacher weights (default: the file the checkpoint records)')
+    p.add_argument('--head', help='which head of a several-teacher student (its teacher is the one compared)')
+    p.add_argument('--split', default='val', help='folder of held-out images')
+    return p
 
 
 def recorded_teacher(ckpt, args):
@@ -64,8 +63,8 @@ class HeadAndTeacher(nn.Module):
         return torch.cat([F.normalize(predicted, dim=1), F.normalize(target, dim=1)], dim=1)
 
 
-def main():
-    args = parser.parse_args()
+def main(args):
+    """The mean cosine on rank 0 (the dict written to imitation_epoch_<epoch>.json), None elsewhere."""
     device = init_distributed()
     ckpt = read_checkpoint(args.weights)
     arch, teacher_path, teacher_fc = recorded_teacher(ckpt, args)
@@ -75,9 +74,10 @@ def main():
     extract = dict(dataset=dataset, batch_size=args.batch_size, workers=args.workers, device=device)
     both = features.extract_features(HeadAndTeacher(student, teacher), desc='student head and teacher',
                                      l2_normalize=False, **extract)
+    main_process = is_main_process()
     cleanup()
-    if not is_main_process():
-        return
+    if not main_process:
+        return None
     predicted, target = both.float().chunk(2, dim=1)
     # both are L2-normalised: the row-wise dot product is the cosine
     cosine = (predicted * target).sum(dim=1)
@@ -89,7 +89,8 @@ def main():
     if args.save:
         name = f"imitation_epoch_{result['epoch'] if result['epoch'] is not None else 'x'}.json"
         write_text_atomic(json.dumps(result, indent=2), os.path.join(args.save, name))
+    return result
 
 
 if __name__ == '__main__':
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))

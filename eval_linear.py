@@ -19,39 +19,32 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data.folders import build_dataset
-from data.transforms import eval_transform
+from evaluation import common, features, probe
 from models.loading import read_checkpoint
-from evaluation import features, probe
 from utils.checkpoint import save_atomic, write_text_atomic
-from utils.distributed import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_main_process,
-                               run_on_main, seed_everything)
+from utils.distributed import barrier, cleanup, get_rank, is_main_process, run_on_main, seed_everything
 from utils.errors import SimRegError, exit_on_user_error
-from utils.logging import TensorBoard, setup_logger
+from utils.logging import TensorBoard
 
-parser = argparse.ArgumentParser(description='Linear probe of SimReg students and teachers')
-parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/')
-features.add_checkpoint_args(parser)
-parser.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
-                    help='full dataset or the original 100-class subset')
-parser.add_argument('-j', '--workers', default=4, type=int, help='data loading workers per process')
-parser.add_argument('--epochs', default=40, type=int, help='training epochs of the probe')
-parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
-parser.add_argument('--lr', '--learning-rate', default=0.01, type=float, dest='lr', help='initial learning rate')
-parser.add_argument('--lr_schedule', default='15,30,40', help='epochs at which the learning rate drops 10x')
-parser.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
-parser.add_argument('--wd', '--weight-decay', default=1e-4, type=float, dest='weight_decay', help='weight decay')
-parser.add_argument('--eval-freq', default=10, type=int,
-                    help='validate every this many epochs (and after the last one)')
-parser.add_argument('--resume', default='', help='probe checkpoint to continue from (<save>/checkpoint.pth.tar)')
-parser.add_argument('--seed', default=0, type=int, help='seed of the probe init, batch order and augmentation')
-parser.add_argument('--save', default='./output', help='output folder for caches, checkpoints and results')
-parser.add_argument('-e', '--evaluate', action='store_true',
-                    help='only validate the probe of --resume (default: <save>/model_best.pth.tar)')
-parser.add_argument('--use_cache', action='store_true',
-                    help='train on the cached center-crop features (minutes instead of hours, usually '
-                         'slightly lower accuracy)')
-parser.add_argument('--image_size', default=224, type=int, help='crop size (eval: resize to size*256/224)')
-parser.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Linear probe of SimReg students and teachers', add_help=True)
+    common.add_data_args(p, 'dataset root holding train/ and val/')
+    common.add_feature_args(p, load_cache=False)    # the probe always reuses a matching cache
+    p.add_argument('--epochs', default=40, type=int, help='training epochs of the probe')
+    p.add_argument('--lr', '--learning-rate', default=0.01, type=float, dest='lr', help='initial learning rate')
+    p.add_argument('--lr_schedule', default='15,30,40', help='epochs at which the learning rate drops 10x')
+    p.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+    p.add_argument('--wd', '--weight-decay', default=1e-4, type=float, dest='weight_decay', help='weight decay')
+    p.add_argument('--eval-freq', default=10, type=int, help='validate every this many epochs (and after the last one)')
+    p.add_argument('--resume', default='', help='probe checkpoint to continue from (<save>/checkpoint.pth.tar)')
+    p.add_argument('-e', '--evaluate', action='store_true',
+                   help='only validate the probe of --resume (default: <save>/model_best.pth.tar)')
+    p.add_argument('--use_cache', action='store_true',
+                   help='train on the cached center-crop features (minutes instead of hours, usually '
+                        'slightly lower accuracy)')
+    p.add_argument('--seed', default=0, type=int, help='seed of the probe init, batch order and augmentation')
+    return p
 
 
 def parse_milestones(text):
@@ -61,48 +54,37 @@ def parse_milestones(text):
         raise SimRegError(f'--lr_schedule {text!r} must be comma-separated epochs, e.g. 15,30,40') from None
 
 
-def main():
-    args = parser.parse_args()
-    device = init_distributed()
-    torch.backends.cudnn.benchmark = True    # every batch has the same shape
+def main(args):
+    """Train the probe (or, with --evaluate, validate one); returns on rank 0 the linear_results.json
+    report (with --evaluate, linear_evaluate.json's), None elsewhere."""
+    run = common.start(args, 'logs')
+    device, logger, save, stage = run.device, run.logger, run.save, run.stage
     seed_everything(args.seed, 0, get_rank())
-    stage = features.resolve_stage(args.stage, args.use_pred)
-    save = features.stage_output_dir(args.save, stage, args.head)
-    if is_main_process():
-        os.makedirs(save, exist_ok=True)
-    logger = setup_logger(os.path.join(save, 'logs') if is_main_process() else None)
-    logger.info(f'args: {vars(args)}')
     milestones = parse_milestones(args.lr_schedule)
     probe_path = args.resume or (os.path.join(save, 'model_best.pth.tar') if args.evaluate else '')
     if probe_path and not os.path.isfile(probe_path):
         raise SimRegError(f'no probe checkpoint at {probe_path}: train one first (without --evaluate/--resume) '
                           f'or pass --resume <save>/checkpoint.pth.tar')
 
-    model = features.load_feature_model(args.weights, args.arch, stage, args.linear_pred,
-                                        head_name=args.head).to(device)
-    transform = eval_transform(args.image_size)
-    train_center = build_dataset(args.data, 'train', transform, args.dataset)
-    val_set = build_dataset(args.data, 'val', transform, args.dataset)
-    features.check_same_classes(train_center, val_set)
-    num_classes = len(train_center.classes)
-    cache = features.FeatureCache(save, args.weights, stage, args.dataset, args.image_size,
-                                  refuse_hint='delete those files or pass another --save')
-    extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device,
-                   amp=args.amp)
+    model, datasets, cache = common.open_features(run, ('train', 'val'), args.dataset)
+    model = model.to(device)
+    num_classes = len(datasets['train'].classes)
+    extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device)
     if args.evaluate:  # the probe checkpoint holds the train statistics: the train split is not needed
-        val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
+        val_feats, val_labels = features.split_features(cache, 'val', datasets['val'], **extract)
+        result = None
         if is_main_process():
             dim = val_feats.shape[1]
             linear = probe.build_probe(torch.ones(dim), torch.zeros(dim), num_classes).to(device)
             load_probe_checkpoint(probe_path, cache, linear)
             result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
             logger.info(f'{probe_path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
-            write_text_atomic(json.dumps({'checkpoint': os.path.abspath(probe_path), **result}, indent=2) + '\n',
-                              os.path.join(save, 'linear_evaluate.json'))
+            result = {'checkpoint': os.path.abspath(probe_path), **result}
+            write_text_atomic(json.dumps(result, indent=2) + '\n', os.path.join(save, 'linear_evaluate.json'))
         cleanup()
-        return
-    train_feats, train_labels = features.split_features(cache, 'train', train_center, **extract)
-    val_feats, val_labels = features.split_features(cache, 'val', val_set, **extract)
+        return result
+    train_feats, train_labels = features.split_features(cache, 'train', datasets['train'], **extract)
+    val_feats, val_labels = features.split_features(cache, 'val', datasets['val'], **extract)
     var, mean = run_on_main(lambda: probe.feature_stats(train_feats))
     linear = probe.build_probe(var, mean, num_classes).to(device)
     optimizer = torch.optim.SGD(linear.parameters(), args.lr, momentum=args.momentum,
@@ -113,12 +95,11 @@ def main():
         state.update(load_probe_checkpoint(args.resume, cache, linear, optimizer, scheduler))
         logger.info(f'=> resumed from {args.resume} at epoch {state["start_epoch"]}')
 
-    world = get_world_size()
+    world = run.world_size
     if args.use_cache:
-        main_process = is_main_process()
         cleanup()
-        if not main_process:
-            return
+        if not run.main:
+            return None
         train_feats, train_labels = train_feats.to(device), train_labels.to(device)
 
         def run_epoch(epoch):
@@ -139,7 +120,7 @@ def main():
     if is_main_process():
         val_feats, val_labels = val_feats.to(device), val_labels.to(device)
     board = TensorBoard(os.path.join(save, 'tb'))
-    started = time.time()
+    started, report = time.time(), None
     for epoch in range(state['start_epoch'], args.epochs):
         seed_everything(args.seed, epoch, get_rank())
         lr = optimizer.param_groups[0]['lr']
@@ -163,10 +144,11 @@ def main():
             save_atomic(checkpoint, os.path.join(save, 'checkpoint.pth.tar'))
             if state['best_epoch'] == epoch + 1:
                 save_atomic(checkpoint, os.path.join(save, 'model_best.pth.tar'))
-            write_results(save, state, args, stage, cache, world, time.time() - started)
+            report = write_results(save, state, args, stage, cache, world, time.time() - started)
         barrier()
     board.close()
     cleanup()
+    return report
 
 
 def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):
@@ -198,7 +180,8 @@ def write_results(save, state, args, stage, cache, world, seconds):
               'settings': {**vars(args), 'stage': stage, 'weights_sha256': cache.weights_sha256,
                            'processes': world, 'minutes_this_run': round(seconds / 60, 3)}}
     write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'linear_results.json'))
+    return report
 
 
 if __name__ == '__main__':
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))

@@ -11,37 +11,27 @@ rank 0 fits an L-BFGS logistic-regression probe with the L2 strength chosen on a
 import argparse
 import json
 import os
-import time
 
-import torch
-
-from data.folders import build_dataset
-from data.transforms import eval_transform
-from evaluation import features, knn, transfer
+from evaluation import common, knn, transfer
 from utils.checkpoint import write_text_atomic
-from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process
 from utils.errors import SimRegError, exit_on_user_error
-from utils.logging import setup_logger
 
 SPLITS = ('train', 'val', 'test')
 
-parser = argparse.ArgumentParser(description='Transfer evaluation (L-BFGS logistic regression and k-NN on '
-                                             'frozen features) of SimReg students and teachers')
-parser.add_argument('data', metavar='DIR', help='dataset root holding train/ and val/ and/or test/')
-features.add_checkpoint_args(parser, linear_pred=False)
-parser.add_argument('--name', default=None, help='dataset name in the results (default: the folder name of DIR)')
-parser.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
-parser.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
-parser.add_argument('--save', default=None,
-                    help='output folder for features, logs and results (default: ./outputs/transfer/<name>)')
-parser.add_argument('--load_cache', action='store_true',
-                    help='reuse features cached in --save by an earlier run of the same checkpoint and dataset')
-parser.add_argument('--image_size', default=224, type=int, help='center crop size (resize to size*256/224)')
-parser.add_argument('--amp', action='store_true', help='extract features under autocast')
-parser.add_argument('--max_iter', default=transfer.MAX_ITER, type=int,
-                    help='L-BFGS iterations per L2 strength at most')
-parser.add_argument('--seed', default=0, type=int,
-                    help='seed of the train holdout (when there is no val/) and of k-NN tie-breaking')
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Transfer evaluation (L-BFGS logistic regression and k-NN on frozen features) '
+                                'of SimReg students and teachers', add_help=True)
+    common.add_data_args(p, 'dataset root holding train/ and val/ and/or test/', dataset=False, save=None,
+                         save_help='output folder for results, logs and feature caches '
+                                   f'(default: {common.OUTPUTS}/transfer/<name>)')
+    common.add_feature_args(p, linear_pred=False)
+    p.add_argument('--name', default=None, help='dataset name in the results (default: the folder name of DIR)')
+    p.add_argument('--max_iter', default=transfer.MAX_ITER, type=int,
+                   help='L-BFGS iterations per L2 strength at most')
+    p.add_argument('--seed', default=0, type=int,
+                   help='seed of the train holdout (when there is no val/) and of k-NN tie-breaking')
+    return p
 
 
 def present_splits(root):
@@ -53,51 +43,21 @@ def present_splits(root):
     return present
 
 
-def check_same_classes(datasets):
-    for split, dataset in datasets.items():
-        if dataset.classes != datasets['train'].classes:
-            raise SimRegError(f'train/ and {split}/ hold different classes ({len(datasets["train"].classes)} vs '
-                              f'{len(dataset.classes)}): every split needs the same class folders')
-
-
-def main():
-    args = parser.parse_args()
+def main(args):
+    """Linear probe and k-NN on the checkpoint's features; returns the transfer_results.json report on
+    rank 0, None elsewhere."""
     if args.max_iter < 1:
         raise SimRegError(f'--max_iter {args.max_iter}: L-BFGS needs at least one iteration per L2 strength')
     splits = present_splits(args.data)
-    device = init_distributed()
-    torch.backends.cudnn.benchmark = True    # every batch has the same shape
-    stage = features.resolve_stage(args.stage, args.use_pred)
     name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.data)))
-    save = features.stage_output_dir(args.save or os.path.join('outputs', 'transfer', name), stage, args.head)
-    if is_main_process():
-        os.makedirs(save, exist_ok=True)
-    logger = setup_logger(os.path.join(save, 'transfer_logs') if is_main_process() else None)
-    logger.info(f'args: {vars(args)}')
-    started = time.time()
-
-    model = features.load_feature_model(args.weights, args.arch, stage, head_name=args.head)
-    transform = eval_transform(args.image_size)
-    datasets = {split: build_dataset(args.data, split, transform) for split in splits}
-    check_same_classes(datasets)
-    cache = features.FeatureCache(save, args.weights, stage, name, args.image_size,
-                                  refuse_hint='delete those files, pass another --save, or run without '
-                                              '--load_cache to recompute them')
-    extract = dict(model=model, reuse=args.load_cache, batch_size=args.batch_size, workers=args.workers,
-                   device=device, amp=args.amp)
-    extracted = {split: features.split_features(cache, split, dataset, **extract)
-                 for split, dataset in datasets.items()}
-    world_size, main_process = get_world_size(), is_main_process()
-    cleanup()
-    if not main_process:
-        return
-    del model, extract    # frees the GPU memory the probe and faiss are about to use
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-
-    train, val, test = (extracted.get(split) for split in SPLITS)
-    num_classes = len(datasets['train'].classes)
-    logger.info(f'{name}: {num_classes} classes, ' + ', '.join(f'{len(f)} {s}' for s, (f, _) in extracted.items())
+    run = common.start(args, 'transfer_logs', save=args.save or os.path.join(common.OUTPUTS, 'transfer', name))
+    extracted = common.extract_splits(run, splits, name)
+    if extracted is None:
+        return None
+    logger, save, stage, device = run.logger, run.save, run.stage, run.device
+    by_split, num_classes = extracted.splits, extracted.num_classes
+    train, val, test = (by_split.get(split) for split in SPLITS)
+    logger.info(f'{name}: {num_classes} classes, ' + ', '.join(f'{len(f)} {s}' for s, (f, _) in by_split.items())
                 + f', {train[0].shape[1]}-d {stage} features; L-BFGS probe on {device}')
     probe = transfer.evaluate_transfer(train, val, test, num_classes, seed=args.seed, device=device,
                                        max_iter=args.max_iter)
@@ -105,20 +65,21 @@ def main():
     neighbours = knn.evaluate(reference[0], reference[1], query[0], query[1], num_classes, seed=args.seed)
     report = {
         'dataset': name, 'data': os.path.abspath(args.data),
-        'weights': os.path.abspath(args.weights), 'weights_sha256': cache.weights_sha256,
+        'weights': os.path.abspath(args.weights), 'weights_sha256': extracted.weights_sha256,
         'arch': args.arch, 'stage': stage, 'image_size': args.image_size,
         'num_classes': num_classes, 'feat_dim': int(train[0].shape[1]),
-        'num_samples': {split: len(labels) for split, (_, labels) in extracted.items()},
+        'num_samples': {split: len(labels) for split, (_, labels) in by_split.items()},
         'linear': probe,
         'knn': {'on': knn_on, 'majority_top1': {str(k): v for k, v in neighbours['majority'].items()},
                 'weighted': {str(k): v for k, v in neighbours['weighted'].items()},
                 'temperature': knn.TEMPERATURE, 'faiss': knn.faiss_device()},
-        'processes': world_size, 'amp': args.amp, 'minutes': round((time.time() - started) / 60, 3),
+        'processes': run.world_size, 'amp': args.amp, 'minutes': round(run.minutes(), 3),
     }
     write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'transfer_results.json'))
     text = summary(report)
     write_text_atomic(text, os.path.join(save, 'transfer_results.txt'))
     logger.info('\n' + text + f'=> results in {save}')
+    return report
 
 
 def summary(report):
@@ -144,4 +105,4 @@ def summary(report):
 
 
 if __name__ == '__main__':
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))

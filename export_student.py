@@ -13,22 +13,23 @@ from utils.checkpoint import save_atomic
 from utils.errors import exit_on_user_error
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='export a SimReg student backbone as a torchvision state dict')
-    parser.add_argument('checkpoint', help='student checkpoint (train_student.py or the original main.py)')
-    parser.add_argument('output', help='where to write the state dict (.pth)')
-    parser.add_argument('--arch', help='expected student architecture; checked against the checkpoint')
-    return parser.parse_args(argv)
+def get_args_parser():
+    p = argparse.ArgumentParser('Export a SimReg student backbone as a torchvision state dict', add_help=True)
+    p.add_argument('checkpoint', help='student checkpoint (train_student.py or the original main.py)')
+    p.add_argument('output', help='where to write the state dict (.pth)')
+    p.add_argument('--arch', help='expected student architecture; checked against the checkpoint')
+    return p
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
+    """Write the backbone's state dict to ``args.output``; returns the state dict."""
     backbone, _ = load_student(args.checkpoint, arch=args.arch, backbone_only=True)
     state = backbone.state_dict()
     save_atomic(state, args.output)
     print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
           f'torchvision model with strict=False; only the classifier is missing')
+    return state
 
 
 if __name__ == '__main__':
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))

@@ -4,7 +4,7 @@
 # extra arguments are passed to eval_linear.py (e.g. --use_pred, --resume <save>/checkpoint.pth.tar).
 set -euo pipefail
 
-EXP=${EXP:-exp_name}                                   # experiment name used by run.sh
+EXP=${EXP:-moco_r50_to_r18}                            # experiment name used by run.sh
 EPOCH=${EPOCH:-130}                                    # checkpoint epoch to evaluate
 BASE_DIR=${BASE_DIR:-.}                                # folder that holds exp/
 DATA=${DATA:-path/to/imagenet/dataset/root}            # holds train/ and val/

@@ -15,7 +15,7 @@
 #   done
 set -euo pipefail
 
-EXP=${EXP:-exp_name}                                   # experiment name used by run.sh
+EXP=${EXP:-moco_r50_to_r18}                            # experiment name used by run.sh
 EPOCH=${EPOCH:-130}                                    # checkpoint epoch to evaluate
 BASE_DIR=${BASE_DIR:-.}                                # folder that holds exp/
 DATASET=${DATASET:-path/to/transfer/dataset}           # holds train/ and val/ and/or test/

@@ -235,16 +235,23 @@ def gather_in_order(local, bounds, device):
 
 class FeatureCache:
     """``<folder>/<split>_feats.npy`` (float16, L2-normalised), ``<split>_labels.npy`` and
-    ``<split>_feats.json``, the sidecar whose ``CHECKED`` entries must match for reuse."""
+    ``<split>_feats.json``, the sidecar whose ``CHECKED`` entries must match for reuse.
 
-    CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'split', 'num_samples', 'num_classes')
+    ``amp``: the features are (to be) extracted under autocast; features of the other precision
+    are not reused."""
 
-    def __init__(self, folder, weights, stage, dataset, image_size, refuse_hint):
+    CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'amp', 'split', 'num_samples', 'num_classes')
+
+    def __init__(self, folder, weights, stage, dataset, image_size, refuse_hint, amp=False):
         self.folder = folder
         self.weights = weights
-        self.common = {'stage': stage, 'dataset': dataset, 'image_size': image_size}
+        self.common = {'stage': stage, 'dataset': dataset, 'image_size': image_size, 'amp': amp}
         self.refuse_hint = refuse_hint
         self._sha256 = None
+
+    @property
+    def amp(self):
+        return self.common['amp']
 
     @property
     def weights_sha256(self):
@@ -270,28 +277,32 @@ class FeatureCache:
         expected = self.expected(split, dataset)
         for key in self.CHECKED:
             if recorded.get(key) != expected[key]:
+                hint = self.refuse_hint
+                if key == 'amp':
+                    hint = f'{"pass" if recorded.get(key) else "drop"} --amp to reuse them, or {hint}'
                 raise SimRegError(f'cached {split} features {sidecar} were made with {key}={recorded.get(key)}, '
-                                  f'this run has {key}={expected[key]}: {self.refuse_hint}')
+                                  f'this run has {key}={expected[key]}: {hint}')
         features = torch.from_numpy(np.load(self.path(split, 'feats.npy')))
         labels = torch.from_numpy(np.load(self.path(split, 'labels.npy')))
         if len(features) != expected['num_samples'] or len(labels) != expected['num_samples']:
             raise SimRegError(f'cached {split} features in {self.folder} are incomplete: {self.refuse_hint}')
         return features, labels
 
-    def save(self, split, dataset, features, labels, amp):
+    def save(self, split, dataset, features, labels):
         """Arrays first, sidecar last, each atomically: a cache without a sidecar does not exist."""
         os.makedirs(self.folder, exist_ok=True)
         save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
         save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
         sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
                    'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
-                   'amp': amp, 'created': time.strftime('%Y-%m-%d %H:%M:%S')}
+                   'created': time.strftime('%Y-%m-%d %H:%M:%S')}
         write_text_atomic(json.dumps(sidecar, indent=2) + '\n', self.path(split, 'feats.json'))
 
 
-def split_features(cache, split, dataset, model, reuse, batch_size, workers, device, amp=False):
+def split_features(cache, split, dataset, model, reuse, batch_size, workers, device):
     """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when
-    ``reuse`` and it matches, else extracted by all ranks and written to the cache."""
+    ``reuse`` and it matches, else extracted by all ranks (under autocast if ``cache.amp``) and
+    written to the cache."""
     loaded = {}
 
     def load_on_main():
@@ -301,15 +312,18 @@ def split_features(cache, split, dataset, model, reuse, batch_size, workers, dev
     if reuse and run_on_main(load_on_main):
         logging.getLogger('simreg').info(f'{split} features: reusing the cache in {cache.folder}')
         return loaded['cache'] if is_main_process() else (None, None)
-    features = extract_features(model, dataset, batch_size, workers, device, amp, desc=f'{split} features')
+    features = extract_features(model, dataset, batch_size, workers, device, cache.amp, desc=f'{split} features')
     if not is_main_process():
         return None, None
     labels = torch.tensor(dataset.targets, dtype=torch.int64)
-    cache.save(split, dataset, features, labels, amp)
+    cache.save(split, dataset, features, labels)
     return features, labels
 
 
-def check_same_classes(train_set, val_set):
-    if train_set.classes != val_set.classes:
-        raise SimRegError(f'train/ and val/ hold different classes ({len(train_set.classes)} vs '
-                          f'{len(val_set.classes)}): both need the same class folders')
+def check_same_classes(datasets):
+    """Every split of ``{split: dataset}`` holds the classes of the first one."""
+    (first, reference), *others = datasets.items()
+    for split, dataset in others:
+        if dataset.classes != reference.classes:
+            raise SimRegError(f'{first}/ and {split}/ hold different classes ({len(reference.classes)} vs '
+                              f'{len(dataset.classes)}): every split needs the same class folders')

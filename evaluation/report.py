@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from utils.errors import exit_on_user_error
+
 
 def read_json(path):
     with open(path) as f:
@@ -35,18 +37,23 @@ def demo_table(exp_dir, wall_time=None):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description='print the demo summary table')
-    parser.add_argument('exp_dir', help='exp/<exp> of the demo run')
-    parser.add_argument('--wall_time', type=float, help='seconds the whole demo took')
-    args = parser.parse_args()
+def get_args_parser():
+    p = argparse.ArgumentParser('Print the demo summary table', add_help=True)
+    p.add_argument('exp_dir', help='exp/<exp> of the demo run')
+    p.add_argument('--wall_time', type=float, help='seconds the whole demo took')
+    return p
+
+
+def main(args):
+    """Print the table; returns its rows."""
     rows = demo_table(args.exp_dir, args.wall_time)
     width = max(len(what) for what, _ in rows)
     print('\n' + '=' * (width + 20))
     for what, value in rows:
         print(f'{what:<{width}}  {value}')
     print('=' * (width + 20))
+    return rows
 
 
 if __name__ == '__main__':
-    main()
+    exit_on_user_error(lambda: main(get_args_parser().parse_args()))

@@ -5,12 +5,12 @@ barlowtwins, vicreg; torchvision's ``ResNet50_Weights.IMAGENET1K_V1``). A file i
 into ``torch.hub.get_dir()/checkpoints``, checked, and only then put under its final name, so a
 file found there is always a complete, checked one.
 """
-import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 
+from utils.checkpoint import file_digest
 from utils.errors import SimRegError
 
 # Every preset is a ResNet-50 with torchvision's padding.
@@ -74,16 +74,9 @@ def download_preset(name, dst):
                           f'check the network, or download the file yourself and pass its path') from None
     for algorithm, expected in (('md5', preset.md5), ('sha256', preset.sha256)):
         if expected:
-            digest = _digest(dst, algorithm)
+            digest = file_digest(dst, algorithm)
             if not digest.startswith(expected):
                 os.remove(dst)
                 raise SimRegError(f'preset {name}: downloaded file has {algorithm} {digest[:8]}, the release '
                                   f'says {expected}: the download is corrupt; run again')
 
-
-def _digest(path, algorithm, chunk=1 << 22):
-    h = hashlib.new(algorithm)
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()

@@ -112,3 +112,28 @@ def resumed_from(exp_dir):
     resume test needs it: a run that silently started over would replay the same per-epoch seeds and
     end with the same weights."""
     return train_log(exp_dir, 'start')[-1]['resumed_from']
+
+
+HEAD_DIM = 64
+
+
+def write_student_checkpoint(path, head_dim=HEAD_DIM, linear_pred=False, seed=0):
+    """A resnet18 student in this project's checkpoint layout (what train_student.py writes)."""
+    import models
+    torch.manual_seed(seed)
+    backbone = models.build_backbone('resnet18')
+    head = models.build_head(backbone.feat_dim, head_dim, linear_pred=linear_pred)
+    state = {'encoder_q.' + k: v for k, v in backbone.state_dict().items()}
+    state.update({'predict_q.' + k: v for k, v in head.state_dict().items()})
+    torch.save({'epoch': 1, 'state_dict': state,
+                'args': {'arch_student': 'resnet18', 'arch_teacher': 'resnet18', 'n_mlp_layers': 4,
+                         'linear_pred': linear_pred, 'image_size': 32}}, path)
+    return str(path)
+
+
+def write_teacher_checkpoint(path, seed=1):
+    """A plain torchvision-layout resnet18 (what a teacher file looks like)."""
+    import models
+    torch.manual_seed(seed)
+    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, path)
+    return str(path)

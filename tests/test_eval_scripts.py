@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, read_json, run_command as run
-from test_features import HEAD_DIM, write_student_checkpoint, write_teacher_checkpoint
+import eval_knn
+from conftest import (HEAD_DIM, make_image_folder, read_json, run_command as run, torchrun, write_student_checkpoint,
+                      write_teacher_checkpoint)
 
 pytestmark = pytest.mark.slow
 SMALL = ['--image_size', '32', '--workers', '0']
@@ -68,6 +69,16 @@ def test_knn_cache_is_reused_and_a_foreign_one_refused(base, single):
     assert error.startswith('error: cached train features') and 'weights_sha256' in error and '--save' in error
 
 
+def test_eval_knn_main_returns_the_report_it_writes(base, single):
+    """In this process, as a notebook or another script calls it: main(parsed flags) -> the results."""
+    args = eval_knn.get_args_parser().parse_args(
+        ['--weights', str(base / 'exp/demo/checkpoints/ckpt_epoch_1.pth'), '--save', str(single), '--epoch', '1',
+         '--load_cache', *SMALL, str(base / 'data')])
+    report = eval_knn.main(args)
+    assert report == read_json(single / 'knn_results.json')
+    assert report['majority_top1']['1'] >= 90.0 and report['settings']['num_train'] == 21
+
+
 def test_knn_use_pred_evaluates_the_head(base):
     knn_single(base, 'pred', '--use_pred')
     assert read_json(base / 'pred/pred_head/knn_results.json')['settings']['feat_dim'] == HEAD_DIM
@@ -110,3 +121,17 @@ def test_eval_linear_on_images_resumes_exactly_and_evaluates(base):
     evaluated = read_json(base / 'split/linear_evaluate.json')
     assert evaluated['acc1'] == read_json(base / 'split/linear_results.json')['best']['top1']
     assert not (base / 'split/train_feats.npy').exists()  # the probe carries the train statistics
+
+
+def test_eval_imitation_under_torchrun_matches_a_single_process(base):
+    """Every rank but 0 stops after its share of the extraction (they used to go on and fail on rank 0's
+    work: the rank was read after the process group had ended)."""
+    student = write_student_checkpoint(base / 'student_512.pth', head_dim=512)    # the teacher's dim
+    flags = ['--weights', student, '--arch_teacher', 'resnet18', '--teacher_weights', str(base / 'teacher.pth'),
+             *SMALL, str(base / 'data')]
+    run(torchrun('eval_imitation.py', *flags, '--save', str(base / 'imitation_2')))
+    run([sys.executable, 'eval_imitation.py', *flags, '--save', str(base / 'imitation_1')])
+    two = read_json(base / 'imitation_2/imitation_epoch_1.json')
+    one = read_json(base / 'imitation_1/imitation_epoch_1.json')
+    assert two['images'] == one['images'] == 21 and -1 < one['mean_cosine'] < 1
+    assert two['mean_cosine'] == pytest.approx(one['mean_cosine'], abs=1e-3)

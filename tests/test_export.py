@@ -10,11 +10,16 @@ from fixture_weights import (assert_close_to_reference, filled_state_dict, manif
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+def export(*argv):
+    """export_student.py on these command-line arguments, in this process."""
+    return export_student.main(export_student.get_args_parser().parse_args([str(a) for a in argv]))
+
+
 def test_original_student_exports_to_torchvision_resnet18(tmp_path, capsys):
     checkpoint = tmp_path / 'ckpt_epoch_130.pth'
     torch.save(original_simreg_checkpoint('resnet50_to_resnet18'), checkpoint)
     output = tmp_path / 'resnet18_simreg.pth'
-    export_student.main([str(checkpoint), str(output), '--arch', 'resnet18'])
+    export(checkpoint, output, '--arch', 'resnet18')
     assert 'only the classifier is missing' in capsys.readouterr().out
 
     state = torch.load(output, weights_only=True)
@@ -32,7 +37,7 @@ def test_project_mobilenet_student_exports_to_torchvision(tmp_path):
     args = {'arch_student': 'mobilenet', 'arch_teacher': 'resnet50', 'n_mlp_layers': 4, 'linear_pred': False}
     checkpoint = tmp_path / 'last.pth'
     torch.save({'epoch': 1, 'state_dict': state, 'optimizer': {}, 'scaler': {}, 'args': args}, checkpoint)
-    export_student.main([str(checkpoint), str(tmp_path / 'mobilenet.pth')])
+    export(checkpoint, tmp_path / 'mobilenet.pth')
     result = torchvision.models.mobilenet_v2().load_state_dict(
         torch.load(tmp_path / 'mobilenet.pth', weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ['classifier.1.bias', 'classifier.1.weight']
@@ -43,7 +48,7 @@ def test_teacher_file_is_refused_with_one_line(tmp_path, capsys):
     teacher = tmp_path / 'resnet50.pth'
     torch.save(filled_state_dict(manifest('mlp2_resnet18')), teacher)
     with pytest.raises(SystemExit) as exit_info:
-        export_student.exit_on_user_error(lambda: export_student.main([str(teacher), str(tmp_path / 'out.pth')]))
+        export_student.exit_on_user_error(lambda: export(teacher, tmp_path / 'out.pth'))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'not a SimReg student checkpoint' in err and err.count('\n') == 1
@@ -60,7 +65,7 @@ def test_several_teacher_student_exports_its_backbone(tmp_path):
             'linear_pred': False}
     checkpoint = tmp_path / 'last.pth'
     torch.save({'epoch': 1, 'state_dict': state, 'optimizer': {}, 'scaler': {}, 'args': args}, checkpoint)
-    export_student.main([str(checkpoint), str(tmp_path / 'resnet18.pth')])
+    export(checkpoint, tmp_path / 'resnet18.pth')
     exported = torch.load(tmp_path / 'resnet18.pth', weights_only=True)
     assert exported.keys() == backbone.keys()
     assert all(torch.equal(exported[k], v) for k, v in backbone.items())

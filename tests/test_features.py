@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import models
-from conftest import make_image_folder
+from conftest import HEAD_DIM, make_image_folder, write_student_checkpoint, write_teacher_checkpoint
 from data.folders import build_dataset
 from data.transforms import eval_transform, normalize
 from models.loading import load_student
@@ -19,29 +18,6 @@ from evaluation import features
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-HEAD_DIM = 64
-
-
-def write_student_checkpoint(path, head_dim=HEAD_DIM, linear_pred=False, seed=0):
-    """A resnet18 student in this project's checkpoint layout (what train_student.py writes)."""
-    torch.manual_seed(seed)
-    backbone = models.build_backbone('resnet18')
-    head = models.build_head(backbone.feat_dim, head_dim, linear_pred=linear_pred)
-    state = {'encoder_q.' + k: v for k, v in backbone.state_dict().items()}
-    state.update({'predict_q.' + k: v for k, v in head.state_dict().items()})
-    torch.save({'epoch': 1, 'state_dict': state,
-                'args': {'arch_student': 'resnet18', 'arch_teacher': 'resnet18', 'n_mlp_layers': 4,
-                         'linear_pred': linear_pred, 'image_size': 32}}, path)
-    return str(path)
-
-
-def write_teacher_checkpoint(path, seed=1):
-    """A plain torchvision-layout resnet18 (what a teacher file looks like)."""
-    torch.manual_seed(seed)
-    torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, path)
-    return str(path)
 
 
 @pytest.fixture(scope='module')
@@ -165,3 +141,35 @@ def test_cache_is_reused_and_a_mismatch_is_refused(student, teacher, folder, tmp
         features.split_features(other_size, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
     recomputed, _ = features.split_features(other_size, 'val', dataset, model, reuse=False, **kwargs)
     assert recomputed.shape == first.shape
+
+
+def test_cache_is_reused_only_at_the_precision_it_was_extracted_at(student, folder, tmp_path):
+    """An autocast (--amp) extraction is not silently reused by a full-precision run, nor the reverse."""
+    dataset = build_dataset(folder, 'val', eval_transform(32))
+    kwargs = dict(batch_size=8, workers=0, device=torch.device('cpu'))
+    model = features.load_feature_model(student)
+    cache = lambda amp: features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 32,
+                                              refuse_hint='delete it', amp=amp)
+    autocast, _ = features.split_features(cache(True), 'val', dataset, model, reuse=True, **kwargs)
+    with open(tmp_path / 'val_feats.json') as f:
+        assert json.load(f)['amp'] is True
+    again, _ = features.split_features(cache(True), 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+    assert torch.equal(again, autocast)
+    with pytest.raises(SimRegError, match='made with amp=True, this run has amp=False: pass --amp to reuse them, '
+                                          'or delete it'):
+        features.split_features(cache(False), 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+
+    full, _ = features.split_features(cache(False), 'val', dataset, model, reuse=False, **kwargs)
+    assert not torch.equal(full, autocast)          # the autocast extraction really ran in lower precision
+    torch.testing.assert_close(full.float(), autocast.float(), atol=5e-2, rtol=0)
+    with pytest.raises(SimRegError, match='made with amp=False, this run has amp=True: drop --amp to reuse them'):
+        features.split_features(cache(True), 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
+
+
+def test_every_split_needs_the_classes_of_the_first(tmp_path):
+    make_image_folder(tmp_path, n_classes=2, per_class=1, size=16, splits=('train', 'val'))
+    make_image_folder(tmp_path, n_classes=3, per_class=1, size=16, splits=('test',))
+    datasets = {split: build_dataset(str(tmp_path), split, None) for split in ('train', 'val', 'test')}
+    features.check_same_classes({split: datasets[split] for split in ('train', 'val')})
+    with pytest.raises(SimRegError, match=r'train/ and test/ hold different classes \(2 vs 3\): every split'):
+        features.check_same_classes(datasets)

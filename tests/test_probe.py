@@ -3,10 +3,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import make_image_folder
+from conftest import make_image_folder, write_student_checkpoint
 from data.folders import build_dataset
 from data.transforms import eval_transform
-from test_features import write_student_checkpoint
 from evaluation import features, probe
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import models
-from conftest import make_image_folder, read_json, run_command as run
+from conftest import make_image_folder, read_json, run_command as run, write_student_checkpoint
 from eval_transfer import present_splits
-from test_features import write_student_checkpoint
 from evaluation import transfer
 from utils.errors import SimRegError
 

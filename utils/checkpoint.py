@@ -64,10 +64,15 @@ def latest_checkpoint(ckpt_dir):
     return max(candidates)[2] if candidates else None
 
 
-def file_sha256(path, chunk=1 << 22):
-    """Hex digest that identifies a weights file (recorded instead of storing the teacher)."""
-    h = hashlib.sha256()
+def file_digest(path, algorithm='sha256', chunk=1 << 22):
+    """Hex digest of a file, read in chunks (``algorithm``: any name ``hashlib.new`` takes)."""
+    h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(chunk), b''):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path):
+    """Hex digest that identifies a weights file (recorded instead of storing the teacher)."""
+    return file_digest(path, 'sha256')

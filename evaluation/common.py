@@ -1,0 +1,134 @@
+"""What the evaluation scripts share: their common flags, their start-up, and the extraction of each
+split's features before the evaluation itself.
+
+    p = argparse.ArgumentParser('...', add_help=True)
+    common.add_data_args(p, 'dataset root holding train/ and val/')  # DIR --dataset -j -b --image_size --save
+    common.add_feature_args(p)                      # --weights -a --use_pred --head --stage ... --load_cache --amp
+    ...
+    run = common.start(args, 'knn_logs')            # processes, stage, output folder, logger
+    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)
+    if extracted is None:                           # not rank 0: its share of the extraction is done
+        return None
+
+eval_knn.py and eval_transfer.py use all of it; eval_linear.py keeps the processes and the model for
+its probe training, so it takes ``start`` and ``open_features`` and extracts itself; eval_imitation.py
+(no stage, no cache) shares the data flags.
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data.folders import build_dataset
+from data.transforms import eval_transform
+from evaluation import features
+from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process
+from utils.logging import setup_logger
+
+OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_transfer: a sub-folder)
+
+
+def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
+                  save_help='output folder for results, logs and feature caches (default: %(default)s)'):
+    """The images an evaluation reads and where its results go: DIR, --dataset (unless ``dataset`` is
+    False: a transfer dataset has no ImageNet subset), -j/--workers, -b/--batch-size, --image_size, --save."""
+    p.add_argument('data', metavar='DIR', help=data_help)
+    if dataset:
+        p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
+                       help='full dataset or the original 100-class subset')
+    p.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
+    p.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
+    p.add_argument('--image_size', default=224, type=int,
+                   help='crop size (the evaluation view resizes to size*256/224, then center-crops)')
+    p.add_argument('--save', default=save, help=save_help)
+
+
+def add_feature_args(p, load_cache=True, linear_pred=True):
+    """Which features are evaluated and how they are extracted: the checkpoint flags
+    (``features.add_checkpoint_args``), --load_cache (unless the script always reuses its cache) and --amp."""
+    features.add_checkpoint_args(p, linear_pred=linear_pred)
+    if load_cache:
+        p.add_argument('--load_cache', action='store_true',
+                       help='reuse the features an earlier run cached in --save (refused unless the same '
+                            'checkpoint, stage, dataset, image size and --amp made them)')
+    p.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
+
+
+@dataclass
+class Run:
+    """An evaluation script once started (``start``)."""
+    args: object                # the parsed flags
+    device: torch.device
+    stage: str                  # features.resolve_stage of --stage/--use_pred
+    save: str                   # the stage's output folder (features.stage_output_dir)
+    logger: logging.Logger
+    world_size: int
+    main: bool                  # rank 0 (read before the process group ends)
+    started: float              # time.time() once started
+
+    def minutes(self):
+        return (time.time() - self.started) / 60
+
+
+def start(args, log_name, save=None):
+    """Join the processes (torchrun, or one), resolve the stage and its output folder under ``save``
+    (default ``args.save``; made by rank 0), log to ``<folder>/<log_name>`` on rank 0, log the flags."""
+    device = init_distributed()
+    torch.backends.cudnn.benchmark = True    # every batch has the same shape
+    stage = features.resolve_stage(args.stage, args.use_pred)
+    folder = features.stage_output_dir(save or args.save, stage, args.head)
+    if is_main_process():
+        os.makedirs(folder, exist_ok=True)
+    logger = setup_logger(os.path.join(folder, log_name) if is_main_process() else None)
+    logger.info(f'args: {vars(args)}')
+    return Run(args, device, stage, folder, logger, get_world_size(), is_main_process(), time.time())
+
+
+def open_features(run, splits, name):
+    """(FeatureModel, {split: dataset} on the evaluation view, their FeatureCache in ``run.save``).
+
+    ``name`` is the dataset's name in the cache; every split must hold the same classes. Flags that a
+    script leaves out mean: no --linear_pred check, no --dataset subset, and (without --load_cache)
+    a cache that the script always reuses.
+    """
+    args = run.args
+    model = features.load_feature_model(args.weights, args.arch, run.stage, getattr(args, 'linear_pred', False),
+                                        head_name=args.head)
+    transform = eval_transform(args.image_size)
+    datasets = {split: build_dataset(args.data, split, transform, getattr(args, 'dataset', 'imagenet'))
+                for split in splits}
+    features.check_same_classes(datasets)
+    hint = ('delete those files, pass another --save, or run without --load_cache to recompute them'
+            if hasattr(args, 'load_cache') else 'delete those files or pass another --save')
+    cache = features.FeatureCache(run.save, args.weights, run.stage, name, args.image_size, refuse_hint=hint,
+                                  amp=args.amp)
+    return model, datasets, cache
+
+
+@dataclass
+class Extracted:
+    """What rank 0 holds once every split is extracted (``extract_splits``)."""
+    splits: dict                # {split: (features [N, D] float16 L2-normalised, labels [N] int64)}
+    num_classes: int
+    weights_sha256: str
+
+
+def extract_splits(run, splits, name):
+    """The features of each split: extracted by every rank (or read by rank 0 from the cache with
+    --load_cache), gathered on rank 0. Then the process group ends and the model and its GPU memory are
+    freed, for the k-NN search and the probes that rank 0 runs alone. An ``Extracted`` on rank 0, None
+    on the other ranks."""
+    args = run.args
+    model, datasets, cache = open_features(run, splits, name)
+    extracted = {split: features.split_features(cache, split, dataset, model, args.load_cache, args.batch_size,
+                                                args.workers, run.device)
+                 for split, dataset in datasets.items()}
+    cleanup()
+    if not run.main:
+        return None
+    del model    # frees the GPU memory faiss and the probes are about to use
+    if run.device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return Extracted(extracted, len(datasets[splits[0]].classes), cache.weights_sha256)
