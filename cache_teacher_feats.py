@@ -31,7 +31,7 @@ from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_trans
 from evaluation.features import extract_features
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
-from models.simreg import AUTOCAST_DTYPES
+from models.simreg import AUTOCAST_DTYPES, default_precision
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
@@ -57,9 +57,10 @@ def get_args_parser():
                    help='with --cache_views: view k of image i is drawn from (seed, i, k)')
     p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
-    p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default='fp32',
-                   help='autocast dtype of the teacher forward; features are stored as fp16 either way, so '
-                        'fp32 (the default) loses nothing before that rounding')
+    p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default=None,
+                   help='autocast dtype of the teacher forward (default: what training picks for a live '
+                        'teacher, bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU); features '
+                        'are stored as fp16 either way')
     p.add_argument('--output', help='cache .npy, its .json sidecar beside it (default: '
                                     'teacher_feats/<arch>[_fc]_<sha256[:8]>_<dataset>_<image_size>.npy)')
     p.add_argument('--shard_size', type=int, default=50000,
@@ -185,6 +186,7 @@ def existing_cache_is_ours(output, recipe):
 def main(args):
     """Build the cache, or finish an interrupted build; returns its path."""
     device = init_distributed()
+    args.precision = args.precision or default_precision(device)
     torch.backends.cudnn.benchmark = True  # every full batch has the same shape
     log = setup_logger()
     if args.shard_size < get_world_size():

@@ -2,7 +2,6 @@
 same under torchrun, refuses to overwrite another cache, and feeds --use_cache training."""
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -11,12 +10,12 @@ import torch
 import cache_teacher_feats
 import models
 import train_student
-from conftest import build_cache, cache_workspace, run_command, torchrun
+from conftest import build_cache, cache_workspace, run_command, torchrun, train_log
 from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, open_teacher_cache, sidecar_path
 from data.transforms import TwoViews, eval_transform, normalize
 from models.loading import load_backbone
-from models.simreg import LiveTeacher
+from models.teachers import LiveTeacher
 from evaluation import features
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError
@@ -46,7 +45,7 @@ def test_cache_is_the_live_teacher_on_the_eval_view(ws):
     dataset = build_dataset(str(ws / 'data'), 'train', eval_transform(32))
     indices, images, _ = zip(*(dataset[i] for i in range(len(dataset))))
     teacher = LiveTeacher(load_backbone('resnet18', str(ws / 'teacher.pth')), {})
-    live = teacher.targets(torch.tensor(indices), normalize(torch.stack(images)), None)
+    live = teacher(torch.tensor(indices), normalize(torch.stack(images)))
     cached = np.load(ws / 'reference.npy')
     assert cached.dtype == np.float16 and cached.shape == (21, 512)
     np.testing.assert_allclose(cached.astype(np.float32), live.numpy(), rtol=1e-3, atol=1e-3)
@@ -136,8 +135,7 @@ def test_cached_training_end_to_end(ws):
             '--exp', 'cached']
     train_student.main(train_student.get_args_parser().parse_args(argv))
     exp = ws / 'runs' / 'exp' / 'cached'
-    losses = [float(x) for x in re.findall(r'epoch \d+  lr [\d.]+  loss ([\d.]+)',
-                                           (exp / 'logs' / 'train.log').read_text())]
+    losses = [record['loss'] for record in train_log(exp, 'epoch')]
     assert len(losses) == 2 and losses[1] < losses[0]
     state = torch.load(exp / 'checkpoints' / 'last.pth', weights_only=True)
     assert state['epoch'] == 2 and state['teacher']['cache'] == str(ws / 'reference.npy')
