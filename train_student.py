@@ -14,20 +14,24 @@ import os
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from data.folders import build_dataset, encoded_collate
+from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
+from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
 from models.teachers import build_teachers, replayed_boxes
 from utils import distributed as dist_utils
-from utils.checkpoint import epoch_checkpoint_path, latest_checkpoint, save_atomic
+from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, remove_stale_temp_files, resume_candidates,
+                              save_atomic)
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
+from utils.preemption import EXIT_PREEMPTED, StopRequest
 
 
 def get_args_parser():
@@ -40,6 +44,9 @@ def get_args_parser():
     p.add_argument('--print_freq', type=int, default=100, help='log every N steps')
     p.add_argument('--save_freq', type=int, default=10, help='keep ckpt_epoch_<n>.pth every N epochs')
     p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
+    p.add_argument('--bn_batch', type=int, default=64,
+                   help="images per BatchNorm group of the global batch, whatever the number of processes (64: "
+                        "the original's, 256 over 4 GPUs); 0: BatchNorm over each process's share")
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
     p.add_argument('--epochs', type=int, default=130)
     # optimisation
@@ -75,6 +82,15 @@ def get_args_parser():
                                                  'in the experiment (fresh start when there is none)')
     p.add_argument('--restart', action='store_true',
                    help='with --resume: take the weights only, restart optimizer and epochs')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start the experiment again although it holds checkpoints (without --resume)')
+    p.add_argument('--ckpt_every_min', type=float, default=20,
+                   help='also write last.pth inside epochs every M minutes (0: at epoch ends only)')
+    p.add_argument('--ckpt_every_steps', type=int, default=0,
+                   help='also write last.pth inside epochs every N steps (0: off)')
+    p.add_argument('--stop_deadline', type=float, default=60,
+                   help='after SIGTERM/SIGUSR1, exit after this many seconds even if the step and the '
+                        'checkpoint have not finished')
     # execution
     p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default=None,
                    help='autocast dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU)')
@@ -93,10 +109,7 @@ def main(args):
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     exp_dir = os.path.join(args.base_dir, 'exp', args.exp)
     ckpt_dir, logs_dir = os.path.join(exp_dir, 'checkpoints'), os.path.join(exp_dir, 'logs')
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        os.makedirs(logs_dir, exist_ok=True)
-    dist_utils.barrier()
+    dist_utils.run_on_main(lambda: prepare_experiment(args, exp_dir, ckpt_dir, logs_dir))
     log = setup_logger(os.path.join(logs_dir, 'train.log'))
     json_log = JsonLog(json_log_path(logs_dir))
     # what derives from the flags is decided here, once
@@ -121,13 +134,15 @@ def main(args):
         dataset.transform = view_transform
     loader = make_loader(dataset, args, world_size, rank)
     to_device = DeviceInput(device, memory_format, single_view, view_transform if args.gpu_decode else None,
-                            lambda index: dataset.samples[index][0])
+                            lambda index: dataset.samples[index][0], args.seed)
 
-    model = build_student(args, teachers).to(device, memory_format=memory_format)
+    model = build_student(args, teachers)
+    convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, resumed_from = resume(args, model, optimizer, scaler, ckpt_dir, log) if args.resume else (1, None)
+    start = resume(args, model, optimizer, scaler, ckpt_dir, log) if args.resume else {'epoch': 1, 'step': 0}
 
     if rank == 0:
         with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
@@ -136,34 +151,48 @@ def main(args):
     log.info('%s', json.dumps(vars(args)))
     described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
                           for name, t in teachers.items())
-    log.info('==> %d training images, %d processes, %d images per process and step, teachers: %s; '
-             'student %s', len(dataset), world_size, loader.batch_size, described, args.arch_student)
+    log.info('==> %d training images, %d processes, %d steps of %d images per epoch (%d per process), '
+             'teachers: %s; student %s', len(dataset), world_size, loader.batch_sampler.steps, args.batch_size,
+             loader.batch_sampler.per_rank, described, args.arch_student)
     log.info('==> device %s, backend %s, autocast %s, %s', device, dist_utils.backend_name(),
              str(amp_dtype).replace('torch.', '') if amp_dtype else 'off',
              'channels_last' if args.channels_last else 'contiguous')
-    json_log.write('start', start_epoch=start_epoch, resumed_from=resumed_from, epochs=args.epochs,
-                   world_size=world_size, device=str(device), backend=dist_utils.backend_name(),
-                   precision=args.precision, channels_last=args.channels_last)
-    if start_epoch == 1 and rank == 0:
+    json_log.write('start', start_epoch=start['epoch'], start_step=start['step'],
+                   resumed_from=start.get('resumed_from'), epochs=args.epochs, world_size=world_size,
+                   device=str(device), backend=dist_utils.backend_name(), precision=args.precision,
+                   channels_last=args.channels_last)
+    if start['epoch'] == 1 and start['step'] == 0 and rank == 0:
         # the initial student: the "before distillation" baseline for evaluation
         save_atomic(checkpoint_state(model, optimizer, scaler, 0, args, teachers),
                     epoch_checkpoint_path(ckpt_dir, 0))
-    if start_epoch > args.epochs:
+    if start['epoch'] > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         ddp_model = compile_or_eager(ddp_model, log)
     tensorboard = TensorBoard(logs_dir)
+    stop = StopRequest(log, args.stop_deadline)
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
+        for epoch in range(start['epoch'], args.epochs + 1):
             for group in optimizer.param_groups:
                 group['lr'] = cosine_lr(epoch, args)
-            dist_utils.seed_everything(args.seed, epoch, rank)
-            loader.sampler.set_epoch(epoch)
-            metric_logger = MetricLogger(teachers, epoch, args.print_freq, optimizer, log, tensorboard, json_log,
-                                         device)
-            train_one_epoch(ddp_model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args,
-                            metric_logger)
+            loader.batch_sampler.set_epoch(epoch, start['step'] if epoch == start['epoch'] else 0)
+            to_device.epoch = epoch
+            metric_logger = MetricLogger(teachers, epoch, loader.batch_sampler.steps, args.batch_size,
+                                         args.print_freq, optimizer, log, tensorboard, json_log, device)
+            if epoch == start['epoch'] and 'meter' in start:
+                metric_logger.load_state_dict(start['meter'])
+            checkpointer = Checkpointer(ckpt_dir, lambda: checkpoint_state(
+                model, optimizer, scaler, epoch - 1, args, teachers, metric_logger), args.ckpt_every_steps,
+                args.ckpt_every_min, stop, writer=rank == 0)
+            if train_one_epoch(ddp_model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args,
+                               metric_logger, checkpointer) is None:
+                log.warning('==> stopped by %s in epoch %d after step %d/%d, checkpoint %s written: exit %d; '
+                            'continue with --resume auto', stop.signal or 'a signal on another process', epoch,
+                            metric_logger.step, metric_logger.steps, checkpointer.path, EXIT_PREEMPTED)
+                if rank == 0:
+                    dist_utils.requeue_slurm_job(log)
+                raise SystemExit(EXIT_PREEMPTED)
             if rank == 0:
                 state = checkpoint_state(model, optimizer, scaler, epoch, args, teachers)
                 if epoch % args.save_freq == 0 or epoch == args.epochs:
@@ -171,20 +200,42 @@ def main(args):
                 save_atomic(state, os.path.join(ckpt_dir, 'last.pth'))
             dist_utils.barrier()
     finally:
+        stop.close()
         tensorboard.close()
         dist_utils.cleanup()
     return model
 
 
-def train_one_epoch(model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args, metric_logger):
-    """One pass over the data: batch -> student input and teacher targets -> step -> log."""
+def train_one_epoch(model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args, metric_logger,
+                    checkpointer):
+    """One pass over the data: batch -> student input and teacher targets -> step -> log (and a checkpoint
+    when due). Returns the epoch's statistics, or None when a signal stopped it."""
     model.train()
     for index, images, _ in metric_logger.log_every(loader):
         student_in, teacher_in = to_device(index, images)
         targets = {name: teacher(index, teacher_in, amp_dtype) for name, teacher in teachers.items()}
         losses = train_step(model, student_in, targets, optimizer, scaler, amp_dtype, args.mse_nonorm)
         metric_logger.update(losses)
+        if checkpointer.after_step(epoch_done=metric_logger.step == metric_logger.steps):
+            return None
     return metric_logger.summary()
+
+
+def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
+    """Rank 0, before anything is written: the folders, no temp file left by a killed write, and no
+    finished or running experiment started over by mistake."""
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(logs_dir, exist_ok=True)
+    except OSError as exc:
+        raise SimRegError(f'cannot create {exp_dir} ({exc.strerror}): choose a writable --base_dir') from None
+    for name in remove_stale_temp_files(ckpt_dir):
+        print(f'note: removed {name}, left in {ckpt_dir} by a write that was killed', flush=True)
+    existing = resume_candidates(ckpt_dir)
+    if existing and not args.resume and not args.overwrite:
+        raise SimRegError(f'{exp_dir} already holds checkpoints ({", ".join(map(os.path.basename, existing[:3]))}'
+                          f'{", ..." if len(existing) > 3 else ""}): pass --resume auto to continue it, '
+                          f'--overwrite to start it again, or another --exp')
 
 
 def train_step(model, student_in, targets, optimizer, scaler, amp_dtype, mse_nonorm):
@@ -210,20 +261,12 @@ def cosine_lr(epoch, args):
 
 
 def make_loader(dataset, args, world_size, rank):
-    """Training loader of (index, view(s), label) batches; (index, encoded files, label) with --gpu_decode;
-    ((index, view), view, label) over ``ReplayedViews``."""
-    if args.batch_size % world_size:
-        raise SimRegError(f'--batch_size {args.batch_size} must divide by the {world_size} processes')
-    per_rank = args.batch_size // world_size
-    if len(dataset) // world_size < per_rank:
-        raise SimRegError(f'{len(dataset)} training images give no full batch of {per_rank} per '
-                          f'process: lower --batch_size')
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    # Workers are re-created each epoch (no persistent_workers) so that their seeds come from the
-    # per-epoch seed and a resumed run replays the same augmentations.
-    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True,
+    """Training loader of this process's share of each global batch (``data.sampler``): (index, view(s),
+    label) batches; (index, encoded files, label) with --gpu_decode; ((index, view), view, label) over
+    ``ReplayedViews``. Every sample is made from its own seed, so workers and ranks do not matter."""
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
+    return DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=torch.cuda.is_available(),
                       collate_fn=encoded_collate if args.gpu_decode else None)
 
 
@@ -251,11 +294,13 @@ def compile_or_eager(model, log):
         return model
 
 
-def checkpoint_state(model, optimizer, scaler, epoch, args, teachers):
-    """One teacher: ``teacher`` = its info. Several: ``teachers`` = head name -> info, and their
-    heads are stored as ``predict_q.<name>.*``."""
+def checkpoint_state(model, optimizer, scaler, epoch, args, teachers, metric_logger=None):
+    """``epoch``: the last completed epoch. Inside an epoch (``metric_logger`` given) also ``position``,
+    the epoch in progress and the steps done in it, and ``meter``, its running sums. One teacher:
+    ``teacher`` = its info. Several: ``teachers`` = head name -> info, and their heads are stored as
+    ``predict_q.<name>.*``."""
     infos = {name: t.info for name, t in teachers.items()}
-    return {
+    state = {
         'epoch': epoch,
         'state_dict': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -263,16 +308,27 @@ def checkpoint_state(model, optimizer, scaler, epoch, args, teachers):
         'args': vars(args),
         **({'teacher': next(iter(infos.values()))} if len(infos) == 1 else {'teachers': infos}),
     }
+    if metric_logger is not None:
+        state['position'] = {'epoch': metric_logger.epoch, 'step': metric_logger.step}
+        state['meter'] = metric_logger.state_dict()
+    return state
 
 
 def resume(args, model, optimizer, scaler, ckpt_dir, log):
-    """Load --resume (or the latest checkpoint for 'auto'); return (first epoch to run, the epoch resumed
-    after or None)."""
-    path = latest_checkpoint(ckpt_dir) if args.resume == 'auto' else args.resume
-    if not path:
+    """Load --resume, or with 'auto' the newest checkpoint of the experiment that loads; return where to
+    start: {'epoch', 'step'} (plus 'resumed_from', the epoch completed, and 'meter' inside an epoch)."""
+    ckpt, path = None, args.resume
+    if args.resume != 'auto':
+        ckpt = read_checkpoint(path)
+    for candidate in (resume_candidates(ckpt_dir) if args.resume == 'auto' else []):
+        try:
+            ckpt, path = read_checkpoint(candidate), candidate
+            break
+        except SimRegError as exc:
+            log.warning('note: %s; trying the previous checkpoint', exc)
+    if ckpt is None:
         log.info('==> no checkpoint in %s, starting fresh', ckpt_dir)
-        return 1, None
-    ckpt = read_checkpoint(path)
+        return {'epoch': 1, 'step': 0}
     if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
         raise SimRegError(f'--resume {path} is not a training checkpoint (no epoch): use --weights to '
                           f'start from its weights')
@@ -280,13 +336,16 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
     load_strict(model, state, f'--resume {path}', 'SimReg student')
     if args.restart:
         log.info('==> restart from the weights of %s (epoch %d)', path, ckpt['epoch'])
-        return 1, None
+        return {'epoch': 1, 'step': 0}
     if 'optimizer' in ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
     if 'scaler' in ckpt:
         scaler.load_state_dict(ckpt['scaler'])
-    log.info('==> resumed from %s (epoch %d)', path, ckpt['epoch'])
-    return ckpt['epoch'] + 1, ckpt['epoch']
+    position = ckpt.get('position', {'epoch': ckpt['epoch'] + 1, 'step': 0})
+    log.info('==> resumed from %s (epoch %d%s)', path, ckpt['epoch'],
+             f', then step {position["step"]} of epoch {position["epoch"]}' if 'position' in ckpt else '')
+    start = {**position, 'resumed_from': ckpt['epoch']}
+    return {**start, 'meter': ckpt['meter']} if 'meter' in ckpt else start
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from data.folders import decode_bytes
+from data.sampler import sample_seed
 
 WEAK_SCALE = (0.2, 1.0)
 VIEW_COLUMNS = ('top', 'left', 'height', 'width', 'flip')
@@ -108,9 +109,10 @@ class TwoViews:
                 f' teacher={self.teacher_transform})')
 
 
-def decode_views_on(device, encoded, views, name_of):
+def decode_views_on(device, encoded, views, name_of, seed_of):
     """``--gpu_decode``: decode a batch of encoded images on ``device`` (nvjpeg for JPEGs on CUDA) and
-    draw each image's views there; returns what the loader would have (a batch, or two).
+    draw each image's views there, the j-th from torch's random stream seeded with ``seed_of(j)`` (its
+    sample's seed, as the loader's workers do); returns what the loader would have (a batch, or two).
 
     Whatever the device decoder refuses (PNG, CMYK, ...) is decoded on the CPU and moved over;
     ``name_of(j)`` names the j-th file for the error message when neither can read it.
@@ -119,7 +121,11 @@ def decode_views_on(device, encoded, views, name_of):
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         images = [decode_one_on(device, data, name_of, j) for j, data in enumerate(encoded)]
-    per_image = [views(image) for image in images]
+    per_image = []
+    for j, image in enumerate(images):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(j))
+            per_image.append(views(image))
     if isinstance(per_image[0], torch.Tensor):
         return torch.stack(per_image)
     return tuple(torch.stack(view) for view in zip(*per_image))
@@ -129,15 +135,17 @@ class DeviceInput:
     """A training batch from the loader -> (student input, teacher input): on the device, normalised, in the
     model's memory format; the same tensor twice when one view serves both nets. With ``--gpu_decode``
     (``gpu_views``, the view transform, given) the batch holds encoded files, decoded and augmented on the
-    device first; ``file_of(index)`` names a sample's file for the error message when it cannot be read."""
+    device first, each image's views from its sample's seed in ``epoch`` (``data.sampler.sample_seed``);
+    ``file_of(index)`` names a sample's file for the error message when it cannot be read."""
 
-    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None):
+    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None, seed=0):
         self.device, self.memory_format, self.single_view = device, memory_format, single_view
-        self.gpu_views, self.file_of = gpu_views, file_of
+        self.gpu_views, self.file_of, self.seed, self.epoch = gpu_views, file_of, seed, 0
 
     def __call__(self, index, images):
         if self.gpu_views is not None:
-            images = decode_views_on(self.device, images, self.gpu_views, lambda j: self.file_of(int(index[j])))
+            images = decode_views_on(self.device, images, self.gpu_views, lambda j: self.file_of(int(index[j])),
+                                     lambda j: sample_seed(self.seed, self.epoch, int(index[j])))
         if self.single_view:
             student_in = teacher_in = self.to_input(images)
         else:

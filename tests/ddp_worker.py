@@ -12,8 +12,8 @@ out, argv = sys.argv[1], sys.argv[2:]
 args = train_student.get_args_parser().parse_args(argv)
 rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
 loader = train_student.make_loader(build_dataset(args.data, 'train', None), args, world_size, rank)
-loader.sampler.set_epoch(1)
-indices = [i for batch in loader.batch_sampler for i in batch]
+loader.batch_sampler.set_epoch(1)
+indices = [i for batch in loader.batch_sampler for _, i in batch]
 model = train_student.main(args)
 os.makedirs(out, exist_ok=True)
 params = {k: v.detach() for k, v in model.named_parameters()}

@@ -37,35 +37,35 @@ def assert_user_error(proc, *fragments):
 
 
 def test_missing_data_folder(ws):
-    assert_user_error(train(ws, ws / 'nowhere', '--exp', 'e'), 'does not exist', 'train/')
+    assert_user_error(train(ws, ws / 'nowhere', '--exp', 'e0'), 'does not exist', 'train/')
 
 
 def test_empty_data_folder(ws):
     (ws / 'empty' / 'train').mkdir(parents=True)
-    assert_user_error(train(ws, ws / 'empty', '--exp', 'e'), 'no class sub-folders')
+    assert_user_error(train(ws, ws / 'empty', '--exp', 'e1'), 'no class sub-folders')
 
 
 def test_class_folder_without_images(ws):
     shutil.copytree(ws / 'data', ws / 'hole')
     (ws / 'hole' / 'train' / 'class_9').mkdir()
-    assert_user_error(train(ws, ws / 'hole', '--exp', 'e'), 'class_9', 'at least one image')
+    assert_user_error(train(ws, ws / 'hole', '--exp', 'e2'), 'class_9', 'at least one image')
 
 
 def test_unreadable_image(ws):
     shutil.copytree(ws / 'data', ws / 'corrupt')
     bad = ws / 'corrupt' / 'train' / 'class_1' / '003.jpg'
     bad.write_bytes(b'not a jpeg at all')
-    assert_user_error(train(ws, ws / 'corrupt', '--exp', 'e'), 'cannot read image', str(bad),
+    assert_user_error(train(ws, ws / 'corrupt', '--exp', 'e3'), 'cannot read image', str(bad),
                       'delete or replace')
 
 
 def test_teacher_of_the_wrong_architecture(ws):
-    proc = train(ws, ws / 'data', '--exp', 'e', arch_teacher='resnet50')
+    proc = train(ws, ws / 'data', '--exp', 'e4', arch_teacher='resnet50')
     assert_user_error(proc, 'resnet50', 'missing', 'layer1.0.conv3.weight')
 
 
 def test_no_teacher(ws):
-    assert_user_error(train(ws, ws / 'data', '--exp', 'e', teacher=None), '--teacher_weights')
+    assert_user_error(train(ws, ws / 'data', '--exp', 'e5', teacher=None), '--teacher_weights')
 
 
 @pytest.mark.slow

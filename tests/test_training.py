@@ -200,22 +200,23 @@ def test_two_process_gloo_run(workspace, tmp_path):
 
 
 def test_gpu_decode_draws_the_same_views_as_the_loader(image_folder):
-    """--gpu_decode decodes and augments on the device: the same pixels as the worker pipeline for
-    the same RNG (checked on the CPU device; a PNG named .jpg takes the fallback decoder)."""
+    """--gpu_decode decodes and augments on the device: the same pixels as the loader's workers, each image
+    from its sample's seed (checked on the CPU device; a PNG named .jpg takes the fallback decoder)."""
     from data.folders import build_dataset, read_bytes
+    from data.sampler import SeededSamples, sample_seed
     from data.transforms import TwoViews, decode_views_on
     from PIL import Image
-    dataset = build_dataset(image_folder, 'train', None)
-    paths = [p for p, _ in dataset.samples[:5]]
-    Image.open(paths[0]).save(paths[0], format='PNG')
     views = TwoViews(32, weak_weak=True)
-    torch.manual_seed(3)
-    expected = [views(dataset.loader(p)) for p in paths]
-    torch.manual_seed(3)
+    dataset = build_dataset(image_folder, 'train', views)
+    Image.open(dataset.samples[0][0]).save(dataset.samples[0][0], format='PNG')
+    indices, epoch, seed = [3, 0, 7, 1, 4], 2, 5
+    expected = [SeededSamples(dataset, seed)[(epoch, i)][1] for i in indices]
+    paths = [dataset.samples[i][0] for i in indices]
     student, teacher = decode_views_on(torch.device('cpu'), [read_bytes(p) for p in paths], views,
-                                       lambda j: paths[j])
+                                       lambda j: paths[j], lambda j: sample_seed(seed, epoch, indices[j]))
     assert torch.equal(student, torch.stack([s for s, _ in expected]))
     assert torch.equal(teacher, torch.stack([t for _, t in expected]))
+    assert not torch.equal(student, teacher)  # two weak views: each its own crop
 
 
 @pytest.mark.slow

@@ -61,8 +61,12 @@ class JsonLog:
     def write(self, event, **values):
         if self.path is None:
             return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps({'event': event, **values}) + '\n')
+        # one write() of the whole line in append mode: a process killed meanwhile leaves no half line
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps({'event': event, **values}) + '\n').encode())
+        finally:
+            os.close(fd)
 
 
 def read_json_log(path, event=None):
@@ -76,67 +80,85 @@ class MetricLogger:
     """The bookkeeping of one training epoch, kept out of the loop that ``log_every`` drives.
 
     ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq``
-    steps and at the epoch's end, the window's mean loss is averaged over ranks (one sync; every rank
+    steps and at the epoch's last step, the window's mean loss is averaged over ranks (one sync; every rank
     takes the same decision on a non-finite loss, which stops the run) and reported with the lr, the
     images per second over all processes and the share of time spent waiting for the loader: to
-    TensorBoard, the JSON log, the text log (full windows) and the tqdm bar.
+    TensorBoard, the JSON log, the text log (full windows) and the tqdm bar. ``state_dict`` holds what a
+    checkpoint inside the epoch needs to continue the epoch's sums.
     """
 
-    def __init__(self, heads, epoch, print_freq, optimizer, log, tensorboard, json_log, device):
-        self.heads, self.epoch, self.print_freq = list(heads), epoch, print_freq
-        self.optimizer, self.log, self.tensorboard, self.json_log = optimizer, log, tensorboard, json_log
+    def __init__(self, heads, epoch, steps, images_per_step, print_freq, optimizer, log, tensorboard, json_log,
+                 device):
+        self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
+        self.print_freq, self.optimizer, self.log = print_freq, optimizer, log
+        self.tensorboard, self.json_log = tensorboard, json_log
         self.epoch_sum = torch.zeros(len(self.heads), device=device)
         self.window_sum = torch.zeros(len(self.heads), device=device)
-        self.window_start, self.steps, self.data_time, self.images_per_step = 0, 0, 0.0, 0
-        self.start = time.perf_counter()
+        self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
+        self.start, self.bar = time.perf_counter(), None
 
-    def update(self, losses):
-        self.epoch_sum += losses
-        self.window_sum += losses
+    def state_dict(self):
+        return {'step': self.step, 'window_start': self.window_start, 'epoch_sum': self.epoch_sum.cpu(),
+                'window_sum': self.window_sum.cpu()}
+
+    def load_state_dict(self, state):
+        self.step, self.window_start = state['step'], state['window_start']
+        self.epoch_sum.copy_(state['epoch_sum'])
+        self.window_sum.copy_(state['window_sum'])
 
     def log_every(self, loader):
-        """Yield the loader's batches, timing the wait for each, and report after every step."""
-        self.steps, self.images_per_step = len(loader), loader.batch_size * get_world_size()
-        bar = tqdm(total=self.steps, desc=f'epoch {self.epoch}', disable=not is_main_process(),
-                   dynamic_ncols=True, leave=False)
+        """Yield the loader's batches (the steps of the epoch not done yet), timing the wait for each."""
+        self.bar = tqdm(total=self.steps, initial=self.step, desc=f'epoch {self.epoch}',
+                        disable=not is_main_process(), dynamic_ncols=True, leave=False)
+        self.first_step, self.data_time = self.step, 0.0
         self.start = end = time.perf_counter()
-        with bar:
-            for step, batch in enumerate(loader):
+        with self.bar:
+            for batch in loader:
                 self.data_time += time.perf_counter() - end
                 yield batch
-                bar.update(1)
-                if (step + 1) % self.print_freq == 0 or step + 1 == self.steps:
-                    self.report_window(step + 1, bar)
                 end = time.perf_counter()
 
-    def report_window(self, done, bar):
-        window = all_reduce_mean(self.window_sum / (done - self.window_start)).tolist()
-        loss = sum(window) / len(window)
-        check_finite(loss, self.epoch, done)
+    def update(self, losses):
+        """A step is done: add its losses; report a window every ``print_freq`` steps and at the last."""
+        self.epoch_sum += losses
+        self.window_sum += losses
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.step % self.print_freq == 0 or self.step == self.steps:
+            self.report_window()
+
+    def speed(self):
+        """Images per second over all processes, and the data-wait share, since ``log_every`` started."""
         elapsed = time.perf_counter() - self.start
-        stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'],
-                 'images_per_s': done * self.images_per_step / elapsed, 'data_wait_share': self.data_time / elapsed}
+        return {'images_per_s': (self.step - self.first_step) * self.images_per_step / elapsed,
+                'data_wait_share': self.data_time / elapsed}
+
+    def report_window(self):
+        window = all_reduce_mean(self.window_sum / (self.step - self.window_start)).tolist()
+        loss = sum(window) / len(window)
+        check_finite(loss, self.epoch, self.step)
+        stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
         heads = dict(zip(self.heads, window))
         self.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
-                                 (self.epoch - 1) * self.steps + done)
-        self.json_log.write('window', epoch=self.epoch, step=done, steps=self.steps, **stats, **prefixed(heads))
-        bar.set_postfix(loss=f'{loss:.4f}')
-        if done % self.print_freq == 0:
-            self.log.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, done, self.steps, loss,
+                                 (self.epoch - 1) * self.steps + self.step)
+        self.json_log.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f'{loss:.4f}')
+        if self.step % self.print_freq == 0:
+            self.log.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, self.step, self.steps, loss,
                           per_head(heads), stats['images_per_s'])
         self.window_sum.zero_()
-        self.window_start = done
+        self.window_start = self.step
 
     def summary(self):
         """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; reported
         to the text log, TensorBoard (at step = epoch) and the JSON log."""
-        elapsed = time.perf_counter() - self.start
         losses = all_reduce_mean(self.epoch_sum / self.steps).tolist()
         loss = sum(losses) / len(losses)
         check_finite(loss, self.epoch, self.steps)
         heads, lr = dict(zip(self.heads, losses)), self.optimizer.param_groups[0]['lr']
-        stats = {'loss': loss, 'lr': lr, 'images_per_s': self.steps * self.images_per_step / elapsed,
-                 'data_wait_share': self.data_time / elapsed}
+        stats = {'loss': loss, 'lr': lr, **self.speed()}
         self.log.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
                       per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
         self.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,

@@ -1,0 +1,71 @@
+"""SIGTERM and SIGUSR1, what a scheduler sends before it stops a job: finish the step, checkpoint, exit.
+
+SLURM sends SIGUSR1 ahead of the time limit (``#SBATCH --signal=USR1@120``) and SIGTERM on preemption or
+``scancel``; torchrun forwards its own copy to its workers, so a process often gets the same signal twice:
+that is one request. ``StopRequest.agreed()``, called by every rank after every step, turns the signals
+that reached any rank into one decision that every rank takes after the same step: each call starts an
+asynchronous all-reduce (MAX, on a gloo group, so it costs the GPU nothing) of the local flag and reads
+the one started a step earlier. After the decision the training loop writes its checkpoint and the process
+exits with ``EXIT_PREEMPTED``. Should the step and the checkpoint not end within ``deadline_s`` of the
+first signal, a watchdog exits anyway (with the same code: the previous checkpoint is intact).
+"""
+import os
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume auto
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Installs the handlers; ``agreed()`` is True on every rank after the same step once a signal came."""
+
+    def __init__(self, log, deadline_s=60.0):
+        self.log, self.deadline_s = log, deadline_s
+        self.signal, self.pid, self.done = None, os.getpid(), threading.Event()
+        self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
+        self.pending = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid or self.signal is not None:
+            return  # a loader worker (forked with this handler), or the same request again
+        self.signal = signal.Signals(signum).name
+        self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
+                         self.signal, EXIT_PREEMPTED)
+        threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def _watchdog(self):
+        if not self.done.wait(self.deadline_s):
+            self.log.warning('==> the step and checkpoint did not finish within %.0f s of %s: exiting now; '
+                             'the previous checkpoint is intact', self.deadline_s, self.signal)
+            os._exit(EXIT_PREEMPTED)
+
+    def agreed(self):
+        """Whether to stop after this step; every rank gets the same answer at the same step."""
+        if self.group is None:
+            return self.signal is not None
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(self.signal is not None)])
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self):
+        """The run is over (finished, stopped or failed): restore the handlers, stop the watchdog."""
+        self.done.set()
+        if self.pending is not None:
+            try:
+                self.pending[0].wait()
+            except RuntimeError:
+                pass  # a peer that is gone: the run ends anyway
+            self.pending = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
