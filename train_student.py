@@ -31,7 +31,7 @@ from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, remove_stale_
                               save_atomic)
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
-from utils.preemption import EXIT_PREEMPTED, StopRequest
+from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_loader_worker
 
 
 def get_args_parser():
@@ -92,8 +92,10 @@ def get_args_parser():
                    help='after SIGTERM/SIGUSR1, exit after this many seconds even if the step and the '
                         'checkpoint have not finished')
     # execution
-    p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default=None,
-                   help='autocast dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU)')
+    p.add_argument('--precision', choices=[*AUTOCAST_DTYPES, 'fp64'], default=None,
+                   help='autocast dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU); '
+                        'fp64: the student and a live teacher in float64 (slow: to check that runs of different '
+                        'shapes differ only by summation order)')
     p.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster on GPUs)')
     p.add_argument('--gpu_decode', action='store_true',
                    help='loader workers only read files; JPEGs are decoded (nvjpeg) and augmented on the GPU')
@@ -114,14 +116,15 @@ def main(args):
     json_log = JsonLog(json_log_path(logs_dir))
     # what derives from the flags is decided here, once
     args.precision = args.precision or default_precision(device)
-    amp_dtype = AUTOCAST_DTYPES[args.precision]
+    amp_dtype = AUTOCAST_DTYPES.get(args.precision)
+    dtype = torch.float64 if args.precision == 'fp64' else torch.float32  # fp64: only summation order differs
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.weak_strong and args.weak_weak:
         log.warning('note: --weak_strong and --weak_weak: --weak_strong wins, as in the original')
     dist_utils.seed_everything(args.seed, 0, rank)
 
     dataset = build_dataset(args.data, 'train', None, args.dataset, encoded=args.gpu_decode)
-    teachers = build_teachers(args, dataset, device, memory_format, log)
+    teachers = build_teachers(args, dataset, device, memory_format, log, dtype)
     # one view for both nets with --single_aug, or when no teacher looks at its own view
     single_view = args.single_aug or not any(t.needs_view for t in teachers.values())
     view_transform = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
@@ -134,11 +137,11 @@ def main(args):
         dataset.transform = view_transform
     loader = make_loader(dataset, args, world_size, rank)
     to_device = DeviceInput(device, memory_format, single_view, view_transform if args.gpu_decode else None,
-                            lambda index: dataset.samples[index][0], args.seed)
+                            lambda index: dataset.samples[index][0], args.seed, dtype)
 
     model = build_student(args, teachers)
     convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
-    model.to(device, memory_format=memory_format)
+    model.to(device, dtype=dtype, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -266,7 +269,7 @@ def make_loader(dataset, args, world_size, rank):
     ``ReplayedViews``. Every sample is made from its own seed, so workers and ranks do not matter."""
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
     return DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(),
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_loader_worker,
                       collate_fn=encoded_collate if args.gpu_decode else None)
 
 

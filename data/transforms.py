@@ -138,8 +138,9 @@ class DeviceInput:
     device first, each image's views from its sample's seed in ``epoch`` (``data.sampler.sample_seed``);
     ``file_of(index)`` names a sample's file for the error message when it cannot be read."""
 
-    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None, seed=0):
-        self.device, self.memory_format, self.single_view = device, memory_format, single_view
+    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None, seed=0,
+                 dtype=torch.float32):
+        self.device, self.memory_format, self.single_view, self.dtype = device, memory_format, single_view, dtype
         self.gpu_views, self.file_of, self.seed, self.epoch = gpu_views, file_of, seed, 0
 
     def __call__(self, index, images):
@@ -153,7 +154,7 @@ class DeviceInput:
         return student_in, teacher_in
 
     def to_input(self, uint8_images):
-        images = normalize(uint8_images.to(self.device, non_blocking=True))
+        images = normalize(uint8_images.to(self.device, non_blocking=True), self.dtype)
         return images.contiguous(memory_format=self.memory_format)
 
 

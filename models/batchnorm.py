@@ -90,7 +90,7 @@ class _GroupStats:
     def _across_processes(self, x, momentum):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         var, mean = torch.var_mean(xf, dims, unbiased=False)
         moments = dist_fn.all_reduce(torch.stack([mean, var + mean * mean]), group=self.groups.process_group)
         mean, square = moments / self.groups.span

@@ -57,7 +57,8 @@ def regression_loss(prediction, target, mse_nonorm=False):
     as the original's flag help says; the original normalised both sides first, which made
     the flag a no-op (see README).
     """
-    prediction, target = prediction.float(), target.float()
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
+    prediction, target = prediction.to(dtype), target.to(dtype)
     if mse_nonorm:
         return ((prediction - target) ** 2).sum(dim=1).mean()
     cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)

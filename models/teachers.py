@@ -33,8 +33,8 @@ class LiveTeacher:
         self.feat_dim = network.feat_dim
         self.info = info
 
-    def to(self, device, memory_format=torch.contiguous_format):
-        self.network.to(device, memory_format=memory_format)
+    def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+        self.network.to(device, dtype=dtype, memory_format=memory_format)
         return self
 
     def __call__(self, index, view, amp_dtype=None):
@@ -58,8 +58,8 @@ class CachedTeacher:
         self.boxes = cache.boxes
         self.device = torch.device('cpu')
 
-    def to(self, device, memory_format=None):
-        self.device = device
+    def to(self, device, memory_format=None, dtype=None):
+        self.device = device  # the rows stay fp16; the loss casts them to the prediction's dtype
         return self
 
     def __call__(self, index, view=None, amp_dtype=None):
@@ -82,7 +82,7 @@ def split_per_teacher(value, count, flag):
     return entries
 
 
-def build_teachers(args, dataset, device, memory_format, log):
+def build_teachers(args, dataset, device, memory_format, log, dtype=None):
     """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order. With --use_cache the one
     teacher, or each teacher that has a --teacher_feats entry, is read from its cache."""
     archs = args.arch_teacher.split(',')
@@ -98,7 +98,8 @@ def build_teachers(args, dataset, device, memory_format, log):
         if args.use_cache and (feat or len(archs) == 1):
             teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(device)
         else:
-            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format)
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format,
+                                                                                              dtype)
     return teachers
 
 

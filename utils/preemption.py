@@ -12,13 +12,20 @@ first signal, a watchdog exits anyway (with the same code: the previous checkpoi
 import os
 import signal
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume auto
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_in_loader_worker(worker_id):
+    """``worker_init_fn`` of the training loader: its workers ignore the stop signals (a scheduler sends them
+    to every process of the job), and the main process shuts them down once its checkpoint is written.
+    Left as they are, a worker dies of SIGTERM (torch's worker handler) and the main process raises."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopRequest:
