@@ -18,10 +18,10 @@ DEFAULT_DIST_TIMEOUT_MIN = 5.0
 def add_distributed_args(parser):
     """``--dist_timeout``, for every command that may run under torchrun or srun."""
     parser.add_argument('--dist_timeout', type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar='MINUTES',
-                        help='how long a process waits for the others, to start and in each collective (all_reduce, '
-                             'barrier), before it gives up with one error line: a dead or stuck peer ends the run '
-                             f'within this time (default {DEFAULT_DIST_TIMEOUT_MIN:g}). Raise it when rank 0 works alone '
-                             'for longer, e.g. downloading weights')
+                        help='how long a process waits for the others, to start and in each collective '
+                             '(all_reduce, barrier), before it gives up with one error line: a dead or stuck peer '
+                             f'ends the run within this time (default {DEFAULT_DIST_TIMEOUT_MIN:g}). Raise it when '
+                             'rank 0 works alone for longer, e.g. downloading weights')
     return parser
 
 
