@@ -1,33 +1,133 @@
-"""torchrun integration: one process per device, NCCL on GPUs and gloo on CPUs."""
+"""Process groups under torchrun or SLURM's srun: one process per device, NCCL on GPUs and gloo on CPUs."""
 import os
 import random
+import re
+import subprocess
 from datetime import timedelta
+from itertools import product
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils.errors import SimRegError
+from utils.errors import DistributedError, SimRegError, short_message
+
+DEFAULT_DIST_TIMEOUT_MIN = 5.0
 
 
-def init_distributed():
-    """Join the process group when launched by torchrun; a plain ``python`` run is rank 0 of 1.
+def add_distributed_args(parser):
+    """``--dist_timeout``, for every command that may run under torchrun or srun."""
+    parser.add_argument('--dist_timeout', type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar='MINUTES',
+                        help='how long a process waits for the others, to start and in each collective '
+                             '(all_reduce, barrier), before it gives up with one error line: a dead or stuck peer '
+                             f'ends the run within this time (default {DEFAULT_DIST_TIMEOUT_MIN:g}). Raise it when '
+                             'rank 0 works alone for longer, e.g. downloading weights')
+    return parser
+
+
+def expand_hostlist(hostlist):
+    """The host names of a SLURM host list, in order, as ``scontrol show hostnames`` prints them:
+    ``node[01-03,07],gpu-a[1-2],login5`` -> node01 node02 node03 node07 gpu-a1 gpu-a2 login5; several bracket
+    groups in one name give every combination (``rack[1-2]-node[3-4]``), and a range keeps the zero padding of
+    its first bound."""
+    hosts = []
+    for name in re.findall(r'(?:[^,\[]|\[[^\]]*\])+', hostlist):  # commas outside brackets split names
+        parts = re.split(r'\[([^\]]*)\]', name)  # text, group, text, group, ..., text
+        choices = [[text] if i % 2 == 0 else _expand_ranges(text) for i, text in enumerate(parts)]
+        hosts += [''.join(combination) for combination in product(*choices)]
+    return hosts
+
+
+def _expand_ranges(group):
+    """'01-03,07' -> ['01', '02', '03', '07']."""
+    values = []
+    for item in group.split(','):
+        low, _, high = item.strip().partition('-')
+        if not high:
+            values.append(low)
+            continue
+        if not (low.isdigit() and high.isdigit()) or int(high) < int(low):
+            raise SimRegError(f'cannot read the SLURM host range [{group}]: set MASTER_ADDR to the first node')
+        values += [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
+    return values
+
+
+def slurm_environment(env=os.environ):
+    """The torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a task that
+    ``srun`` started without torchrun, or None when this is not such a task, or the only one.
+
+    Only a task of a job step counts (SLURM_STEP_ID set): the batch script of an ``sbatch --ntasks=8`` job
+    also has SLURM_PROCID=0 and SLURM_NTASKS=8, and a ``python ...`` it runs directly is one process, not
+    rank 0 of 8 waiting for 7 that never come. A step of one task is the plain single-process run as well
+    (no rendezvous, no port), like ``python train_student.py``. The address is the first host of the step
+    (then of the job), where task 0 runs; the port comes from the job id, so that jobs sharing a node
+    differ. MASTER_ADDR and MASTER_PORT from the environment win.
+    """
+    if 'SLURM_STEP_ID' not in env or 'SLURM_PROCID' not in env:
+        return None
+    world_size = int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or 1)
+    if world_size <= 1:
+        return None
+    nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST')
+    if not env.get('MASTER_ADDR') and not nodelist:
+        raise SimRegError('srun started this task without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node')
+    return {'RANK': env['SLURM_PROCID'], 'WORLD_SIZE': str(world_size), 'LOCAL_RANK': env.get('SLURM_LOCALID', '0'),
+            'MASTER_ADDR': env.get('MASTER_ADDR') or expand_hostlist(nodelist)[0],
+            'MASTER_PORT': env.get('MASTER_PORT') or str(10000 + int(env.get('SLURM_JOB_ID', 0)) % 20000)}
+
+
+def init_distributed(timeout_min=DEFAULT_DIST_TIMEOUT_MIN):
+    """Join the process group when launched by torchrun, or by srun alone (see ``slurm_environment``); a
+    plain ``python`` run is rank 0 of 1. ``timeout_min`` bounds the rendezvous and every collective, so a
+    dead or stuck peer ends the run (``exit_on_user_error`` prints it as one line) instead of hanging it.
 
     Returns the device this process computes on.
     """
+    if not ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
+        os.environ.update(slurm_environment() or {})  # a task of srun looks like a worker of torchrun from here on
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             local_rank, gpus = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
             if local_rank >= gpus:
                 raise SimRegError(f'process {local_rank} of this node has no GPU ({gpus} visible): start at most '
-                                  f'{gpus} per node (torchrun --nproc_per_node={gpus}), or set '
-                                  'CUDA_VISIBLE_DEVICES= to run on CPUs')
+                                  f'{gpus} per node (torchrun --nproc_per_node={gpus}, srun --ntasks-per-node='
+                                  f'{gpus}), or set CUDA_VISIBLE_DEVICES= to run on CPUs')
             torch.cuda.set_device(local_rank)
-        dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=30))
+        try:
+            dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=timeout_min))
+        except (dist.DistError, RuntimeError) as exc:
+            raise DistributedError(
+                f"the {os.environ['WORLD_SIZE']} processes did not form a process group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (rank {os.environ['RANK']}): "
+                f'{short_message(exc)}; check that every process started and that the port is free, or raise '
+                '--dist_timeout') from exc
     if torch.cuda.is_available():
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
+
+
+def requeue_slurm_job(log, timeout_s=60):
+    """Put this SLURM job back in the queue (``scontrol requeue $SLURM_JOB_ID``): rank 0 calls it after
+    the checkpoint that a preemption or the time limit's signal asked for, last before exiting, since
+    SLURM then ends the job's processes; the job starts again later and resumes (``--resume auto``).
+    Outside SLURM, or on another rank, it does nothing. A missing or failing scontrol is logged, not
+    raised. Returns whether the job was requeued."""
+    job = os.environ.get('SLURM_JOB_ID')
+    if not job or os.environ.get('RANK', '0') != '0':
+        return False
+    command = ['scontrol', 'requeue', job]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning('==> could not requeue SLURM job %s (%s): resubmit it to resume', job, exc)
+        return False
+    if done.returncode != 0:
+        log.warning('==> could not requeue SLURM job %s: %s exited with %d: %s; resubmit it to resume', job,
+                    ' '.join(command), done.returncode, ' '.join((done.stderr or done.stdout).split()))
+        return False
+    log.info('==> requeued SLURM job %s: it starts again and resumes from the last checkpoint', job)
+    return True
 
 
 def backend_name():
