@@ -33,7 +33,8 @@ from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
 from models.simreg import AUTOCAST_DTYPES, default_precision
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
-from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process, run_on_main
+from utils.distributed import (add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process,
+                               run_on_main)
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import setup_logger
 
@@ -66,6 +67,7 @@ def get_args_parser():
     p.add_argument('--shard_size', type=int, default=50000,
                    help='images per shard, the unit that an interrupted run does not redo; rank 0 holds '
                         'one shard of features in memory (shard_size x dim x 2 bytes, twice while gathering)')
+    add_distributed_args(p)
     return p
 
 
@@ -185,7 +187,7 @@ def existing_cache_is_ours(output, recipe):
 
 def main(args):
     """Build the cache, or finish an interrupted build; returns its path."""
-    device = init_distributed()
+    device = init_distributed(args.dist_timeout)
     args.precision = args.precision or default_precision(device)
     torch.backends.cudnn.benchmark = True  # every full batch has the same shape
     log = setup_logger()

@@ -65,7 +65,7 @@ class HeadAndTeacher(nn.Module):
 
 def main(args):
     """The mean cosine on rank 0 (the dict written to imitation_epoch_<epoch>.json), None elsewhere."""
-    device = init_distributed()
+    device = init_distributed(args.dist_timeout)
     ckpt = read_checkpoint(args.weights)
     arch, teacher_path, teacher_fc = recorded_teacher(ckpt, args)
     student = features.load_feature_model(args.weights, stage='head', head_name=args.head)

@@ -29,9 +29,9 @@ from models.teachers import build_teachers, replayed_boxes
 from utils import distributed as dist_utils
 from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, remove_stale_temp_files, resume_candidates,
                               save_atomic)
-from utils.errors import SimRegError, exit_on_user_error
+from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
 from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
-from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_loader_worker
+from utils.preemption import StopRequest, ignore_in_loader_worker
 
 
 def get_args_parser():
@@ -102,12 +102,13 @@ def get_args_parser():
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the student (falls back to eager where compilation fails)')
     p.add_argument('--seed', type=int, default=0)
+    dist_utils.add_distributed_args(p)
     return p
 
 
 def main(args):
     """Train; returns the trained SimReg module (student backbone + head)."""
-    device = dist_utils.init_distributed()
+    device = dist_utils.init_distributed(args.dist_timeout)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     exp_dir = os.path.join(args.base_dir, 'exp', args.exp)
     ckpt_dir, logs_dir = os.path.join(exp_dir, 'checkpoints'), os.path.join(exp_dir, 'logs')
@@ -192,10 +193,11 @@ def main(args):
                                metric_logger, checkpointer) is None:
                 log.warning('==> stopped by %s in epoch %d after step %d/%d, checkpoint %s written: exit %d; '
                             'continue with --resume auto', stop.signal or 'a signal on another process', epoch,
-                            metric_logger.step, metric_logger.steps, checkpointer.path, EXIT_PREEMPTED)
+                            metric_logger.step, metric_logger.steps, checkpointer.path, RESUME_EXIT_CODE)
+                dist_utils.barrier()  # every rank leaves once rank 0's checkpoint is written
                 if rank == 0:
                     dist_utils.requeue_slurm_job(log)
-                raise SystemExit(EXIT_PREEMPTED)
+                raise SystemExit(RESUME_EXIT_CODE)
             if rank == 0:
                 state = checkpoint_state(model, optimizer, scaler, epoch, args, teachers)
                 if epoch % args.save_freq == 0 or epoch == args.epochs:

@@ -24,7 +24,7 @@ import torch
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from evaluation import features
-from utils.distributed import cleanup, get_world_size, init_distributed, is_main_process
+from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.logging import setup_logger
 
 OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_transfer: a sub-folder)
@@ -33,7 +33,8 @@ OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_
 def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
                   save_help='output folder for results, logs and feature caches (default: %(default)s)'):
     """The images an evaluation reads and where its results go: DIR, --dataset (unless ``dataset`` is
-    False: a transfer dataset has no ImageNet subset), -j/--workers, -b/--batch-size, --image_size, --save."""
+    False: a transfer dataset has no ImageNet subset), -j/--workers, -b/--batch-size, --image_size, --save;
+    and --dist_timeout."""
     p.add_argument('data', metavar='DIR', help=data_help)
     if dataset:
         p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
@@ -43,6 +44,7 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
     p.add_argument('--image_size', default=224, type=int,
                    help='crop size (the evaluation view resizes to size*256/224, then center-crops)')
     p.add_argument('--save', default=save, help=save_help)
+    add_distributed_args(p)
 
 
 def add_feature_args(p, load_cache=True, linear_pred=True):
@@ -75,7 +77,7 @@ class Run:
 def start(args, log_name, save=None):
     """Join the processes (torchrun, or one), resolve the stage and its output folder under ``save``
     (default ``args.save``; made by rank 0), log to ``<folder>/<log_name>`` on rank 0, log the flags."""
-    device = init_distributed()
+    device = init_distributed(args.dist_timeout)
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
     folder = features.stage_output_dir(save or args.save, stage, args.head)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, build_cache, free_port, make_image_folder, torchrun, train, train_log
 from models.backbones import build_backbone
-from utils.preemption import EXIT_PREEMPTED
+from utils.errors import RESUME_EXIT_CODE
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
 

@@ -53,7 +53,7 @@ def test_earlier_command_lines_parse_to_the_same_values():
                   '--linear_pred', '--dataset', 'imagenet100', '-j', '2', '-b', '64', '--save', 's', '--load_cache',
                   '--epoch', '3', '-k', '5', '--image_size', '96', '--amp', '--seed', '4', 'DIR') == dict(
         data='DIR', **checkpoint, linear_pred=True, dataset='imagenet100', workers=2, batch_size=64, save='s',
-        load_cache=True, epoch=3, k=5, image_size=96, amp=True, seed=4)
+        load_cache=True, epoch=3, k=5, image_size=96, amp=True, seed=4, dist_timeout=5.0)
     assert parsed(eval_linear, 'DIR', '--weights', 'w.pth', '--arch', 'resnet50', '--use_pred', '--head', 'h',
                   '--stage', 'head', '--linear_pred', '--dataset', 'imagenet100', '--workers', '2',
                   '--batch-size', '64', '--epochs', '3', '--learning-rate', '0.5', '--lr_schedule', '1,2',
@@ -61,18 +61,18 @@ def test_earlier_command_lines_parse_to_the_same_values():
                   '--save', 's', '-e', '--use_cache', '--image_size', '96', '--amp') == dict(
         data='DIR', **checkpoint, linear_pred=True, dataset='imagenet100', workers=2, batch_size=64, epochs=3,
         lr=0.5, lr_schedule='1,2', momentum=0.8, weight_decay=0.0, eval_freq=2, resume='r', seed=4, save='s',
-        evaluate=True, use_cache=True, image_size=96, amp=True)
+        evaluate=True, use_cache=True, image_size=96, amp=True, dist_timeout=5.0)
     aliases = parsed(eval_linear, 'DIR', '--weights', 'w.pth', '--lr', '0.2', '--wd', '0.1', '--evaluate')
     assert (aliases['lr'], aliases['weight_decay'], aliases['evaluate']) == (0.2, 0.1, True)
     assert parsed(eval_transfer, '--weights', 'w.pth', '-a', 'resnet50', '--use_pred', '--head', 'h',
                   '--stage', 'head', '--name', 'pets', '-j', '2', '-b', '64', '--save', 's', '--load_cache',
                   '--image_size', '96', '--amp', '--max_iter', '7', '--seed', '4', 'DIR') == dict(
         data='DIR', **checkpoint, name='pets', workers=2, batch_size=64, save='s', load_cache=True,
-        image_size=96, amp=True, max_iter=7, seed=4)
+        image_size=96, amp=True, max_iter=7, seed=4, dist_timeout=5.0)
     assert parsed(eval_imitation, '--weights', 'w.pth', '--arch_teacher', 'resnet50', '--teacher_weights', 't',
                   '--head', 'h', '--dataset', 'imagenet100', '--split', 'test', '--image_size', '96',
                   '-b', '64', '-j', '2', '--save', 's', 'DIR') == dict(
         data='DIR', weights='w.pth', arch_teacher='resnet50', teacher_weights='t', head='h', dataset='imagenet100',
-        split='test', image_size=96, batch_size=64, workers=2, save='s')
+        split='test', image_size=96, batch_size=64, workers=2, save='s', dist_timeout=5.0)
     assert parsed(export_student, 'ckpt.pth', 'out.pth', '--arch', 'resnet18') == dict(
         checkpoint='ckpt.pth', output='out.pth', arch='resnet18')

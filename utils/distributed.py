@@ -199,9 +199,3 @@ def run_on_main(fn):
     if error is not None:
         raise SimRegError(error)
     return result
-
-
-def requeue_slurm_job(log):
-    """Placeholder until the SLURM support lands: nothing to requeue outside SLURM."""
-    if os.environ.get('SLURM_JOB_ID'):
-        log.warning('note: SLURM job %s is not requeued', os.environ['SLURM_JOB_ID'])

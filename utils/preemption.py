@@ -6,7 +6,7 @@ that is one request. ``StopRequest.agreed()``, called by every rank after every 
 that reached any rank into one decision that every rank takes after the same step: each call starts an
 asynchronous all-reduce (MAX, on a gloo group, so it costs the GPU nothing) of the local flag and reads
 the one started a step earlier. After the decision the training loop writes its checkpoint and the process
-exits with ``EXIT_PREEMPTED``. Should the step and the checkpoint not end within ``deadline_s`` of the
+exits with ``RESUME_EXIT_CODE`` (75). Should the step and the checkpoint not end within ``deadline_s`` of the
 first signal, a watchdog exits anyway (with the same code: the previous checkpoint is intact).
 """
 import os
@@ -16,7 +16,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume auto
+from utils.errors import RESUME_EXIT_CODE, record_exit_code
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -43,14 +44,15 @@ class StopRequest:
             return  # a loader worker (forked with this handler), or the same request again
         self.signal = signal.Signals(signum).name
         self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
-                         self.signal, EXIT_PREEMPTED)
+                         self.signal, RESUME_EXIT_CODE)
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def _watchdog(self):
         if not self.done.wait(self.deadline_s):
             self.log.warning('==> the step and checkpoint did not finish within %.0f s of %s: exiting now; '
                              'the previous checkpoint is intact', self.deadline_s, self.signal)
-            os._exit(EXIT_PREEMPTED)
+            record_exit_code(RESUME_EXIT_CODE)
+            os._exit(RESUME_EXIT_CODE)
 
     def agreed(self):
         """Whether to stop after this step; every rank gets the same answer at the same step."""
