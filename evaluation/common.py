@@ -52,7 +52,7 @@ def add_feature_args(p, load_cache=True, linear_pred=True):
     if load_cache:
         p.add_argument('--load_cache', action='store_true',
                        help='reuse the features an earlier run cached in --save (refused unless the same '
-                            'checkpoint, stage, dataset, image size and --amp made them)')
+                            'checkpoint, images, stage, dataset, image size and --amp made them)')
     p.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
 
 
