@@ -298,8 +298,8 @@ class FeatureCache:
         return features, labels
 
     def save(self, split, dataset, features, labels):
-        """Arrays first, sidecar last, each atomically: a cache without a sidecar does not exist."""
-        os.makedirs(self.folder, exist_ok=True)
+        """Arrays first, sidecar last, each atomically (folder made as needed): a cache without a sidecar does
+        not exist."""
         save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
         save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
         sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
