@@ -161,7 +161,6 @@ class ShardStore:
         if not np.isfinite(features).all():
             raise SimRegError(f'the teacher gave non-finite features for images {rows[0]}-{rows[1] - 1} (fp16 '
                               f'overflow or broken weights): check --teacher_weights, or use --precision fp32')
-        os.makedirs(self.folder, exist_ok=True)
         arrays = {self.array_path(k): features}
         if views is not None:
             arrays[views_path(self.array_path(k))] = views

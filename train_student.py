@@ -27,8 +27,8 @@ from models.loading import load_strict, read_checkpoint, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
 from models.teachers import build_teachers, replayed_boxes
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, remove_stale_temp_files, resume_candidates,
-                              save_atomic)
+from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
+                              resume_candidates, save_atomic, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
 from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
 from utils.preemption import StopRequest, ignore_in_loader_worker
@@ -229,11 +229,8 @@ def train_one_epoch(model, teachers, loader, to_device, optimizer, scaler, amp_d
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
     """Rank 0, before anything is written: the folders, no temp file left by a killed write, and no
     finished or running experiment started over by mistake."""
-    try:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        os.makedirs(logs_dir, exist_ok=True)
-    except OSError as exc:
-        raise SimRegError(f'cannot create {exp_dir} ({exc.strerror}): choose a writable --base_dir') from None
+    writable_folder(ckpt_dir)
+    make_folder(logs_dir)
     for name in remove_stale_temp_files(ckpt_dir):
         print(f'note: removed {name}, left in {ckpt_dir} by a write that was killed', flush=True)
     existing = resume_candidates(ckpt_dir)

@@ -1,12 +1,14 @@
 """ImageFolder that returns each sample's index, with checks that fail early and clearly."""
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from utils.errors import SimRegError
@@ -16,9 +18,12 @@ def read_bytes(path):
     """A file's bytes as a uint8 tensor, in ordinary memory so DataLoader workers can pass it on."""
     try:
         with open(path, 'rb') as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            data = f.read()
     except OSError as exc:
         raise SimRegError(f'cannot read image {path} ({exc.strerror}): check the file') from None
+    if not data:
+        raise SimRegError(f'cannot read image {path} (empty file): delete or replace the file')
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def decode_rgb(path):
@@ -26,23 +31,65 @@ def decode_rgb(path):
     return decode_bytes(read_bytes(path), path)
 
 
+JPEG_MAGIC = b'\xff\xd8\xff'
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def is_jpeg(data):
+    """Whether an encoded image (uint8 tensor) starts like a JPEG: only those go to torchvision's decoders,
+    whose PNG decoder crashes the process (SIGSEGV) on a PNG with fewer rows than its header says."""
+    return len(data) >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
+
+
 def decode_bytes(data, name):
     """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W).
 
-    ``decode_image`` reads JPEG, PNG (ImageNet has a PNG named .JPEG), CMYK and grayscale JPEGs;
-    PIL is the fallback for anything else, and a file neither can read gets a message naming it.
+    JPEGs (also CMYK and grayscale ones) go to torchvision's fast decoder; everything else (ImageNet has a
+    PNG named .JPEG) and a JPEG torchvision refuses to PIL, which raises on damaged data where the
+    torchvision PNG decoder can crash the process; a PNG is first checked to hold the rows its header
+    promises (PIL fills missing ones with black). A file that cannot be read gets a message naming it.
     """
+    if is_jpeg(data):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            pass
+    raw = data.numpy().tobytes()
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        return pil_to_tensor(Image.open(io.BytesIO(data.numpy().tobytes())).convert('RGB'))
+        check_png_rows(raw)
+        return pil_to_tensor(Image.open(io.BytesIO(raw)).convert('RGB'))
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows, or corrupt'
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     raise SimRegError(f'cannot read image {name} ({reason}): delete or replace the file')
+
+
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_png_rows(raw):
+    """Raise ValueError when the PNG ``raw`` inflates to fewer bytes than its header's size needs (a file
+    that is no PNG passes: PIL judges it)."""
+    if not raw.startswith(PNG_MAGIC) or raw[12:16] != b'IHDR' or len(raw) < 33:
+        return
+    width, height, depth, colour, _, _, interlace = struct.unpack('>IIBBBBB', raw[16:29])
+    bits = depth * _PNG_SAMPLES.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    needed = 0
+    for x0, y0, dx, dy in passes:
+        cols, rows = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if cols > 0 and rows > 0:
+            needed += rows * (1 + (cols * bits + 7) // 8)  # a filter byte per row
+    inflate, pos, got = zlib.decompressobj(), 8, 0
+    while pos + 8 <= len(raw) and got < needed:
+        length, kind = struct.unpack('>I4s', raw[pos:pos + 8])
+        if kind == b'IDAT':
+            got += len(inflate.decompress(raw[pos + 8:pos + 8 + length], needed - got))
+        pos += 12 + length
+    if got < needed:
+        raise ValueError(f'PNG data ends before the {width}x{height} pixels its header promises')
 
 
 def encoded_collate(batch):

@@ -14,7 +14,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from data.folders import decode_bytes
+from data.folders import decode_bytes, is_jpeg
 from data.sampler import sample_seed
 
 WEAK_SCALE = (0.2, 1.0)
@@ -114,12 +114,17 @@ def decode_views_on(device, encoded, views, name_of, seed_of):
     draw each image's views there, the j-th from torch's random stream seeded with ``seed_of(j)`` (its
     sample's seed, as the loader's workers do); returns what the loader would have (a batch, or two).
 
-    Whatever the device decoder refuses (PNG, CMYK, ...) is decoded on the CPU and moved over;
-    ``name_of(j)`` names the j-th file for the error message when neither can read it.
+    Files that are no JPEG (PNG, ...) and whatever the device decoder refuses (CMYK, ...) are decoded on
+    the CPU (``decode_bytes``) and moved over; ``name_of(j)`` names the j-th file for the error message
+    when neither can read it.
     """
-    try:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    images = None
+    if all(is_jpeg(data) for data in encoded):
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+    if images is None:
         images = [decode_one_on(device, data, name_of, j) for j, data in enumerate(encoded)]
     per_image = []
     for j, image in enumerate(images):
@@ -159,10 +164,13 @@ class DeviceInput:
 
 
 def decode_one_on(device, data, name_of, position):
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return decode_bytes(data, name_of(position)).to(device)
+    """One encoded image on ``device``: a JPEG by the device decoder if it can, anything else by ``decode_bytes``."""
+    if is_jpeg(data):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+    return decode_bytes(data, name_of(position)).to(device)
 
 
 @functools.lru_cache(maxsize=None)

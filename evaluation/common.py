@@ -24,6 +24,7 @@ import torch
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from evaluation import features
+from utils.checkpoint import writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.logging import setup_logger
 
@@ -54,7 +55,7 @@ def add_feature_args(p, load_cache=True, linear_pred=True):
     if load_cache:
         p.add_argument('--load_cache', action='store_true',
                        help='reuse the features an earlier run cached in --save (refused unless the same '
-                            'checkpoint, stage, dataset, image size and --amp made them)')
+                            'checkpoint, images, stage, dataset, image size and --amp made them)')
     p.add_argument('--amp', action='store_true', help='run the frozen network under autocast')
 
 
@@ -82,7 +83,7 @@ def start(args, log_name, save=None):
     stage = features.resolve_stage(args.stage, args.use_pred)
     folder = features.stage_output_dir(save or args.save, stage, args.head)
     if is_main_process():
-        os.makedirs(folder, exist_ok=True)
+        writable_folder(folder)
     logger = setup_logger(os.path.join(folder, log_name) if is_main_process() else None)
     logger.info(f'args: {vars(args)}')
     return Run(args, device, stage, folder, logger, get_world_size(), is_main_process(), time.time())

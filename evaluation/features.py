@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data.teacher_cache import dataset_fingerprint
 from data.transforms import normalize
 from models.backbones import build_backbone
 from models.loading import load_backbone, load_student, read_checkpoint
@@ -238,9 +239,12 @@ class FeatureCache:
     ``<split>_feats.json``, the sidecar whose ``CHECKED`` entries must match for reuse.
 
     ``amp``: the features are (to be) extracted under autocast; features of the other precision
-    are not reused."""
+    are not reused. ``file_list_sha256`` (``data.teacher_cache.dataset_fingerprint``, as the teacher
+    cache) keys the rows by the images' relative paths in order, class folder included: the same count
+    of other files, or files moved between class folders, are refused."""
 
-    CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'amp', 'split', 'num_samples', 'num_classes')
+    CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'amp', 'split', 'num_samples', 'num_classes',
+               'file_list_sha256')
 
     def __init__(self, folder, weights, stage, dataset, image_size, refuse_hint, amp=False):
         self.folder = folder
@@ -264,7 +268,8 @@ class FeatureCache:
 
     def expected(self, split, dataset):
         return {'weights_sha256': self.weights_sha256, **self.common, 'split': split,
-                'num_samples': len(dataset), 'num_classes': len(dataset.classes)}
+                'num_samples': len(dataset), 'num_classes': len(dataset.classes),
+                'file_list_sha256': dataset_fingerprint(dataset)['file_list_sha256']}
 
     def load(self, split, dataset):
         """(features, labels) when a complete cache exists and matches, None when there is none;
@@ -280,6 +285,10 @@ class FeatureCache:
                 hint = self.refuse_hint
                 if key == 'amp':
                     hint = f'{"pass" if recorded.get(key) else "drop"} --amp to reuse them, or {hint}'
+                if key == 'file_list_sha256':
+                    raise SimRegError(f'cached {split} features {sidecar} were made for other files than the '
+                                      f'{expected["num_samples"]} images of {dataset.root} (the same count, not '
+                                      f'the same paths or class folders): {hint}')
                 raise SimRegError(f'cached {split} features {sidecar} were made with {key}={recorded.get(key)}, '
                                   f'this run has {key}={expected[key]}: {hint}')
         features = torch.from_numpy(np.load(self.path(split, 'feats.npy')))
@@ -289,8 +298,8 @@ class FeatureCache:
         return features, labels
 
     def save(self, split, dataset, features, labels):
-        """Arrays first, sidecar last, each atomically: a cache without a sidecar does not exist."""
-        os.makedirs(self.folder, exist_ok=True)
+        """Arrays first, sidecar last, each atomically (folder made as needed): a cache without a sidecar does
+        not exist."""
         save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
         save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
         sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),

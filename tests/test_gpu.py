@@ -46,7 +46,7 @@ def test_gpu_decode_falls_back_for_a_png_in_the_batch(tmp_path):
     root = make_image_folder(tmp_path / 'data', n_classes=1, per_class=3, size=64, splits=('train',))
     paths = [p for p, _ in build_dataset(root, 'train', None).samples]
     Image.open(paths[1]).save(paths[1], format='PNG')  # ImageNet holds a PNG named .JPEG
-    batch = decode_views_on(CUDA, [read_bytes(p) for p in paths], lambda image: image, lambda j: paths[j])
+    batch = decode_views_on(CUDA, [read_bytes(p) for p in paths], lambda image: image, lambda j: paths[j], int)
     assert batch.device.type == 'cuda' and batch.shape == (3, 3, 64, 64)
     assert torch.equal(batch[1].cpu(), decode_rgb(paths[1]))  # PNG is lossless and took the CPU decoder
 

@@ -1,4 +1,5 @@
 """Atomic checkpoint writes, when to write inside an epoch, and which checkpoint to resume from."""
+import errno
 import glob
 import hashlib
 import os
@@ -9,23 +10,92 @@ import time
 import numpy as np
 import torch
 
+from utils.errors import SimRegError
+
 
 def _write_atomic(path, mode, write):
     """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``:
-    a crash never leaves half a file, and a failed write leaves no temp file behind."""
+    a crash never leaves half a file, and a failed write leaves no temp file behind and the file that was
+    at ``path`` as it was. A write the disk refuses (full, read-only, no permission) is a SimRegError that
+    names the folder and the fix."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
+    make_folder(folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
         with os.fdopen(fd, mode) as f:
-            write(f)
+            recorder = _WriteErrors(f)
+            try:
+                write(recorder)
+            except RuntimeError:  # torch.save reports a failed write without its OSError
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise SimRegError(_write_error(f'write {path}', folder, exc)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+class _WriteErrors:
+    """A file object that remembers the OSError of a failed write (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def _remove_quietly(tmp):
+    """Remove this write's own temp file (None: none was made yet)."""
+    if tmp is not None and os.path.exists(tmp):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def _write_error(what, folder, exc):
+    """The one line for an OSError of ``what`` ('write <path>') in ``folder``: what the system said, and the fix."""
+    where = 'choose another --base_dir/--save/--output'
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f'free space in {folder} or {where}'
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f'choose a writable folder (--base_dir/--save/--output) instead of {folder}'
+    else:
+        fix = f'check the disk of {folder} or {where}'
+    return f'cannot {what} ({exc.strerror or exc}): {fix}'
+
+
+def make_folder(folder):
+    """os.makedirs(folder, exist_ok=True), with a SimRegError naming the fix when the disk refuses."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SimRegError(_write_error(f'create the folder {folder}', folder, exc)) from None
+
+
+def writable_folder(folder):
+    """``make_folder``, then a temp file made and dropped in it: a script's start-up refuses a folder it could
+    not write its results to (read-only, no permission) before it works for hours."""
+    make_folder(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise SimRegError(_write_error(f'write in {folder}', folder, exc)) from None
 
 
 def save_atomic(state, path):

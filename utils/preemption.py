@@ -22,11 +22,20 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_in_loader_worker(worker_id):
-    """``worker_init_fn`` of the training loader: its workers ignore the stop signals (a scheduler sends them
-    to every process of the job), and the main process shuts them down once its checkpoint is written.
-    Left as they are, a worker dies of SIGTERM (torch's worker handler) and the main process raises."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """``worker_init_fn`` of the training loader: its workers outlive the stop signals that a scheduler sends
+    to every process of the job (left to torch's worker handler, a worker dies of SIGTERM and the main
+    process raises mid-step), while a SIGTERM from the main process, the loader shutting its worker down,
+    still ends it. Both signals are blocked, and a thread takes them with their sender."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+    def take_signals():
+        while True:
+            info = signal.sigwaitinfo(SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, daemon=True).start()
 
 
 class StopRequest:
