@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_command
+from conftest import ROOT, make_image_folder, resumed_from, run_command
 from models.backbones import build_backbone
 
 
@@ -82,3 +82,44 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ws):
                  '--learning_rate', '1e30')
     assert_user_error(proc, 'loss is', 'last good checkpoint is kept')
     assert last.read_bytes() == good
+
+
+def checkpoint_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_a_finished_experiment_is_not_started_over_without_overwrite(ws):
+    train(ws, ws / 'data', '--exp', 'done', '--epochs', '1', expect=0)
+    ckpt_dir = ws / 'runs' / 'exp' / 'done' / 'checkpoints'
+    before = checkpoint_files(ckpt_dir)
+    assert_user_error(train(ws, ws / 'data', '--exp', 'done', '--epochs', '1'), 'already holds checkpoints',
+                      'ckpt_epoch_1.pth', '--resume auto to continue it', '--overwrite to start it again')
+    assert checkpoint_files(ckpt_dir) == before
+    train(ws, ws / 'data', '--exp', 'done', '--epochs', '1', '--overwrite', expect=0)
+    assert torch.load(ckpt_dir / 'last.pth', weights_only=True)['epoch'] == 1
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_a_damaged_last_checkpoint_and_a_killed_write(ws):
+    """A truncated (or unsafe) last.pth: --resume auto says so and takes the newest checkpoint that loads;
+    a temp file that a killed write left is removed at the start."""
+    train(ws, ws / 'data', '--exp', 'damaged', '--epochs', '2', '--save_freq', '1', expect=0)
+    ckpt_dir = ws / 'runs' / 'exp' / 'damaged' / 'checkpoints'
+    last = ckpt_dir / 'last.pth'
+    last.write_bytes(last.read_bytes()[:1000])
+    (ckpt_dir / '.last.pth1a2b3c.tmp').write_bytes(b'half a checkpoint')
+    intact = (ckpt_dir / 'ckpt_epoch_2.pth').read_bytes()
+    proc = train(ws, ws / 'data', '--exp', 'damaged', '--epochs', '3', '--resume', 'auto', expect=0)
+    assert 'note: removed .last.pth1a2b3c.tmp' in proc.stdout
+    assert f'note: cannot read checkpoint {last}' in proc.stdout + proc.stderr
+    assert 'trying the previous checkpoint' in proc.stdout + proc.stderr and 'Traceback' not in proc.stderr
+    assert resumed_from(ws / 'runs' / 'exp' / 'damaged') == 2
+    assert (ckpt_dir / 'ckpt_epoch_2.pth').read_bytes() == intact
+    assert torch.load(last, weights_only=True)['epoch'] == 3
+    assert not list(ckpt_dir.glob('.*.tmp'))
+    # unsafe: a pickle that would run code is not unpickled, and the intact one is taken instead
+    import pickle
+    last.write_bytes(pickle.dumps(print))
+    proc = train(ws, ws / 'data', '--exp', 'damaged', '--epochs', '3', '--resume', 'auto', expect=0)
+    assert 'refusing to load' in proc.stdout + proc.stderr and resumed_from(ws / 'runs' / 'exp' / 'damaged') == 3
