@@ -203,6 +203,42 @@ def bench_train_step(quick):
                   extra=f'  (ResNet-50 -> ResNet-18, {size}px, batch {batch}, {device.type})')
 
 
+def bench_bn_groups(quick):
+    """The student's step with --bn_batch 64 (BatchNorm over groups of 64 inside the process: one batch_norm
+    per group) against plain BatchNorm over the 256 a process holds on one GPU (the same cost on a CPU scaled
+    down: groups of a quarter of the batch)."""
+    import train_student
+    from models.backbones import build_backbone
+    from models.batchnorm import BNGroups, convert_batchnorm
+    from models.head import build_head
+    from models.simreg import SimReg
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gpu = device.type == 'cuda'
+    size, batch, steps = (224, 256, 20) if gpu else ((64, 32, 3) if quick else (112, 64, 5))
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    amp_dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported(including_emulation=False) else None
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    targets = {'t': torch.randn(batch, 2048, device=device)}
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def build(groups):
+        torch.manual_seed(0)
+        model = convert_batchnorm(SimReg(build_backbone('resnet18'), build_head(512, 2048)), groups)
+        model.to(device, memory_format=memory_format).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        return lambda: [train_student.train_step(model, images, targets, optimizer, scaler, amp_dtype, False)
+                        for _ in range(steps)]
+
+    ours, reference = build(BNGroups(batch // 4)), build(None)
+    ours(), reference()  # warm-up
+    ours_speed = steps * batch / best_of(ours, 3, device)
+    reference_speed = steps * batch / best_of(reference, 3, device)
+    return report('bn_groups', ours_speed, reference_speed, 'img/s',
+                  extra=f'  (ResNet-18 student step, BatchNorm over groups of {batch // 4} vs over the {batch} of '
+                        f'one process, {size}px, {device.type})')
+
+
 def bench_linear_cached(quick):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if quick:
@@ -219,7 +255,8 @@ def bench_knn(quick):
 
 
 BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
-              'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step}
+              'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step,
+              'bn_groups': bench_bn_groups}
 
 
 def main():
