@@ -1,34 +1,118 @@
-"""Write a distilled student's backbone as a plain torchvision state dict, for downstream use.
+"""Write a distilled student's backbone for downstream use: a plain torchvision state dict, and/or ONNX.
 
     python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth resnet18_simreg.pth
+    python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth --onnx resnet18_simreg.onnx
 
 Reads any student checkpoint models.loading accepts (this project's, or the original code's),
 drops the regression head and every prefix; ``torchvision.models.resnet18()`` (or the student's
-architecture) then loads the file with ``strict=False``, only the classifier missing.
+architecture) then loads the state dict with ``strict=False``, only the classifier missing.
+
+``--onnx`` writes the backbone in eval mode as an ONNX model: input ``images`` (float32 N x 3 x H x W,
+normalised with the ImageNet mean/std as the evaluation scripts do), output ``features`` (N x feat_dim,
+the pooled feature); the batch and spatial axes are dynamic. Before the file is written, onnxruntime runs
+it on a batch of another size than the export's example and must match PyTorch within 1e-4. Only this
+path imports onnx and onnxruntime (``pip install onnx onnxruntime``).
 """
 import argparse
+import io
+import warnings
+
+import numpy as np
+import torch
 
 from models import load_student
-from utils.checkpoint import save_atomic
-from utils.errors import exit_on_user_error
+from utils.checkpoint import save_atomic, write_bytes_atomic
+from utils.errors import SimRegError, exit_on_user_error
+
+ONNX_TOLERANCE = 1e-4  # max|onnxruntime - PyTorch| <= ONNX_TOLERANCE * max(1, max|PyTorch|)
+EXAMPLE_BATCH, CHECK_BATCH = 2, 3  # the export traces one batch size, the check runs another
+OPSETS = range(9, 21)  # what torch's TorchScript-based ONNX exporter writes with initializers as weights, not inputs
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Export a SimReg student backbone as a torchvision state dict', add_help=True)
+    p = argparse.ArgumentParser('Export a SimReg student backbone as a torchvision state dict and/or ONNX',
+                                add_help=True)
     p.add_argument('checkpoint', help='student checkpoint (train_student.py or the original main.py)')
-    p.add_argument('output', help='where to write the state dict (.pth)')
+    p.add_argument('output', nargs='?', help='where to write the state dict (.pth); may be left out with --onnx')
     p.add_argument('--arch', help='expected student architecture; checked against the checkpoint')
+    p.add_argument('--onnx', metavar='PATH', help='also write the backbone as ONNX (input "images" N x 3 x H x W, '
+                   'ImageNet-normalised; output "features" N x feat_dim; batch, height and width dynamic)')
+    p.add_argument('--image_size', type=int, default=224,
+                   help='height and width of the ONNX export\'s example input and of its check batch')
+    p.add_argument('--opset', type=int, default=17, choices=OPSETS, metavar='N',
+                   help=f'ONNX opset version ({OPSETS[0]}-{OPSETS[-1]}; default 17)')
     return p
 
 
 def main(args):
-    """Write the backbone's state dict to ``args.output``; returns the state dict."""
+    """Write the backbone's state dict to ``args.output`` and/or ONNX to ``args.onnx``; returns the state dict."""
+    if args.output is None and args.onnx is None:
+        raise SimRegError('nothing to write: give OUTPUT (the state dict, .pth) and/or --onnx PATH')
+    if args.onnx is not None:
+        if args.image_size < 32:
+            raise SimRegError(f'--image_size {args.image_size} is below the 32 pixels the backbones downsample by: '
+                              f'pass --image_size 32 or more (224 is what the evaluation uses)')
+        import_onnx()  # before anything is written
     backbone, _ = load_student(args.checkpoint, arch=args.arch, backbone_only=True)
     state = backbone.state_dict()
-    save_atomic(state, args.output)
-    print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
-          f'torchvision model with strict=False; only the classifier is missing')
+    if args.output is not None:
+        save_atomic(state, args.output)
+        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
+              f'torchvision model with strict=False; only the classifier is missing')
+    if args.onnx is not None:
+        export_onnx(backbone, args.onnx, args.image_size, args.opset)
     return state
+
+
+def import_onnx():
+    """(onnx, onnxruntime), imported only when ONNX is asked for; a SimRegError naming the fix when missing."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise SimRegError(f'--onnx needs the onnx and onnxruntime packages ({exc.name or exc} is not installed): '
+                          f'pip install onnx onnxruntime') from None
+    return onnx, onnxruntime
+
+
+def export_onnx(backbone, path, image_size, opset):
+    """Export ``backbone`` (eval mode) to ONNX, check it with onnxruntime against PyTorch, then write ``path``
+    atomically; a model that does not match is not written."""
+    onnx, _ = import_onnx()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=generator)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # torch calls the TorchScript-based exporter "legacy"; it needs no onnxscript and exports these
+        # backbones with dynamic batch and spatial axes in about a second (the dynamo exporter: 10-50 s)
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        torch.onnx.export(backbone.eval(), (example,), buffer, dynamo=False, opset_version=opset,
+                          input_names=['images'], output_names=['features'],
+                          dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'}, 'features': {0: 'batch'}})
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_model_from_string(data))
+    batch = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=generator)
+    err, scale = onnx_difference(data, backbone, batch)
+    check = (f'onnxruntime vs PyTorch on a batch of {CHECK_BATCH} at {image_size}x{image_size} (exported with '
+             f'{EXAMPLE_BATCH}): max abs difference {err:.2g}, relative {err / max(scale, 1e-30):.2g}')
+    if not err <= ONNX_TOLERANCE * max(1.0, scale):
+        raise SimRegError(f'the ONNX export does not match PyTorch ({check}, above {ONNX_TOLERANCE}): {path} not '
+                          f'written; try another --opset')
+    write_bytes_atomic(data, path)
+    print(f'wrote {path} (opset {opset}; images N x 3 x H x W -> features N x {backbone.feat_dim}): {check}, '
+          f'within {ONNX_TOLERANCE}')
+
+
+def onnx_difference(model_bytes, backbone, batch):
+    """(max|onnxruntime - PyTorch|, max|PyTorch|) of the serialised model and ``backbone`` on ``batch``."""
+    import onnxruntime
+    session = onnxruntime.InferenceSession(model_bytes, providers=['CPUExecutionProvider'])
+    (out,) = session.run(['features'], {'images': batch.numpy()})
+    with torch.no_grad():
+        ref = backbone.eval()(batch).numpy()
+    if out.shape != ref.shape:
+        return float('inf'), float(np.abs(ref).max())
+    return float(np.abs(out - ref).max()), float(np.abs(ref).max())
 
 
 if __name__ == '__main__':
