@@ -113,6 +113,11 @@ def write_text_atomic(text, path):
     _write_atomic(path, 'w', lambda f: f.write(text))
 
 
+def write_bytes_atomic(data, path):
+    """Small binary result files (pictures), atomically."""
+    _write_atomic(path, 'wb', lambda f: f.write(data))
+
+
 def epoch_checkpoint_path(ckpt_dir, epoch):
     return os.path.join(ckpt_dir, f'ckpt_epoch_{epoch}.pth')
 
