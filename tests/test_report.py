@@ -94,7 +94,11 @@ def test_online_knn_from_the_log(exp):
         if r['event'] == 'epoch' and r['epoch'] in online:
             r['knn'] = online[r['epoch']]
     write_log(exp, records)
+    linear = read_json(exp / 'linear' / 'linear_results.json')
+    linear['best'] = {'top1': 12.5, 'epoch': 4}  # the probe's best, not its last (10.0 at epoch 5)
+    (exp / 'linear' / 'linear_results.json').write_text(json.dumps(linear))
     report = report_of(exp)
+    assert report['linear_top1'] == 12.5 and report['linear_best_epoch'] == 4
     assert report['online_knn'] == {'epoch': [1, 3], '1': [20.0, 31.25], '20': [22.5, 30.0]}
     assert report['online_knn_teacher'] == {'1': 40.0, '20': 45.0}
     assert report['online_knn_init'] == {'1': 12.5, '20': 11.0}
