@@ -2,7 +2,8 @@
 # The embedded demo, which `bash run.sh` runs when DATA is unset: a generated 10-class dataset, a teacher
 # with RANDOM weights (unless DEMO_TEACHER_WEIGHTS names a checkpoint), a few epochs at a small
 # resolution, then k-NN, the linear probe and a held-out imitation check, with the same scripts and
-# output layout as a real run, and a table. It proves the pipeline works, not the paper's numbers.
+# output layout as a real run, and a report (a table, exp/<exp>/report.json and report.png, by
+# evaluation/report.py). It proves the pipeline works, not the paper's numbers.
 # NGPUS, BASE_DIR, N_MLP_LAYERS and LR are run.sh's; started on its own, demo.sh goes through run.sh.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,12 +1,60 @@
-"""The demo's closing table, read from the result files the evaluation scripts wrote.
+"""The report of an experiment, from the files that training and the evaluation scripts wrote: a text table on
+stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). The demo ends with it.
 
-    python -m evaluation.report exp/demo [--wall_time SECONDS]
+    python -m evaluation.report EXP_DIR [--wall_time SECONDS] [--log FILE] [--teacher_knn DIR] [--before_knn DIR]
+                                [--after_knn DIR] [--linear DIR] [--imitation DIR]
+
+It works on any experiment directory: a result that is not there is null in report.json and left out of the
+picture and the table (a directory with only training in it gives the loss curve and nulls). What it reads, by
+default relative to EXP_DIR; these are the paths demo.sh writes (the options take others, relative to EXP_DIR
+or absolute):
+
+    logs/log.jsonl                      --log          train_student.py's JSON log: the loss by epoch and by
+                                                       window; the online k-NN where logged ("knn" in "epoch"
+                                                       records, "knn_teacher"/"knn_init" in "start" records)
+    features_teacher/knn_results.json   --teacher_knn  eval_knn.py on the teacher
+    features_init/knn_results.json      --before_knn   eval_knn.py on the untrained student (ckpt_epoch_0.pth)
+    features/knn_results.json           --after_knn    eval_knn.py on the trained student
+    linear/linear_results.json          --linear       eval_linear.py on the trained student
+    imitation/*.json                    --imitation    eval_imitation.py, one file per checkpoint
+
+A log that holds several runs (``--overwrite`` appends to it) is read from the last run that started from
+scratch; an epoch logged twice (a resume that redid it) counts once, as logged last.
+
+report.json (k-NN values are majority-vote top-1 percentages, keyed by k as in knn_results.json):
+
+    teacher_knn, student_knn_before, student_knn_after   {"1": .., "20": ..} from the final k-NN evaluation, or null
+    student_knn_after_epoch   the epoch eval_knn.py was told for the trained student, or null
+    linear_top1, linear_best_epoch   the probe's best validation top-1 (%) and its epoch, or null
+    imitation_cosine          {"<epoch>": mean cos(head, teacher)} over the checkpoints measured, or null
+    imitation_split           the split the cosine was measured on, or null
+    wall_time_s               --wall_time, or null
+    loss_by_epoch             {"epoch": [..], "loss": [..], "lr": [..]} from the log, or null
+    online_knn                {"epoch": [..], "1": [..], "20": [..]} from the epochs that logged one, or null
+    online_knn_teacher, online_knn_init   {"1": .., "20": ..} from the log's start record, or null
+    exp_dir                   the directory reported on
 """
 import argparse
+import io
 import json
+import math
 import os
 
-from utils.errors import exit_on_user_error
+from utils.checkpoint import write_bytes_atomic, write_text_atomic
+from utils.errors import SimRegError, exit_on_user_error
+from utils.logging import read_json_log
+
+SOURCES = {  # option -> its default path, relative to EXP_DIR (demo.sh's layout)
+    'log': os.path.join('logs', 'log.jsonl'),
+    'teacher_knn': os.path.join('features_teacher', 'knn_results.json'),
+    'before_knn': os.path.join('features_init', 'knn_results.json'),
+    'after_knn': os.path.join('features', 'knn_results.json'),
+    'linear': os.path.join('linear', 'linear_results.json'),
+    'imitation': 'imitation',
+}
+RESULT_FILES = {'teacher_knn': 'knn_results.json', 'before_knn': 'knn_results.json',
+                'after_knn': 'knn_results.json', 'linear': 'linear_results.json'}
+PANEL_INCHES, DPI = (5.0, 4.0), 120  # each panel of report.png: 600 x 480 pixels
 
 
 def read_json(path):
@@ -14,45 +62,243 @@ def read_json(path):
         return json.load(f)
 
 
-def demo_table(exp_dir, wall_time=None):
-    """Rows of (what, value) for the demo: k-NN of teacher and student before/after, linear probe,
-    imitation of the teacher on held-out images, wall time."""
-    knn = lambda name: read_json(os.path.join(exp_dir, name, 'knn_results.json'))['majority_top1']
-    teacher, before, after = knn('features_teacher'), knn('features_init'), knn('features')
-    linear = read_json(os.path.join(exp_dir, 'linear', 'linear_results.json'))
-    imitation = {}
-    for name in os.listdir(os.path.join(exp_dir, 'imitation')):
-        result = read_json(os.path.join(exp_dir, 'imitation', name))
-        imitation[result['epoch']] = result['mean_cosine']
-    first, last = min(imitation), max(imitation)
-    rows = [
-        ('teacher k-NN top-1 (1-NN / 20-NN)', f"{teacher['1']:.1f} / {teacher['20']:.1f}"),
-        ('student k-NN before distillation', f"{before['1']:.1f} / {before['20']:.1f}"),
-        ('student k-NN after distillation', f"{after['1']:.1f} / {after['20']:.1f}"),
-        ('student linear probe top-1', f"{linear['best']['top1']:.1f}"),
-        (f'cos(head, teacher) on val, epoch {first} -> {last}', f'{imitation[first]:.3f} -> {imitation[last]:.3f}'),
-    ]
-    if wall_time is not None:
-        rows.append(('wall time', f'{wall_time / 60:.1f} min'))
+def read_result(path, read=read_json):
+    """``read(path)``; None when the file is not there. A file there that cannot be read is a SimRegError."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SimRegError(f'cannot read {path} ({exc}): run again the step that writes it, or remove it') from None
+
+
+def source_paths(exp_dir, **given):
+    """The path of each source: ``given[name]`` where not None, else its default; relative to ``exp_dir``.
+    A knn/linear option may name the folder the script saved into or the result file itself."""
+    paths = {}
+    for name, default in SOURCES.items():
+        path = os.path.join(exp_dir, given.get(name) or default)
+        if name in RESULT_FILES and os.path.isdir(path):
+            path = os.path.join(path, RESULT_FILES[name])
+        paths[name] = path
+    return paths
+
+
+def current_run(records):
+    """The records of the log's last run that started from scratch (all of them if no start is logged)."""
+    fresh = [i for i, r in enumerate(records) if r['event'] == 'start' and r.get('resumed_from') is None
+             and r.get('start_epoch', 1) == 1 and r.get('start_step', 0) == 0]
+    return records[fresh[-1]:] if fresh else records
+
+
+def training_curves(records):
+    """(report entries from the log, the loss by window as [(epoch - 1 + step / steps, loss)])."""
+    records = current_run(records)
+    epochs = sorted({r['epoch']: r for r in records if r['event'] == 'epoch'}.items())
+    windows = sorted({(r['epoch'], r['step']): r for r in records if r['event'] == 'window'}.items())
+    starts = [r for r in records if r['event'] == 'start']
+    knn_epochs = [(epoch, r['knn']) for epoch, r in epochs if r.get('knn')]
+    ks = sorted({k for _, knn in knn_epochs for k in knn}, key=int)
+    last_start = lambda key: next((r[key] for r in reversed(starts) if r.get(key)), None)
+    entries = {
+        'loss_by_epoch': {'epoch': [e for e, _ in epochs], 'loss': [r['loss'] for _, r in epochs],
+                          'lr': [r.get('lr') for _, r in epochs]} if epochs else None,
+        'online_knn': {'epoch': [e for e, _ in knn_epochs], **{k: [knn.get(k) for _, knn in knn_epochs] for k in ks}}
+        if knn_epochs else None,
+        'online_knn_teacher': last_start('knn_teacher'),
+        'online_knn_init': last_start('knn_init'),
+    }
+    return entries, [(epoch - 1 + step / r['steps'], r['loss']) for (epoch, step), r in windows]
+
+
+def read_imitation(folder):
+    """{epoch: mean cosine} and the split, from eval_imitation.py's files in ``folder`` (a file without an
+    epoch, imitation_epoch_x.json, is left out); (None, None) without any."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith('.json')) if os.path.isdir(folder) else []
+    results = [read_result(os.path.join(folder, name)) for name in names]
+    results = sorted((r for r in results if r.get('epoch') is not None), key=lambda r: r['epoch'])
+    if not results:
+        return None, None
+    return {str(r['epoch']): r['mean_cosine'] for r in results}, results[-1].get('split')
+
+
+def collect(exp_dir, wall_time=None, **sources):
+    """(report.json's dict, the loss by window for the picture) for ``exp_dir``; ``sources`` as source_paths."""
+    if not os.path.isdir(exp_dir):
+        raise SimRegError(f'{exp_dir} is not a folder: pass an experiment directory (<base_dir>/exp/<exp>)')
+    paths = source_paths(exp_dir, **sources)
+    knn = {name: read_result(paths[name]) for name in ('teacher_knn', 'before_knn', 'after_knn')}
+    linear = read_result(paths['linear'])
+    records = read_result(paths['log'], read_json_log)
+    entries, windows = training_curves(records) if records else (dict.fromkeys(
+        ('loss_by_epoch', 'online_knn', 'online_knn_teacher', 'online_knn_init')), [])
+    cosine, split = read_imitation(paths['imitation'])
+    report = {
+        'teacher_knn': knn['teacher_knn'] and knn['teacher_knn']['majority_top1'],
+        'student_knn_before': knn['before_knn'] and knn['before_knn']['majority_top1'],
+        'student_knn_after': knn['after_knn'] and knn['after_knn']['majority_top1'],
+        'student_knn_after_epoch': knn['after_knn'] and knn['after_knn'].get('settings', {}).get('epoch'),
+        'linear_top1': linear and linear['best']['top1'],
+        'linear_best_epoch': linear and linear['best']['epoch'],
+        'imitation_cosine': cosine,
+        'imitation_split': split,
+        'wall_time_s': wall_time,
+        **entries,
+        'exp_dir': os.path.abspath(exp_dir),
+    }
+    return report, windows
+
+
+def table_rows(report):
+    """Rows of (what, value): k-NN of teacher and student before/after, linear probe, imitation of the teacher
+    on held-out images, wall time; only those the report has."""
+    rows = []
+    for key, what in [('teacher_knn', 'teacher k-NN top-1 (1-NN / 20-NN)'),
+                      ('student_knn_before', 'student k-NN before distillation'),
+                      ('student_knn_after', 'student k-NN after distillation')]:
+        if report[key]:
+            rows.append((what, f"{report[key]['1']:.1f} / {report[key]['20']:.1f}"))
+    if report['linear_top1'] is not None:
+        rows.append(('student linear probe top-1', f"{report['linear_top1']:.1f}"))
+    if report['imitation_cosine']:
+        cosine = report['imitation_cosine']
+        first, last = min(cosine, key=int), max(cosine, key=int)
+        rows.append((f"cos(head, teacher) on {report['imitation_split']}, epoch {first} -> {last}",
+                     f'{cosine[first]:.3f} -> {cosine[last]:.3f}'))
+    if report['wall_time_s'] is not None:
+        rows.append(('wall time', f"{report['wall_time_s'] / 60:.1f} min"))
     return rows
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser('Print the demo summary table', add_help=True)
-    p.add_argument('exp_dir', help='exp/<exp> of the demo run')
-    p.add_argument('--wall_time', type=float, help='seconds the whole demo took')
-    return p
+def last_epoch(report):
+    """The last epoch trained, from the log, else the one the final k-NN was told; None if neither."""
+    if report['loss_by_epoch']:
+        return report['loss_by_epoch']['epoch'][-1]
+    return report['student_knn_after_epoch']
 
 
-def main(args):
-    """Print the table; returns its rows."""
-    rows = demo_table(args.exp_dir, args.wall_time)
+def has_knn(report):
+    return any(report[key] for key in ('teacher_knn', 'student_knn_before', 'student_knn_after', 'online_knn',
+                                       'online_knn_teacher', 'online_knn_init')) or report['linear_top1'] is not None
+
+
+def plot_loss(ax, report, windows):
+    if windows:
+        ax.plot(*zip(*windows), color='C0', alpha=0.35, linewidth=1, label='per window')
+    curve = report['loss_by_epoch']
+    ax.plot(curve['epoch'], curve['loss'], 'o-', color='C0', label='epoch mean')
+    ax.set(title='Training loss', xlabel='epoch', ylabel='regression loss')
+
+
+def plot_knn(ax, report):
+    """The student's online 1-NN by epoch; the teacher's and the untrained student's 1-NN as horizontal lines
+    (final evaluation, else online at start); the final evaluation of the trained student (and its linear
+    probe) as markers at the last epoch."""
+    online, epoch = report['online_knn'], last_epoch(report)
+    if online and online.get('1'):
+        start = [(0, report['online_knn_init']['1'])] if report['online_knn_init'] else []
+        ax.plot(*zip(*start, *zip(online['epoch'], online['1'])), 'o-', color='C0', label='student, online')
+    for final, start, what, style in [('teacher_knn', 'online_knn_teacher', 'teacher', dict(color='C2', ls='--')),
+                                      ('student_knn_before', 'online_knn_init', 'untrained student',
+                                       dict(color='C7', ls=':'))]:
+        value, source = (report[final], 'final eval') if report[final] else (report[start], 'online')
+        if value:
+            ax.axhline(value['1'], linewidth=1.5, label=f"{what} ({source}): {value['1']:.1f}", **style)
+    x = epoch if epoch is not None else 0
+    if report['student_knn_after']:
+        value = report['student_knn_after']['1']
+        ax.plot([x], [value], '*', color='C3', markersize=14, label=f'trained student (final eval): {value:.1f}')
+    if report['linear_top1'] is not None:
+        ax.plot([x], [report['linear_top1']], 'D', color='C1', markersize=7,
+                label=f"linear probe top-1: {report['linear_top1']:.1f}")
+    ax.set(title='k-NN top-1 (1-NN) on val', xlabel='epoch', ylabel='top-1 (%)')
+    ax.set_xlim(left=-0.2, right=max(x, 1) + 0.5)
+    ax.set_ylim(bottom=0, top=min(100.0, ax.get_ylim()[1] * 1.4))  # from 0, with room for the legend
+
+
+def plot_imitation(ax, report):
+    cosine = report['imitation_cosine']
+    epochs = sorted(cosine, key=int)
+    ax.plot([int(e) for e in epochs], [cosine[e] for e in epochs], 'o-', color='C4', label='student head')
+    for e in epochs:
+        ax.annotate(f'{cosine[e]:.3f}', (int(e), cosine[e]), textcoords='offset points', xytext=(0, 8),
+                    ha='center')
+    ax.set(title=f"Imitation of the teacher on {report['imitation_split']}", xlabel='epoch',
+           ylabel='mean cos(head, teacher)', ylim=(min(0.0, min(cosine.values()) - 0.05), 1.05))
+
+
+def panels(report):
+    """The names of the panels the report has data for, in their order."""
+    return [name for name, present in [('loss', report['loss_by_epoch']), ('knn', has_knn(report)),
+                                       ('imitation', report['imitation_cosine'])] if present]
+
+
+def render_png(report, windows):
+    """The PNG (bytes) of the report's panels, drawn with matplotlib's Agg backend."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise SimRegError('matplotlib is needed for report.png: pip install -r requirements.txt') from None
+    names = panels(report)
+    fig = Figure(figsize=(PANEL_INCHES[0] * max(len(names), 1), PANEL_INCHES[1]), dpi=DPI, layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        {'loss': lambda: plot_loss(ax, report, windows), 'knn': lambda: plot_knn(ax, report),
+         'imitation': lambda: plot_imitation(ax, report)}[name]()
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize='small')
+    if not names:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, 'no training log or evaluation results found', ha='center', va='center')
+    wall = report['wall_time_s']
+    fig.suptitle(os.path.basename(report['exp_dir'].rstrip(os.sep)) +
+                 (f'  (wall time {wall / 60:.1f} min)' if wall is not None else ''))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=DPI)
+    return buffer.getvalue()
+
+
+def write_report(report, windows, exp_dir):
+    """report.json and report.png in ``exp_dir``, each written atomically; returns their paths."""
+    json_path, png_path = os.path.join(exp_dir, 'report.json'), os.path.join(exp_dir, 'report.png')
+    write_text_atomic(json.dumps(report, indent=2) + '\n', json_path)
+    write_bytes_atomic(render_png(report, windows), png_path)
+    return json_path, png_path
+
+
+def print_table(rows):
+    if not rows:
+        print('\n(no evaluation results to tabulate)')
+        return
     width = max(len(what) for what, _ in rows)
     print('\n' + '=' * (width + 20))
     for what, value in rows:
         print(f'{what:<{width}}  {value}')
     print('=' * (width + 20))
-    return rows
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Report on an experiment: a table, report.json and report.png', add_help=True)
+    p.add_argument('exp_dir', help='exp/<exp>: the experiment directory (report.json and report.png go there)')
+    p.add_argument('--wall_time', type=float, help='seconds the whole run took (the demo passes it)')
+    for name, default in SOURCES.items():
+        p.add_argument(f'--{name}', help=f'default: EXP_DIR/{default}; relative paths are taken from EXP_DIR')
+    return p
+
+
+def main(args):
+    """Print the table, write report.json and report.png; returns the report's dict."""
+    if args.wall_time is not None and not math.isfinite(args.wall_time):
+        raise SimRegError(f'--wall_time {args.wall_time}: give the seconds as a finite number')
+    report, windows = collect(args.exp_dir, args.wall_time, **{name: getattr(args, name) for name in SOURCES})
+    print_table(table_rows(report))
+    json_path, png_path = write_report(report, windows, args.exp_dir)
+    print(f'report: {json_path}, {png_path}')
+    return report
 
 
 if __name__ == '__main__':

@@ -137,3 +137,45 @@ def write_teacher_checkpoint(path, seed=1):
     torch.manual_seed(seed)
     torch.save({'state_dict': models.build_backbone('resnet18').state_dict()}, path)
     return str(path)
+
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def check_report(exp_dir, panels):
+    """Check ``exp_dir``'s report.json against the result files at demo.sh's paths (null where a file is not
+    there) and report.png (check_report_png); returns the report's dict."""
+    exp_dir = str(exp_dir)
+    report = read_json(os.path.join(exp_dir, 'report.json'))
+    path = lambda *parts: os.path.join(exp_dir, *parts)
+    optional = lambda *parts: read_json(path(*parts)) if os.path.exists(path(*parts)) else None
+    for key, folder in [('teacher_knn', 'features_teacher'), ('student_knn_before', 'features_init'),
+                        ('student_knn_after', 'features')]:
+        knn = optional(folder, 'knn_results.json')
+        assert report[key] == (knn and knn['majority_top1']), key
+        assert report[key] is None or {'1', '20'} <= set(report[key])
+    linear = optional('linear', 'linear_results.json')
+    assert report['linear_top1'] == (linear and linear['best']['top1'])
+    imitation = [read_json(path('imitation', n)) for n in os.listdir(path('imitation'))] \
+        if os.path.isdir(path('imitation')) else []
+    assert report['imitation_cosine'] == ({str(r['epoch']): r['mean_cosine'] for r in imitation} or None)
+    assert 'wall_time_s' in report
+    check_report_png(exp_dir, panels)
+    return report
+
+
+def check_report_png(exp_dir, panels):
+    """report.png in ``exp_dir`` is a PNG of ``panels`` panels, with something drawn, that PIL and matplotlib
+    read back; the atomic writes left no temp file."""
+    import matplotlib.image
+    from evaluation.report import DPI, PANEL_INCHES
+    png = os.path.join(str(exp_dir), 'report.png')
+    with open(png, 'rb') as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with Image.open(png) as image:
+        assert image.format == 'PNG'
+        assert image.size == (int(PANEL_INCHES[0] * DPI * panels), int(PANEL_INCHES[1] * DPI))
+        pixels = np.asarray(image.convert('L'))
+    assert pixels.std() > 5  # something is drawn
+    assert matplotlib.image.imread(png).shape[:2] == pixels.shape
+    assert not [n for n in os.listdir(str(exp_dir)) if n.endswith('.tmp')]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, check_report
 from models.loading import load_student
 
 
@@ -48,3 +48,7 @@ def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
     # the table reports the probe's best top-1 and the imitation it measured
     assert re.search(rf"student linear probe top-1 +{linear['best']['top1']:.1f}\n", table)
     assert f'{cosine[0]:.3f} -> {cosine[3]:.3f}' in table
+    # report.json holds what the evaluation files hold; report.png has the loss, k-NN and imitation panels
+    report = check_report(exp, panels=3)
+    assert report['loss_by_epoch']['epoch'] == [1, 2, 3] and report['student_knn_after_epoch'] == 3
+    assert report['wall_time_s'] > 0 and f"wall time {report['wall_time_s'] / 60:.1f} min" in ' '.join(table.split())

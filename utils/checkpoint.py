@@ -114,7 +114,7 @@ def write_text_atomic(text, path):
 
 
 def write_bytes_atomic(data, path):
-    """Serialised models (ONNX), atomically."""
+    """Bytes already serialised (an ONNX model, a PNG), atomically."""
     _write_atomic(path, 'wb', lambda f: f.write(data))
 
 
