@@ -90,10 +90,10 @@ def test_loader_workers_do_not_change_the_weights(ws):
 # ------------------------------------------------------------------ kill -9 anywhere, signals
 
 def kill_args(ws, exp, *extra):
-    """40 images, 5 steps of 8 an epoch, 3 epochs; last.pth after every step."""
+    """40 images, 5 steps of 8 an epoch, 4 epochs; last.pth after every step."""
     return [str(ws / 'data40'), '--base_dir', str(ws / 'runs'), '--exp', exp, '--arch_teacher', 'resnet18',
             '--arch_student', 'resnet18', '--teacher_weights', str(ws / 'teacher.pth'), '--batch_size', '8',
-            '--image_size', '32', '--num_workers', '1', '--print_freq', '1', '--epochs', '3', '--single_aug',
+            '--image_size', '32', '--num_workers', '1', '--print_freq', '1', '--epochs', '4', '--single_aug',
             '--weak_weak', '--ckpt_every_steps', '1', *extra]
 
 
@@ -142,7 +142,7 @@ def test_kill_9_anywhere_then_resume_gives_the_same_weights(kill_ws):
             wait_for(lambda: bool(set(ckpt_dir.glob('.*.tmp')) - stale) or proc.poll() is not None)
         else:  # a random moment once this run has trained a step: inside a step, between steps, in a write
             wait_for(lambda: started() or proc.poll() is not None)
-            time.sleep(rng.uniform(0, 0.6))
+            time.sleep(rng.uniform(0, 0.4))
         assert proc.poll() is None, 'the run finished before its kill: give it more steps'
         proc.kill()
         proc.wait()
@@ -205,7 +205,7 @@ def test_a_signal_to_every_process_under_torchrun_checkpoints_and_resumes_exactl
     assert len({line.split(' in epoch ')[1] for line in stopped}) == 1  # the same step on both ranks
     state = torch.load(exp_dir / 'checkpoints' / 'last.pth', weights_only=True)
     position = 5 * (state['position']['epoch'] - 1) + state['position']['step']
-    assert 0 <= position - at_signal <= 3 and position < 15
+    assert 0 <= position - at_signal <= 3 and position < 20
     assert not [pid for pid in tree if os.path.exists(f'/proc/{pid}')]
     assert 'Traceback' not in out.split('==> stopped by')[0]  # none from our processes before they stopped
     run(torchrun('train_student.py', *kill_args(ws, name, '--resume', 'auto')))
