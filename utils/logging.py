@@ -11,7 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_mean, get_world_size, is_main_process
+from utils.distributed import all_reduce_mean, is_main_process
 from utils.errors import SimRegError
 
 
