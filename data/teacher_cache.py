@@ -114,8 +114,8 @@ class TeacherFeatureCache:
 
 class ReplayedViews(Dataset):
     """Training samples for a multi-view cache: each time a sample is drawn it picks one of its K stored
-    views at random (the loader's RNG, seeded per epoch like every augmentation, so a resumed run
-    replays the same choice) and returns ``((index, view), the replayed view, label)``; the teacher's
+    views at random (torch's RNG, which ``data.sampler.SeededSamples`` seeds from (seed, epoch, index) like
+    every augmentation, so any worker, rank or resumed run makes the same choice) and returns ``((index, view), the replayed view, label)``; the teacher's
     target is that view's row."""
 
     def __init__(self, dataset, boxes, size):

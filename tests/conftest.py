@@ -109,7 +109,7 @@ def train_log(exp_dir, event):
 
 def resumed_from(exp_dir):
     """The epoch the last training run in ``exp_dir`` resumed after, from its log; None for a fresh start. A
-    resume test needs it: a run that silently started over would replay the same per-epoch seeds and
+    resume test needs it: a run that silently started over would replay the same per-sample seeds and
     end with the same weights."""
     return train_log(exp_dir, 'start')[-1]['resumed_from']
 
