@@ -57,7 +57,10 @@ def get_args_parser():
     p.add_argument('--arch_teacher', default='resnet50',
                    help=f'teacher architecture, or a comma-separated list for several teachers '
                         f'(one head each): {", ".join(TEACHER_ARCHS)}')
-    p.add_argument('--arch_student', default='resnet50', choices=STUDENT_ARCHS)
+    p.add_argument('--arch_student', default='resnet50', choices=STUDENT_ARCHS, metavar='ARCH',
+                   help='student: any torchvision classification model by name (resnet18, mobilenet_v3_large, '
+                        'efficientnet_b0, convnext_tiny, ...; see the README\'s student table), or mobilenet '
+                        '(MobileNet-v2)')
     p.add_argument('--n_mlp_layers', type=int, default=4, choices=[2, 4],
                    help='layers of the regression head')
     p.add_argument('--linear_pred', action='store_true', help='head = BN + Linear instead of the MLP')

@@ -1,9 +1,14 @@
 """Backbones that return the pooled feature, with torchvision's key names.
 
-Torchvision provides every ResNet and MobileNet-v2; only what it lacks is written by
-hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets). Each backbone carries
-``feat_dim``, the size of the feature its ``forward`` returns.
+Any torchvision classification model whose logits come from one final Linear is a backbone here
+(``TORCHVISION_STUDENTS``): it is built with ``weights=None`` and only that Linear is replaced, in place,
+by ``nn.Identity``, so that every other key keeps torchvision's name and ``torchvision.models.<name>()``
+loads an exported student with ``strict=False``, only the final Linear missing. Only what torchvision
+lacks is written by hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets). Each backbone
+carries ``feat_dim``, the size of the 2-D feature its ``forward`` returns, and ``classifier_path``, the
+dotted name of the removed Linear (``classifier_attr``).
 """
+import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
@@ -11,49 +16,137 @@ from utils.errors import SimRegError
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
                        'resnext50_32x4d', 'resnext101_32x8d', 'wide_resnet50_2', 'wide_resnet101_2')
-STUDENT_ARCHS = TORCHVISION_RESNETS + ('mobilenet',)
+
+# torchvision's families (the module that holds a model's builder) -> the final Linear, whose input is the
+# feature. What sits before it stays, classifier or not: ConvNeXt's LayerNorm2d and Flatten, MobileNet-v3's
+# Linear(960, 1280) + Hardswish (its feature layer, timm's conv_head: SEED and DisCo report the 1280-d
+# feature), MaxViT's Linear + Tanh, VGG's and AlexNet's fc6 and fc7 (4096-d).
+FINAL_LINEAR = {
+    'resnet': 'fc',  # resnet*, resnext*, wide_resnet*
+    'regnet': 'fc',
+    'shufflenetv2': 'fc',
+    'densenet': 'classifier',
+    'mobilenetv2': 'classifier.1',
+    'mobilenetv3': 'classifier.3',
+    'efficientnet': 'classifier.1',  # b0-b7, v2_s/m/l
+    'mnasnet': 'classifier.1',
+    'convnext': 'classifier.2',
+    'vgg': 'classifier.6',
+    'alexnet': 'classifier.6',
+    'swin_transformer': 'head',  # swin_*, swin_v2_*
+    'vision_transformer': 'heads.head',  # vit_b_16, ..., vit_h_14
+    'maxvit': 'classifier.5',
+}
+# Built for one input size: torchvision sizes the ViTs' position embedding and MaxViT's attention grid
+# when it builds them.
+FIXED_SIZE = {'vision_transformer': 224, 'maxvit': 224}
+# The classification models that cannot be a student, and why.
+REFUSED = {
+    'squeezenet': 'its classifier is a 1x1 convolution on the feature map, pooled afterwards: no final Linear '
+                  'takes a pooled feature',
+    'googlenet': 'in training its forward also returns two auxiliary classifiers\' logits, which are part of '
+                 'its torchvision state dict',
+    'inception': 'in training its forward also returns an auxiliary classifier\'s logits, which are part of its '
+                 'torchvision state dict',
+}
+
+
+TORCHVISION_CLASSIFIERS = tuple(tvm.list_models(module=tvm))  # classification only: not detection, video...
+
+
+def torchvision_family(name):
+    """The torchvision module that builds classification model ``name`` (``'mobilenetv3'``), None for others."""
+    if name not in TORCHVISION_CLASSIFIERS:
+        return None
+    return tvm.get_model_builder(name).__module__.rsplit('.', 1)[1]
+
+
+TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_family(n) in FINAL_LINEAR)
+# Every --arch_student (argparse choices): 'mobilenet' is MobileNet-v2, the original's name.
+STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4')
+ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
+LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
 
 
-def _torchvision_resnet(name):
-    model = getattr(tvm, name)(weights=None)
-    model.feat_dim = model.fc.in_features
-    model.fc = nn.Identity()
+def torchvision_name(arch):
+    """The torchvision builder of ``arch`` (``mobilenet`` -> ``mobilenet_v2``), None where torchvision has none."""
+    name = ALIASES.get(arch, arch)
+    return name if name in TORCHVISION_STUDENTS else None
+
+
+def _torchvision_classifier(name):
+    """torchvision's ``name`` with its final Linear replaced by Identity, and a Dropout right before it too.
+
+    That Dropout belongs to the classifier: it drops features on their way to the logits only. The feature
+    is what enters it (what the head regresses from, what k-NN and the probe evaluate, what the export
+    computes); left in, it would zero a fifth of the student's feature at random in training, never in
+    evaluation.
+    """
+    family = torchvision_family(name)
+    if family == 'regnet' and torch.get_default_device().type == 'meta':
+        # RegNet computes its stage widths with tensors (.tolist()), which have no data on the meta device
+        with torch.device('cpu'):
+            model = tvm.get_model(name, weights=None).to('meta')
+    else:
+        model = tvm.get_model(name, weights=None)
+    path = FINAL_LINEAR[family]
+    final = model.get_submodule(path)
+    if not isinstance(final, nn.Linear):
+        raise SimRegError(f'{name}: torchvision\'s {path} is a {type(final).__name__}, not the final Linear this '
+                          f'project removes: this torchvision version is not supported, use another model')
+    parent_path, _, attr = path.rpartition('.')
+    parent = model.get_submodule(parent_path)
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        before = names[names.index(attr) - 1] if names.index(attr) > 0 else None
+        if before is not None and isinstance(parent._modules[before], nn.Dropout):
+            setattr(parent, before, nn.Identity())
+    model.set_submodule(path, nn.Identity())
+    model.feat_dim = final.in_features
+    model.classifier_path = path
+    if family in FIXED_SIZE:
+        model.register_forward_pre_hook(_input_size_check(name, FIXED_SIZE[family]))
     return model
 
 
-def _mobilenet_v2():
-    model = tvm.mobilenet_v2(weights=None)
-    model.feat_dim = model.last_channel
-    model.classifier = nn.Identity()
-    return model
+def _input_size_check(name, size):
+    """A forward pre-hook refusing other inputs than ``size`` x ``size`` with one line (torchvision asserts)."""
+    def check(module, inputs):
+        if tuple(inputs[0].shape[-2:]) != (size, size):
+            raise SimRegError(f'{name} takes {size}x{size} images only (torchvision builds it for that size), not '
+                              f'{"x".join(map(str, inputs[0].shape[-2:]))}: pass --image_size {size}')
+    return check
 
 
 def build_backbone(arch):
-    """The network for an original arch name, classifier removed (``fc``/``classifier`` = Identity)."""
-    if arch in TORCHVISION_RESNETS:
-        return _torchvision_resnet(arch)
-    if arch == 'sup_resnet50':
-        return _torchvision_resnet('resnet50')
-    if arch == 'mobilenet':
-        return _mobilenet_v2()
+    """The network for an arch name, its final classification Linear removed (Identity)."""
     if arch == 'byol_resnet50':
         from models.tf_resnet import byol_resnet50
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
         from models.tf_resnet import simclr_resnet50
         return simclr_resnet50(width=int(arch[-1]))
-    raise SimRegError(f"unknown architecture '{arch}': choose one of {', '.join(STUDENT_ARCHS + TEACHER_ARCHS[len(TORCHVISION_RESNETS):])}")
+    name = ALIASES.get(arch, arch)
+    family = torchvision_family(name)
+    if family in FINAL_LINEAR:
+        return _torchvision_classifier(name)
+    if family in REFUSED:
+        raise SimRegError(f'{arch} cannot be a student: {REFUSED[family]}; choose another torchvision '
+                          f'classification model ({LIST_STUDENTS})')
+    raise SimRegError(f'unknown architecture \'{arch}\': students are torchvision\'s classification models by name '
+                      f'(mobilenet_v3_large, efficientnet_b0, convnext_tiny, ...; mobilenet = MobileNet-v2; '
+                      f'{LIST_STUDENTS}); teachers are {", ".join(TEACHER_ARCHS)}')
 
 
 def classifier_attr(model):
-    """Name of the (removed) classifier attribute: ``fc`` for ResNets, ``classifier`` for MobileNet."""
-    return 'classifier' if isinstance(model, tvm.MobileNetV2) else 'fc'
+    """Dotted name of the (removed) classifier Linear: ``fc`` for ResNets, ``classifier.3`` for MobileNet-v3."""
+    return getattr(model, 'classifier_path', 'fc')
 
 
 def set_projection(model, fc):
     """Put a pretrained projection/classifier (``--teacher_fc``) back on top of the pooled feature."""
-    setattr(model, classifier_attr(model), fc)
+    model.set_submodule(classifier_attr(model), fc)
     model.feat_dim = fc.out_features
     return model
