@@ -4,8 +4,10 @@
     python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth --onnx resnet18_simreg.onnx
 
 Reads any student checkpoint models.loading accepts (this project's, or the original code's),
-drops the regression head and every prefix; ``torchvision.models.resnet18()`` (or the student's
-architecture) then loads the state dict with ``strict=False``, only the classifier missing.
+drops the regression head and every prefix; ``torchvision.models.<arch>()`` (``resnet18``,
+``mobilenet_v3_large``, ``efficientnet_b0``, ...; ``mobilenet_v2`` for ``mobilenet``) then loads the
+state dict with ``strict=False``, only the final classification Linear missing (its name is printed).
+With that Linear replaced by ``nn.Identity`` the torchvision model computes the student's feature.
 
 ``--onnx`` writes the backbone in eval mode as an ONNX model: input ``images`` (float32 N x 3 x H x W,
 normalised with the ImageNet mean/std as the evaluation scripts do), output ``features`` (N x feat_dim,
@@ -57,11 +59,19 @@ def main(args):
     state = backbone.state_dict()
     if args.output is not None:
         save_atomic(state, args.output)
-        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
-              f'torchvision model with strict=False; only the classifier is missing')
+        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: {loading_note(backbone)}')
     if args.onnx is not None:
         export_onnx(backbone, args.onnx, args.image_size, args.opset)
     return state
+
+
+def loading_note(backbone):
+    """How to load the exported state dict, and what is then missing."""
+    name = getattr(backbone, 'torchvision_name', None)
+    if name is None:
+        return 'load them into the torchvision model with strict=False; only the classifier is missing'
+    return (f'torchvision.models.{name}().load_state_dict(state, strict=False) loads them; only the classifier is '
+            f'missing ({", ".join(backbone.classifier_keys)})')
 
 
 def import_onnx():

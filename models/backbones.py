@@ -106,6 +106,8 @@ def _torchvision_classifier(name):
     model.set_submodule(path, nn.Identity())
     model.feat_dim = final.in_features
     model.classifier_path = path
+    model.torchvision_name = name  # what an export loads into: torchvision.models.<name>()
+    model.classifier_keys = tuple(f'{path}.{k}' for k, _ in final.named_parameters())  # what it then misses
     if family in FIXED_SIZE:
         model.register_forward_pre_hook(_input_size_check(name, FIXED_SIZE[family]))
     return model
