@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -242,6 +243,10 @@ def load_strict(module, state_dict, what, layout):
     on_meta = any(t.is_meta for t in own.values())
     if on_meta:
         state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    # the tensors fit this module key for key, so its own state-dict versions apply (a renamed copy carries
+    # none, and torchvision's MNASNet refuses to load without them)
+    state_dict = OrderedDict(state_dict)
+    state_dict._metadata = own._metadata
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
     return module
 

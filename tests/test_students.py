@@ -13,7 +13,7 @@ import eval_linear
 import export_student
 import train_student
 from conftest import make_image_folder, read_json, train
-from models import build_head, load_student
+from models import build_head, load_backbone, load_student
 from models.backbones import (FINAL_LINEAR, REFUSED, STUDENT_ARCHS, build_backbone, classifier_attr,
                               set_projection, torchvision_family)
 from models.batchnorm import BNGroups, GroupBatchNorm2d, convert_batchnorm
@@ -140,6 +140,21 @@ def test_set_projection_puts_a_linear_back_at_the_classifier_path():
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 16)
 
 
+def test_a_torchvision_file_loads_as_a_backbone_and_with_its_classifier(tmp_path):
+    """A plain torchvision file (a baseline for eval_knn.py --arch): the final Linear is recognised as its
+    classifier and dropped; ``keep_fc`` (--teacher_fc) puts it back, giving torchvision's logits."""
+    reference = torchvision_model('mobilenet_v3_small', seed=3).eval()
+    torch.save(reference.state_dict(), tmp_path / 'mobilenet_v3_small.pth')
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = reference(images)
+        backbone = load_backbone('mobilenet_v3_small', str(tmp_path / 'mobilenet_v3_small.pth'))
+        with_fc = load_backbone('mobilenet_v3_small', str(tmp_path / 'mobilenet_v3_small.pth'), keep_fc=True)
+        reference.classifier[3] = nn.Identity()
+        assert torch.equal(backbone(images), reference(images)) and backbone.feat_dim == 1024
+        assert torch.equal(with_fc(images), logits) and with_fc.feat_dim == 1000
+
+
 def test_group_batchnorm_handles_these_students():
     """Every BatchNorm2d of EfficientNet, MobileNet-v3 (momentum 0.01, eps 1e-3) and MNASNet (momentum 3e-4)
     becomes a ghost BatchNorm with its own settings; ConvNeXt has none and is left as it is."""
@@ -242,13 +257,13 @@ def calibrated_student(path, name, seed=0):
     """A student checkpoint whose BatchNorms hold the statistics of random images, so that the feature is of
     order one (freshly initialised, MobileNet-v3's is of order 1e-4, which any export matches within 1e-4)."""
     torch.manual_seed(seed)
-    backbone = build_backbone(name)
-    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.momentum = None  # a cumulative average over the batches below
+    backbone = build_backbone(name).eval()  # stochastic depth off: the statistics of the eval forward
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train().momentum = None  # a cumulative average over the batches below
     with torch.no_grad():
         for _ in range(3):
-            backbone.train()(torch.randn(8, 3, 32, 32))
+            backbone(torch.randn(16, 3, 32, 32))
     head = build_head(backbone.feat_dim, 64)
     state = {**{'encoder_q.' + k: v for k, v in backbone.state_dict().items()},
              **{'predict_q.' + k: v for k, v in head.state_dict().items()}}
@@ -274,3 +289,12 @@ def test_mobilenet_v3_exports_to_onnx_and_torchvision(tmp_path, capsys):
         expected = backbone(images)
     assert features.shape == (4, 1280) and expected.abs().max() > 0.5
     torch.testing.assert_close(torch.from_numpy(features), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize('name', ['mnasnet0_5', 'regnet_x_400mf', 'shufflenet_v2_x0_5'])
+def test_student_checkpoints_of_other_families_load_and_export(tmp_path, name):
+    """Through load_student (built on the meta device: RegNet on the CPU) and into torchvision; MNASNet loads
+    only with its state-dict version, which a renamed copy of the tensors does not carry."""
+    checkpoint = calibrated_student(tmp_path / 'last.pth', name)
+    backbone = export_loads_into_torchvision(checkpoint, tmp_path, name)
+    assert backbone.feat_dim == {'mnasnet0_5': 1280, 'regnet_x_400mf': 400, 'shufflenet_v2_x0_5': 1024}[name]
