@@ -96,9 +96,15 @@ def export_onnx(backbone, path, image_size, opset):
         # torch calls the TorchScript-based exporter "legacy"; it needs no onnxscript and exports these
         # backbones with dynamic batch and spatial axes in about a second (the dynamo exporter: 10-50 s)
         warnings.filterwarnings('ignore', category=DeprecationWarning)
-        torch.onnx.export(backbone.eval(), (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=['images'], output_names=['features'],
-                          dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'}, 'features': {0: 'batch'}})
+        try:
+            torch.onnx.export(backbone.eval(), (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=['images'], output_names=['features'],
+                              dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
+                                            'features': {0: 'batch'}})
+        except torch.onnx.OnnxExporterError as exc:  # e.g. VGG's adaptive pool to 7x7 of a dynamic size
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
+            raise SimRegError(f'torch\'s ONNX exporter cannot export this backbone ({reason}): {path} not written; '
+                              f'use the state dict (OUTPUT.pth)') from None
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_model_from_string(data))
     batch = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=generator)

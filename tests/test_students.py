@@ -298,3 +298,24 @@ def test_student_checkpoints_of_other_families_load_and_export(tmp_path, name):
     checkpoint = calibrated_student(tmp_path / 'last.pth', name)
     backbone = export_loads_into_torchvision(checkpoint, tmp_path, name)
     assert backbone.feat_dim == {'mnasnet0_5': 1280, 'regnet_x_400mf': 400, 'shufflenet_v2_x0_5': 1024}[name]
+
+
+def test_what_the_onnx_exporter_cannot_export_is_one_line(tmp_path, capsys, monkeypatch):
+    """VGG's and AlexNet's adaptive pooling to a fixed grid of a dynamic input size, for one: the exporter's
+    own error, in one line, and nothing written."""
+    from conftest import write_student_checkpoint
+
+    def refuse(*args, **kwargs):
+        raise torch.onnx.OnnxExporterError('Unsupported: ONNX export of operator adaptive_avg_pool2d, input size '
+                                           'not accessible. Please feel free to request support')
+    monkeypatch.setattr(torch.onnx, 'export', refuse)
+    checkpoint = write_student_checkpoint(tmp_path / 'last.pth')
+    with pytest.raises(SystemExit) as exit_info:
+        export_student.exit_on_user_error(lambda: export_student.main(export_student.get_args_parser().parse_args(
+            [checkpoint, '--onnx', str(tmp_path / 'student.onnx'), '--image_size', '32'])))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: torch's ONNX exporter cannot export this backbone (Unsupported: ONNX export of operator "
+        f"adaptive_avg_pool2d, input size not accessible): {tmp_path / 'student.onnx'} not written; use the state "
+        "dict (OUTPUT.pth)\n")
+    assert not list(tmp_path.glob('*.onnx'))
