@@ -70,19 +70,13 @@ ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this proj
 LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
 
 
-def torchvision_name(arch):
-    """The torchvision builder of ``arch`` (``mobilenet`` -> ``mobilenet_v2``), None where torchvision has none."""
-    name = ALIASES.get(arch, arch)
-    return name if name in TORCHVISION_STUDENTS else None
-
-
 def _torchvision_classifier(name):
     """torchvision's ``name`` with its final Linear replaced by Identity, and a Dropout right before it too.
 
     That Dropout belongs to the classifier: it drops features on their way to the logits only. The feature
     is what enters it (what the head regresses from, what k-NN and the probe evaluate, what the export
-    computes); left in, it would zero a fifth of the student's feature at random in training, never in
-    evaluation.
+    computes); left in, it would zero a share of the student's feature (p = 0.2 to 0.5) at random in training,
+    never in evaluation.
     """
     family = torchvision_family(name)
     if family == 'regnet' and torch.get_default_device().type == 'meta':
