@@ -23,14 +23,13 @@ How the pixels are made (``BatchedViews``):
 - padding. The images of a batch have different sizes; they are padded in groups (``size_groups``): in
   order of area, an image joins the current group while the group's padded area stays within 1.5x its
   images' area, so a few large images do not inflate a whole ImageNet batch (mostly 500x375 and 375x500,
-  one group padded to 500x500). ``torch.nested``'s ``to_padded_tensor`` pads a group in one operation.
+  one group padded to 500x500), each group with one multi-tensor copy (``padded``).
 - colour ops. Each op is applied to the samples that drew it (gathered, transformed, scattered back),
   with the CPU path's uint8 rounding after each op, so the strong view too lands within a grey level or
   two of the CPU pixels.
 """
 import collections
 import io
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +143,14 @@ def size_groups(shapes, slack=1.5):
 
 
 def padded(images, dtype):
-    """A list of (3, H_i, W_i) tensors -> (n, 3, max H, max W) of ``dtype``, zero-padded, in one op."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning)  # torch.nested's "prototype stage" note
-        nested = torch.nested.as_nested_tensor(list(images))
-    return nested.to(dtype).to_padded_tensor(0.0)
+    """A list of (3, H_i, W_i) tensors -> (n, 3, max H, max W) of ``dtype``, zero-padded: one fill and one
+    ``_foreach_copy_`` into views of it (a multi-tensor copy, no per-image Python call). Not
+    ``torch.nested``'s ``to_padded_tensor``: on CUDA it copies its size table to the device with a blocking
+    copy, a host sync per batch."""
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    out = torch.zeros((len(images), 3, height, width), dtype=dtype, device=images[0].device)
+    torch._foreach_copy_([out[k, :, :i.shape[1], :i.shape[2]] for k, i in enumerate(images)], list(images))
+    return out
 
 
 def resize_weights(start, length, out_size, in_size, flip=None):
@@ -265,7 +267,8 @@ class BatchedViews:
         inverse = plan.add(torch.argsort(torch.tensor(sum(groups, [])))) if len(groups) > 1 else None
         steps = [self._plan_colour(params[:, v], plan) if self.strong[v] else [] for v in range(len(self.sizes))]
         on_device = plan.to(device)
-        params = params.to(torch.float32).to(device, non_blocking=True)
+        params = params.to(torch.float32)
+        params = (params.pin_memory() if device.type == 'cuda' else params).to(device, non_blocking=True)
         stacks = [padded([images[i] for i in g], dtype) for g in groups]
         outputs = []
         for v, size in enumerate(self.sizes):
