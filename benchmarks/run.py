@@ -348,8 +348,8 @@ def steady_state(windows, batch_size):
 
 
 def bench_train_epoch(quick, compile_student=False):
-    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs; the
-    second is reported, from its JSON log: img/s and data-wait share, over the whole epoch and past its
+    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs, 1 in
+    CPU quick mode; the last is reported, from its JSON log: img/s and data-wait share, over the whole epoch and past its
     first window), CPU loader against --gpu_decode, live teacher against one cached by cache_teacher_feats."""
     import cache_teacher_feats
     import train_student
@@ -363,6 +363,7 @@ def bench_train_epoch(quick, compile_student=False):
     else:
         count, shape, batch, size, workers, teacher_arch = 512, (375, 500), 32, 112, 2, 'resnet50'
     root = jpeg_folder(count, shape, unique=min(count, 2000))
+    epochs = 1 if quick and not gpu else 2  # CI's smoke run: one epoch is enough
     print_freq = max(1, count // batch // 4)
     desc = (f'ResNet-{teacher_arch[6:]} -> ResNet-18, {size}px, batch {batch}, {count} {shape[1]}x{shape[0]} '
             f'JPEGs, {workers} workers, {"cuda" if gpu else "cpu"}{", --compile" if compile_student else ""}')
@@ -379,7 +380,7 @@ def bench_train_epoch(quick, compile_student=False):
             for teacher in ('live', 'cached'):
                 exp = f'{loader}_{teacher}'
                 argv = [root, '--base_dir', work, '--exp', exp, '--arch_teacher', teacher_arch,
-                        '--teacher_weights', weights, '--arch_student', 'resnet18', '--epochs', '2',
+                        '--teacher_weights', weights, '--arch_student', 'resnet18', '--epochs', str(epochs),
                         '--batch_size', str(batch), '--image_size', str(size), '--num_workers', str(workers),
                         '--print_freq', str(print_freq), '--save_freq', '100', '--single_aug', '--weak_weak']
                 argv += ['--channels_last'] if gpu else []
