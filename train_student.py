@@ -17,9 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data.folders import build_dataset, encoded_collate
+from data.gpu_views import ViewParams
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
-from data.gpu_views import ViewParams
 from data.transforms import DeviceInput, TwoViews
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm

@@ -174,8 +174,9 @@ def test_batched_views_match_the_cpu_pipeline(config, dtype):
 def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     """The --gpu_decode path as train_student wires it: workers run ViewParams (bytes + header size +
     parameters from the sample's seed), DeviceInput decodes and makes the batch's views; against the CPU
-    loader's views of the same samples: PSNR >= 35 dB. A PNG named .jpg (CPU fallback decoder) and a batch
-    of plain bytes (parameters drawn in the main process) give the same views."""
+    loader's views of the same samples: PSNR >= 35 dB. A PNG named .jpg (CPU fallback decoder), a batch of
+    plain bytes and a sample whose header size differs from its decoded size (parameters drawn in the main
+    process from the sample's seed) give the same views."""
     from PIL import Image
     root = tmp_path / 'data' / 'train' / 'c0'
     root.mkdir(parents=True)
@@ -196,6 +197,8 @@ def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     student, teacher = to_device.decode_views(index, samples)
     plain_student, plain_teacher = to_device.decode_views(index, [read_bytes(encoded.samples[i][0]) for i in indices])
     assert torch.equal(student, plain_student) and torch.equal(teacher, plain_teacher)
+    wrong = [samples[0]._replace(size=(7, 7), params=samples[1].params)] + list(samples[1:])  # redrawn
+    assert all(torch.equal(a, b) for a, b in zip(to_device.decode_views(index, wrong), (student, teacher)))
     for ours, theirs in ((student, [s for s, _ in expected]), (teacher, [t for _, t in expected])):
         assert psnr(ours, torch.stack(theirs)).min() >= 35
     student_in, teacher_in = to_device(index, samples)
