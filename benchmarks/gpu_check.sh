@@ -21,7 +21,7 @@ out=${1:-outputs/gpu_check}
 mkdir -p "$out"
 log=$out/gpu_check.log
 export PYTHONUNBUFFERED=1
-export SIMREG_BENCH_CACHE=${SIMREG_BENCH_CACHE:-$out/bench_cache}
+export SIMREG_BENCH_CACHE=${SIMREG_BENCH_CACHE:-${TMPDIR:-/tmp}/simreg_bench}  # generated JPEGs: not under OUT_DIR
 steps=${GPU_CHECK_STEPS:-"gpu_tests gpu_views step_modes train_epoch train_epoch_compile compile_run bench_train_step bench_linear_cached"}
 step_timeout=${STEP_TIMEOUT:-420}
 failed=()
