@@ -4,17 +4,19 @@
 #                    batched --gpu_decode views on CUDA against the CPU pipeline, no host sync while making
 #                    them) and tests/test_gpu_views.py (the same views' CPU equivalence tests)
 #   gpu_views        benchmark: --gpu_decode's decode + views per batch of 256, batched vs one image at a time
-#   step_modes       benchmark: the step at per-GPU batch 256, eager vs compiled vs CUDA graphs, fused SGD
 #   train_epoch      benchmark: a real epoch of train_student.py on 20,000 generated 500x375 JPEGs: CPU loader
 #                    vs --gpu_decode, live vs cached teacher (img/s, data-wait share)
+#   step_modes       benchmark: the step at per-GPU batch 256, eager vs compiled vs CUDA graphs, fused SGD
+#                    (four torch.compile runs: the longest step, so the last of the issue-14 ones)
 #   train_epoch_compile   the same with --compile
 #   compile_run      a 3-epoch --compile distillation run and a cached linear probe on its checkpoint
 #   bench_train_step, bench_linear_cached   the earlier GPU benchmarks
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]     (default outputs/gpu_check; logs land there)
 #   GPU_CHECK_STEPS="gpu_tests train_epoch" bash benchmarks/gpu_check.sh   runs only those steps
 #   STEP_TIMEOUT (seconds, default 420) ends a step that runs longer, so one step cannot take the session.
-# All steps take about 15 minutes on an H100; the first four (the issue-14 figures) fit in one 10-minute call:
-#   GPU_CHECK_STEPS="gpu_tests gpu_views step_modes train_epoch" bash benchmarks/gpu_check.sh
+# All steps take more than one 10-minute call (estimated, not yet run: ~15 minutes on an H100); the issue-14
+# figures are meant to fit in one (estimated 7-9 minutes; STEP_TIMEOUT=180 caps step_modes if it runs long):
+#   GPU_CHECK_STEPS="gpu_tests gpu_views train_epoch step_modes" bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/gpu_check}
@@ -22,7 +24,7 @@ mkdir -p "$out"
 log=$out/gpu_check.log
 export PYTHONUNBUFFERED=1
 export SIMREG_BENCH_CACHE=${SIMREG_BENCH_CACHE:-${TMPDIR:-/tmp}/simreg_bench}  # generated JPEGs: not under OUT_DIR
-steps=${GPU_CHECK_STEPS:-"gpu_tests gpu_views step_modes train_epoch train_epoch_compile compile_run bench_train_step bench_linear_cached"}
+steps=${GPU_CHECK_STEPS:-"gpu_tests gpu_views train_epoch step_modes train_epoch_compile compile_run bench_train_step bench_linear_cached"}
 step_timeout=${STEP_TIMEOUT:-420}
 failed=()
 
@@ -46,8 +48,8 @@ echo "steps: $steps" | tee -a "$log"
 
 SIMREG_TEST_GPU=1 step gpu_tests python3 -m pytest -q -rs tests/test_gpu.py tests/test_gpu_views.py
 step gpu_views python3 benchmarks/run.py --only gpu_views
-step step_modes python3 benchmarks/run.py --only step_modes
 step train_epoch python3 benchmarks/run.py --only train_epoch
+step step_modes python3 benchmarks/run.py --only step_modes
 step train_epoch_compile python3 benchmarks/run.py --only train_epoch --compile
 
 if wanted compile_run; then
