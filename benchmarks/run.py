@@ -372,9 +372,11 @@ def bench_train_epoch(quick, compile_student=False):
         weights = os.path.join(work, 'teacher.pth')
         torch.save(build_backbone(teacher_arch).state_dict(), weights)
         feats = os.path.join(work, 'feats.npy')
+        autotune = torch.backends.cudnn.benchmark  # the builder turns it on; train_student leaves it as it is
         cache_teacher_feats.main(cache_teacher_feats.get_args_parser().parse_args(
             [root, '--arch_teacher', teacher_arch, '--teacher_weights', weights, '--image_size', str(size),
              '--batch_size', str(batch), '--num_workers', str(workers), '--output', feats]))
+        torch.backends.cudnn.benchmark = autotune
         results = {}
         for loader in ('cpu', 'gpu_decode'):
             for teacher in ('live', 'cached'):
@@ -405,7 +407,8 @@ def bench_train_epoch(quick, compile_student=False):
 
 def bench_step_modes(quick):
     """The distillation step as train_student runs it (live ResNet-50 teacher -> ResNet-18, BatchNorm groups
-    of 64, bf16, channels_last) at per-GPU batch 256: eager (foreach and fused SGD) against the student
+    of 64, bf16, channels_last) at per-GPU batch 256: eager (foreach and fused SGD, and with cuDNN's
+    autotuner, which train_student leaves off) against the student
     compiled (what --compile does), student and teacher compiled (fused SGD), and both as CUDA graphs
     (torch.compile mode='reduce-overhead', fused SGD); inductor's kernels are cached on disk, so the later
     modes compile faster. A mode that fails prints why and the others go on. On a CPU only the two eager
@@ -428,9 +431,10 @@ def bench_step_modes(quick):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {str(amp_dtype or "fp32").replace("torch.", "")}, {device.type}'
 
-    def speed(student_mode, teacher_mode, fused):
+    def speed(student_mode, teacher_mode, fused, autotune=False):
         torch.manual_seed(0)
         torch._dynamo.reset()
+        torch.backends.cudnn.benchmark = autotune  # train_student does not set it
         teacher = LiveTeacher(build_backbone('resnet50'), {}).to(device, memory_format)
         model = SimReg(build_backbone('resnet18'), build_head(512, 2048))
         convert_batchnorm(model, bn_groups(64, batch, 1, 0))
@@ -451,14 +455,15 @@ def bench_step_modes(quick):
 
     eager = speed(None, None, False)
     print(f'step_modes[eager]: {eager:.4g} img/s  ({desc})', flush=True)
-    modes = [('eager, fused SGD', None, None, True)]
+    modes = [('eager, fused SGD', None, None, True, False)]
     if gpu:
-        modes += [('student compiled', 'default', None, False),
+        modes += [('eager, fused SGD, cudnn.benchmark', None, None, True, True),
+                  ('student compiled', 'default', None, False),
                   ('student + teacher compiled, fused SGD', 'default', 'default', True),
                   ('CUDA graphs (reduce-overhead), fused SGD', 'reduce-overhead', 'reduce-overhead', True)]
-    for name, student_mode, teacher_mode, fused in modes:
+    for name, *mode in modes:
         try:
-            ours = speed(student_mode, teacher_mode, fused)
+            ours = speed(*mode)
         except Exception as exc:  # a mode that fails here is a finding, not the end of the benchmark
             print(f'step_modes[{name}]: failed ({str(exc).splitlines()[0][:200]})', flush=True)
             continue
