@@ -4,8 +4,9 @@ the whole views; the loader + DeviceInput path trains on the same crops as the C
 
 Measured here (data.synthetic's images cut to 40x30 ... 400x300, 64 px views): the batched weak view 60 dB
 PSNR against the CPU pipeline (at most 2 grey levels off), the strong view 55-60 dB; with the GPU's fp16
-products 57-58 dB. On 224 px views of 90x120 ... 640x480 images: 59-69 dB. torchvision.ops.roi_align on the same boxes (aligned, sampling_ratio -1, 2 or 4):
-44-47 dB at 224 px, median 49 dB at 64 px, being a box filter rather than torchvision's triangle.
+products 57-58 dB. On 224 px views of 90x120 ... 640x480 images: 59-69 dB. torchvision.ops.roi_align on
+the same boxes (aligned, sampling_ratio -1, 2 or 4): 44-47 dB at 224 px, median 49 dB at 64 px, being a box
+filter rather than torchvision's triangle.
 """
 import numpy as np
 import pytest
