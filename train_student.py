@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data.folders import build_dataset, encoded_collate
+from data.gpu_views import ViewParams
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
@@ -139,6 +140,8 @@ def main(args):
                  boxes.shape[1])
     elif not args.gpu_decode:
         dataset.transform = view_transform
+    else:  # the workers read the files and draw the views' parameters; the device decodes and makes the views
+        dataset.transform = ViewParams(view_transform)
     loader = make_loader(dataset, args, world_size, rank)
     to_device = DeviceInput(device, memory_format, single_view, view_transform if args.gpu_decode else None,
                             lambda index: dataset.samples[index][0], args.seed, dtype)

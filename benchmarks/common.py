@@ -25,3 +25,18 @@ def best_of(fn, repeats, device=None):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def median_of(fn, repeats, device=None):
+    """Median wall time of ``repeats`` calls (synchronised on CUDA): for comparisons shown side by side."""
+    cuda = device is not None and torch.device(device).type == 'cuda'
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -10,6 +10,7 @@ import argparse
 import gc
 import os
 import resource
+import shutil
 import sys
 import tempfile
 
@@ -25,7 +26,7 @@ from data.folders import build_dataset  # noqa: E402
 from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
 from benchmarks import bench_eval  # noqa: E402
-from benchmarks.common import best_of, report  # noqa: E402
+from benchmarks.common import best_of, median_of, report  # noqa: E402
 
 
 # ------------------------------------------------------------------ input pipeline
@@ -254,19 +255,236 @@ def bench_knn(quick):
         bench_eval.bench_knn(n_train=200_000, n_val=20_000, dim=512, classes=1000, repeats=2)
 
 
+# ------------------------------------------------------------------ --gpu_decode views: per image vs batched
+
+def write_jpeg(path, shape, seed):
+    """One ImageNet-like JPEG (texture, noise, quality 90) of ``shape`` (height, width)."""
+    rng = np.random.RandomState(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    waves = np.sin(xx[..., None] / rng.uniform(3, 30) + yy[..., None] / rng.uniform(3, 30) + np.arange(3))
+    pixels = 127 + 70 * waves + rng.normal(0, 25, (h, w, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _write_jpeg_job(job):
+    write_jpeg(*job)
+
+
+def jpeg_folder(count, shape, unique=2000, classes=10):
+    """``<cache>/jpegs_<count>_<w>x<h>/train/<class>/``: ``count`` JPEGs, generated once (in parallel) and
+    reused; ``unique`` distinct images, the rest hard links to them (the same bytes decode at the same cost,
+    and the folder costs ``unique`` files of disk). Orientations alternate as in ImageNet: ``shape``,
+    transposed, and 2/3 of its height. ``SIMREG_BENCH_CACHE`` sets the cache (default ~/.cache/simreg_bench)."""
+    import multiprocessing
+    h, w = shape
+    root = os.path.join(os.environ.get('SIMREG_BENCH_CACHE', os.path.expanduser('~/.cache/simreg_bench')),
+                        f'jpegs_{count}_{w}x{h}')
+    done = os.path.join(root, 'complete')
+    if os.path.exists(done):
+        return root
+    shapes = [(h, w), (w, h), (h * 2 // 3, w)]
+    paths = [os.path.join(root, 'train', f'n{i % classes:08d}', f'{i:06d}.JPEG') for i in range(count)]
+    for folder in {os.path.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    jobs = [(paths[i], shapes[i % len(shapes)], i) for i in range(min(unique, count))]
+    with multiprocessing.Pool(min(16, os.cpu_count() or 1)) as pool:
+        pool.map(_write_jpeg_job, jobs, chunksize=16)
+    for i in range(len(jobs), count):
+        if os.path.exists(paths[i]):
+            os.remove(paths[i])
+        try:
+            os.link(paths[i % len(jobs)], paths[i])
+        except OSError:
+            shutil.copyfile(paths[i % len(jobs)], paths[i])
+    open(done, 'w').close()
+    return root
+
+
+def bench_gpu_views(quick):
+    """--gpu_decode's main-process work per batch, before and after the batched views: decode + views one
+    image at a time (``decode_views_on``, parameters drawn here) against decode + ``BatchedViews`` (parameters
+    drawn by the workers, as in training). Median of repeats. On a CPU the batched path is the slower:
+    its dense matrix products do ~100x the multiply-adds of a direct resize, which only a GPU makes free."""
+    from data.folders import read_bytes
+    from data.gpu_views import ViewParams
+    from data.sampler import sample_seed
+    from data.transforms import DeviceInput, TwoViews
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gpu = device.type == 'cuda'
+    batch, repeats = (256, 11) if gpu else ((8, 3) if quick else (32, 5))
+    root = jpeg_folder(max(batch, 64), (375, 500), unique=batch)
+    paths = sorted(p for p, _ in build_dataset(root, 'train', None).samples)[:batch]
+    encoded = [read_bytes(p) for p in paths]
+    index = torch.arange(batch)
+    for name, views, single in (('gpu_views_weak', TwoViews(224, weak_weak=True, single_aug=True), True),
+                                ('gpu_views_weak_strong', TwoViews(224, weak_strong=True), False)):
+        worker = ViewParams(views)
+        samples = []
+        for i, data in enumerate(encoded):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(0, 0, i))
+                samples.append(worker(data))  # what the loader's workers hand over
+        batched = DeviceInput(device, torch.contiguous_format, single, views, lambda i: paths[i])
+        per_image = DeviceInput(device, torch.contiguous_format, single, views, lambda i: paths[i], batched=False)
+        run_batched, run_per_image = (lambda: batched(index, samples)), (lambda: per_image(index, encoded))
+        run_batched(), run_per_image()  # warm-up (nvjpeg handles, cuBLAS)
+        ours = batch / median_of(run_batched, repeats, device)
+        reference = batch / median_of(run_per_image, repeats, device)
+        report(name, ours, reference, 'img/s',
+               extra=f'  (decode + views at 224, batched vs per image, batch {batch} of 500x375/375x500 JPEGs, '
+                     f'{device.type})')
+
+
+# ------------------------------------------------------------------ a real training epoch
+
+def steady_state(windows, batch_size):
+    """Images/s and data-wait share between the first window record and the last of an epoch (the
+    records hold figures since the epoch's start): the epoch without its start-up (workers, cuDNN)."""
+    first, last = windows[0], windows[-1]
+    t0, t1 = (w['step'] * batch_size / w['images_per_s'] for w in (first, last))
+    d0, d1 = first['data_wait_share'] * t0, last['data_wait_share'] * t1
+    return (last['step'] - first['step']) * batch_size / (t1 - t0), (d1 - d0) / (t1 - t0)
+
+
+def bench_train_epoch(quick, compile_student=False):
+    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs, 1 in
+    CPU quick mode; the last is reported, from its JSON log: img/s and data-wait share, over the whole epoch and past its
+    first window), CPU loader against --gpu_decode, live teacher against one cached by cache_teacher_feats."""
+    import cache_teacher_feats
+    import train_student
+    from models.backbones import build_backbone
+    from utils.logging import json_log_path, read_json_log
+    gpu = torch.cuda.is_available()
+    if gpu:
+        count, shape, batch, size, workers, teacher_arch = 20_000, (375, 500), 256, 224, min(16, os.cpu_count()), 'resnet50'
+    elif quick:
+        count, shape, batch, size, workers, teacher_arch = 32, (30, 40), 8, 32, 0, 'resnet18'
+    else:
+        count, shape, batch, size, workers, teacher_arch = 512, (375, 500), 32, 112, 2, 'resnet50'
+    root = jpeg_folder(count, shape, unique=min(count, 2000))
+    epochs = 1 if quick and not gpu else 2  # CI's smoke run: one epoch is enough
+    print_freq = max(1, count // batch // 4)
+    desc = (f'ResNet-{teacher_arch[6:]} -> ResNet-18, {size}px, batch {batch}, {count} {shape[1]}x{shape[0]} '
+            f'JPEGs, {workers} workers, {"cuda" if gpu else "cpu"}{", --compile" if compile_student else ""}')
+    with tempfile.TemporaryDirectory() as work:
+        torch.manual_seed(0)
+        weights = os.path.join(work, 'teacher.pth')
+        torch.save(build_backbone(teacher_arch).state_dict(), weights)
+        feats = os.path.join(work, 'feats.npy')
+        autotune = torch.backends.cudnn.benchmark  # the builder turns it on; train_student leaves it as it is
+        cache_teacher_feats.main(cache_teacher_feats.get_args_parser().parse_args(
+            [root, '--arch_teacher', teacher_arch, '--teacher_weights', weights, '--image_size', str(size),
+             '--batch_size', str(batch), '--num_workers', str(workers), '--output', feats]))
+        torch.backends.cudnn.benchmark = autotune
+        results = {}
+        for loader in ('cpu', 'gpu_decode'):
+            for teacher in ('live', 'cached'):
+                exp = f'{loader}_{teacher}'
+                argv = [root, '--base_dir', work, '--exp', exp, '--arch_teacher', teacher_arch,
+                        '--teacher_weights', weights, '--arch_student', 'resnet18', '--epochs', str(epochs),
+                        '--batch_size', str(batch), '--image_size', str(size), '--num_workers', str(workers),
+                        '--print_freq', str(print_freq), '--save_freq', '100', '--single_aug', '--weak_weak']
+                argv += ['--channels_last'] if gpu else []
+                argv += ['--gpu_decode'] if loader == 'gpu_decode' else []
+                argv += ['--use_cache', '--teacher_feats', feats] if teacher == 'cached' else []
+                argv += ['--compile'] if compile_student else []
+                train_student.main(train_student.get_args_parser().parse_args(argv))
+                records = read_json_log(json_log_path(os.path.join(work, 'exp', exp, 'logs')))
+                epoch = [r for r in records if r['event'] == 'epoch'][-1]
+                windows = [r for r in records if r['event'] == 'window' and r['epoch'] == epoch['epoch']]
+                steady = steady_state(windows, batch) if len(windows) > 1 else (float('nan'), float('nan'))
+                results[exp] = epoch['images_per_s']
+                print(f'train_epoch[{loader} loader, {teacher} teacher]: {epoch["images_per_s"]:.4g} img/s, '
+                      f'data wait {100 * epoch["data_wait_share"]:.1f}% | past the first window {steady[0]:.4g} '
+                      f'img/s, data wait {100 * steady[1]:.1f}%  ({desc})', flush=True)
+    for teacher in ('live', 'cached'):
+        report(f'train_epoch_{teacher}', results[f'gpu_decode_{teacher}'], results[f'cpu_{teacher}'], 'img/s',
+               extra=f'  (--gpu_decode vs the CPU loader, {teacher} teacher; {desc})')
+
+
+# ------------------------------------------------------------------ the step at per-GPU batch 256
+
+def bench_step_modes(quick):
+    """The distillation step as train_student runs it (live ResNet-50 teacher -> ResNet-18, BatchNorm groups
+    of 64, bf16, channels_last) at per-GPU batch 256: eager (foreach and fused SGD, and with cuDNN's
+    autotuner, which train_student leaves off) against the student
+    compiled (what --compile does), student and teacher compiled (fused SGD), and both as CUDA graphs
+    (torch.compile mode='reduce-overhead', fused SGD); inductor's kernels are cached on disk, so the later
+    modes compile faster. A mode that fails prints why and the others go on. On a CPU only the two eager
+    modes run, tiny, to keep the code working (inductor's CPU code says nothing about the GPU)."""
+    import train_student
+    from models.backbones import build_backbone
+    from models.batchnorm import bn_groups, convert_batchnorm
+    from models.head import build_head
+    from models.simreg import SimReg
+    from models.teachers import LiveTeacher
+    from data.transforms import DeviceInput
+    gpu = torch.cuda.is_available()
+    device = torch.device('cuda' if gpu else 'cpu')
+    size, batch, steps = (224, 256, 20) if gpu else (32, 8, 2)
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    images = images.pin_memory() if gpu else images
+    to_device = DeviceInput(device, memory_format, single_view=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {str(amp_dtype or "fp32").replace("torch.", "")}, {device.type}'
+
+    def speed(student_mode, teacher_mode, fused, autotune=False):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        torch.backends.cudnn.benchmark = autotune  # train_student does not set it
+        teacher = LiveTeacher(build_backbone('resnet50'), {}).to(device, memory_format)
+        model = SimReg(build_backbone('resnet18'), build_head(512, 2048))
+        convert_batchnorm(model, bn_groups(64, batch, 1, 0))
+        model.to(device, memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, fused=fused)
+        if student_mode:
+            model = torch.compile(model, mode=student_mode)
+        if teacher_mode:
+            teacher.network = torch.compile(teacher.network, mode=teacher_mode)
+
+        def run():
+            for _ in range(steps):
+                x, teacher_in = to_device(None, images)
+                targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
+                train_student.train_step(model, x, targets, optimizer, scaler, amp_dtype, False)
+        run()  # compile and warm up
+        return steps * batch / best_of(run, 3 if gpu else 1, device)
+
+    eager = speed(None, None, False)
+    print(f'step_modes[eager]: {eager:.4g} img/s  ({desc})', flush=True)
+    modes = [('eager, fused SGD', None, None, True, False)]
+    if gpu:
+        modes += [('eager, fused SGD, cudnn.benchmark', None, None, True, True),
+                  ('student compiled', 'default', None, False),
+                  ('student + teacher compiled, fused SGD', 'default', 'default', True),
+                  ('CUDA graphs (reduce-overhead), fused SGD', 'reduce-overhead', 'reduce-overhead', True)]
+    for name, *mode in modes:
+        try:
+            ours = speed(*mode)
+        except Exception as exc:  # a mode that fails here is a finding, not the end of the benchmark
+            print(f'step_modes[{name}]: failed ({str(exc).splitlines()[0][:200]})', flush=True)
+            continue
+        report(f'step_modes[{name}]', ours, eager, 'img/s', extra=f'  (vs eager; {desc})')
+
+
 BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
               'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step,
-              'bn_groups': bench_bn_groups}
+              'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'train_epoch': bench_train_epoch,
+              'step_modes': bench_step_modes}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='small sizes (under 2 minutes on 2 CPU cores)')
     parser.add_argument('--only', nargs='*', choices=sorted(BENCHMARKS), help='run only these')
+    parser.add_argument('--compile', action='store_true', help='train_epoch: train with --compile')
     args = parser.parse_args()
     for name, bench in BENCHMARKS.items():
         if not args.only or name in args.only:
-            bench(args.quick)
+            bench(args.quick, args.compile) if name == 'train_epoch' else bench(args.quick)
 
 
 if __name__ == '__main__':

@@ -204,3 +204,72 @@ def test_cached_targets_copied_asynchronously_stay_intact(tmp_path):
     for indices, target in zip(batches, targets):
         assert target.device.type == 'cuda'
         assert torch.equal(target.cpu(), torch.from_numpy(rows[indices.numpy()]))
+
+
+def _views_and_images(tmp_path, config):
+    """JPEGs of ImageNet-like shapes (two padding groups), the CPU pipeline's views of them from per-sample
+    seeds, and the loader's ViewParams samples of the same files."""
+    import numpy as np
+    from data.gpu_views import ViewParams
+    from data.sampler import SeededSamples
+    from data.transforms import TwoViews
+    root = tmp_path / 'data' / 'train' / 'c0'
+    root.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for i, (h, w) in enumerate([(375, 500), (500, 375), (333, 500), (120, 90), (900, 1200), (375, 500)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = 127 + 90 * np.sin(xx[..., None] / rng.uniform(20, 60) + yy[..., None] / rng.uniform(20, 60)
+                                   + np.arange(3))  # smooth: nvjpeg and libjpeg-turbo decode it alike
+        Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(root / f'{i}.jpg', quality=95)
+    views = TwoViews(224, **config)
+    cpu = build_dataset(tmp_path / 'data', 'train', views)
+    indices = list(range(len(cpu)))
+    expected = [SeededSamples(cpu, 1)[(0, i)][1] for i in indices]
+    encoded = build_dataset(tmp_path / 'data', 'train', None, encoded=True)
+    encoded.transform = ViewParams(views)
+    samples = [SeededSamples(encoded, 1)[(0, i)][1] for i in indices]
+    return views, encoded, torch.tensor(indices), expected, samples
+
+
+def _psnr(a, b):
+    return 10 * torch.log10(255 ** 2 / ((a.double() - b.double()) ** 2).mean(dim=(-3, -2, -1)).clamp(min=1e-10))
+
+
+@gpu_test
+@pytest.mark.parametrize('config', [dict(weak_weak=True), dict(weak_strong=True)], ids=['weak_weak', 'weak_strong'])
+def test_batched_views_on_cuda_match_the_cpu_pipeline(tmp_path, config):
+    """The batched views on the GPU (fp16 products) from the CPU-decoded pixels: PSNR >= 35 dB against the
+    CPU pipeline per image; through nvjpeg (DeviceInput, as --gpu_decode trains) >= 30 dB on these smooth
+    JPEGs, the decoders' own difference included."""
+    from data.gpu_views import BatchedViews
+    from data.transforms import DeviceInput
+    views, encoded, index, expected, samples = _views_and_images(tmp_path, config)
+    batched = BatchedViews(views)
+    images = [decode_rgb(p).to(CUDA) for p, _ in encoded.samples]
+    ours = batched(images, torch.stack([s.params for s in samples]))
+    to_device = DeviceInput(CUDA, torch.contiguous_format, False, views, lambda i: encoded.samples[i][0], seed=1)
+    through_nvjpeg = to_device.decode_views(index, samples)
+    for v in range(2):
+        theirs = torch.stack([e[v] for e in expected])
+        assert ours[v].device.type == 'cuda' and ours[v].shape == theirs.shape
+        assert _psnr(ours[v].cpu(), theirs).min() >= 35, _psnr(ours[v].cpu(), theirs)
+        assert _psnr(through_nvjpeg[v].cpu(), theirs).min() >= 30, _psnr(through_nvjpeg[v].cpu(), theirs)
+
+
+@gpu_test
+def test_batched_views_make_no_host_sync(tmp_path):
+    """Making a batch's views (weak and strong) never waits for the GPU: CUDA's sync debug mode raises on
+    any synchronising call."""
+    from data.gpu_views import BatchedViews
+    views, encoded, _, _, samples = _views_and_images(tmp_path, dict(weak_strong=True))
+    batched = BatchedViews(views)
+    images = [decode_rgb(p).to(CUDA) for p, _ in encoded.samples]
+    params = torch.stack([s.params for s in samples])
+    batched(images, params)  # warm-up: cuBLAS handles, the pinned-memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        student, teacher = batched(images, params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert student.shape == teacher.shape == (len(images), 3, 224, 224)

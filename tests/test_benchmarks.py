@@ -1,0 +1,55 @@
+"""benchmarks/run.py keeps working: the train_epoch benchmark in quick mode prints its figures, and the
+helpers it computes them with are right."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+from benchmarks.run import jpeg_folder, steady_state
+
+FIGURE = r'([0-9.e+]+)'
+
+
+def test_steady_state_is_the_rate_between_windows():
+    """Window records hold figures since the epoch's start; between two of them: 8 steps of 10 images in 2 s
+    (after 1 s for the first 2 steps), 0.5 s of it waiting for data."""
+    first = {'step': 2, 'images_per_s': 20 / 1.0, 'data_wait_share': 0.5}  # 1 s, 0.5 s waiting
+    last = {'step': 10, 'images_per_s': 100 / 3.0, 'data_wait_share': 1.0 / 3.0}  # 3 s, 1 s waiting
+    speed, wait = steady_state([first, last], 10)
+    assert speed == pytest.approx(80 / 2.0) and wait == pytest.approx(0.5 / 2.0)
+
+
+def test_jpeg_folder_is_made_once_with_links(tmp_path, monkeypatch):
+    monkeypatch.setenv('SIMREG_BENCH_CACHE', str(tmp_path))
+    root = jpeg_folder(7, (30, 40), unique=3, classes=2)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, 'train')) for f in fs)
+    assert len(files) == 7 and len({os.stat(f).st_ino for f in files}) == 3  # 4 hard links to the 3 images
+    from PIL import Image
+    assert {Image.open(f).size for f in files} == {(40, 30), (30, 40), (40, 20)}  # (width, height)
+    os.remove(files[0])
+    assert jpeg_folder(7, (30, 40), unique=3, classes=2) == root and not os.path.exists(files[0])  # reused
+
+
+@pytest.mark.slow
+def test_train_epoch_quick_prints_its_figures(tmp_path):
+    """``run.py --quick --only train_epoch``: train_student's own loop, CPU loader and --gpu_decode, live and
+    cached teacher; each line has a positive img/s and a data-wait share in [0, 100]%."""
+    proc = subprocess.run([sys.executable, 'benchmarks/run.py', '--quick', '--only', 'train_epoch'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'SIMREG_BENCH_CACHE': str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for loader in ('cpu', 'gpu_decode'):
+        for teacher in ('live', 'cached'):
+            line = re.search(rf'^train_epoch\[{loader} loader, {teacher} teacher\]: {FIGURE} img/s, data wait '
+                             rf'{FIGURE}% \| past the first window {FIGURE} img/s, data wait {FIGURE}%', proc.stdout,
+                             re.MULTILINE)
+            assert line, (loader, teacher, proc.stdout[-2000:])
+            speed, wait, steady, steady_wait = map(float, line.groups())
+            assert speed > 0 and steady > 0 and 0 <= wait <= 100 and 0 <= steady_wait <= 100
+    for teacher in ('live', 'cached'):
+        assert re.search(rf'^train_epoch_{teacher}: ours {FIGURE} img/s \| reference {FIGURE} img/s \| {FIGURE}x',
+                         proc.stdout, re.MULTILINE), teacher
