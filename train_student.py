@@ -20,7 +20,7 @@ from data.folders import build_dataset, encoded_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
-from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
+from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone, channels_last_helps
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
@@ -142,7 +142,8 @@ def main(args):
 
     model = build_student(args, teachers)
     convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
-    model.to(device, dtype=dtype, memory_format=memory_format)
+    model.to(device, dtype=dtype, memory_format=memory_format if channels_last_helps(model.encoder_q) else
+             torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -274,7 +275,7 @@ def make_loader(dataset, args, world_size, rank):
 
 def build_student(args, teachers):
     """Fresh student with one head per teacher, or the one in --weights."""
-    backbone = build_backbone(args.arch_student)
+    backbone = build_backbone(args.arch_student, args.image_size)
     heads = {name: build_head(backbone.feat_dim, t.feat_dim, args.n_mlp_layers, args.linear_pred)
              for name, t in teachers.items()}
     model = SimReg(backbone, next(iter(heads.values())) if len(heads) == 1 else nn.ModuleDict(heads))

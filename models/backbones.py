@@ -1,12 +1,14 @@
 """Backbones that return the pooled feature, with torchvision's key names.
 
 Torchvision provides every ResNet and MobileNet-v2; only what it lacks is written by
-hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets). Each backbone carries
+hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets); the ViTs are timm's
+(``models/vit.py``). Each backbone carries
 ``feat_dim``, the size of the feature its ``forward`` returns.
 """
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS
 from utils.errors import SimRegError
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
@@ -14,6 +16,8 @@ TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet1
 STUDENT_ARCHS = TORCHVISION_RESNETS + ('mobilenet',)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4')
+STUDENT_ARCHS += tuple(VIT_STUDENTS)
+TEACHER_ARCHS += tuple(VIT_TEACHERS)
 
 
 def _torchvision_resnet(name):
@@ -30,8 +34,13 @@ def _mobilenet_v2():
     return model
 
 
-def build_backbone(arch):
-    """The network for an original arch name, classifier removed (``fc``/``classifier`` = Identity)."""
+def build_backbone(arch, image_size=None):
+    """The network for an original arch name, classifier removed (``fc``/``classifier``/``head`` = Identity).
+    ``image_size`` is a student's training size, which only ViT students need (None: a teacher's network;
+    see models/vit.py)."""
+    if arch in VIT_ARCHS:
+        from models.vit import build_vit
+        return build_vit(arch, image_size)
     if arch in TORCHVISION_RESNETS:
         return _torchvision_resnet(arch)
     if arch == 'sup_resnet50':
@@ -44,12 +53,18 @@ def build_backbone(arch):
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
         from models.tf_resnet import simclr_resnet50
         return simclr_resnet50(width=int(arch[-1]))
-    raise SimRegError(f"unknown architecture '{arch}': choose one of {', '.join(STUDENT_ARCHS + TEACHER_ARCHS[len(TORCHVISION_RESNETS):])}")
+    raise SimRegError(f"unknown architecture '{arch}': choose one of "
+                      f"{', '.join(dict.fromkeys(STUDENT_ARCHS + TEACHER_ARCHS))}")
 
 
 def classifier_attr(model):
     """Name of the (removed) classifier attribute: ``fc`` for ResNets, ``classifier`` for MobileNet."""
-    return 'classifier' if isinstance(model, tvm.MobileNetV2) else 'fc'
+    return 'classifier' if isinstance(model, tvm.MobileNetV2) else 'head' if hasattr(model, 'patch_embed') else 'fc'
+
+
+def channels_last_helps(model):
+    """channels_last speeds up convolutions; a ViT is one patch convolution then matrix products."""
+    return not hasattr(model, 'patch_embed')
 
 
 def set_projection(model, fc):

@@ -14,7 +14,7 @@ import os
 import torch
 
 from data.teacher_cache import open_teacher_cache
-from models.backbones import TEACHER_ARCHS
+from models.backbones import TEACHER_ARCHS, channels_last_helps
 from models.loading import load_backbone, resolve_weights
 from models.simreg import freeze
 from utils import distributed as dist_utils
@@ -34,6 +34,8 @@ class LiveTeacher:
         self.info = info
 
     def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+        if not channels_last_helps(self.network):
+            memory_format = torch.contiguous_format  # --channels_last is for the convolutional nets
         self.network.to(device, dtype=dtype, memory_format=memory_format)
         return self
 
