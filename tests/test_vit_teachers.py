@@ -271,17 +271,17 @@ def _random_dino_file(path):
 
 
 @pytest.mark.slow
-def test_vit_teacher_trains_a_resnet_live_and_cached(tmp_path):
+def test_vit_teacher_trains_a_resnet_live_and_cached(tmp_path, one_thread):
     ws = cache_workspace(tmp_path)
     teacher = _random_dino_file(tmp_path / 'dino_vits16.pth')
     common = [str(ws / 'data'), '--arch_student', 'resnet18', '--image_size', '64', '--batch_size', '6',
               '--epochs', '1', '--num_workers', '0', '--single_aug', '--weak_weak', '--print_freq', '1',
               '--base_dir', str(tmp_path)]
-    train(common + ['--exp', 'live', '--arch_teacher', 'vit_small_patch16', '--teacher_weights', teacher,
-                    '--channels_last'])
-    args = read_json(tmp_path / 'exp' / 'live' / 'logs' / 'train_args.json')
-    info = args['teachers'] if 'teachers' in args else args
-    assert '384' in str(info)
+    train(common + ['--exp', 'live', '--arch_teacher', 'vit_small_patch16', '--teacher_weights', teacher])
+    info = read_json(tmp_path / 'exp' / 'live' / 'logs' / 'train_args.json')['teachers']['vit_small_patch16']
+    assert info['feat_dim'] == 384 and info['weights'] == teacher
+    ckpt = torch.load(tmp_path / 'exp' / 'live' / 'checkpoints' / 'last.pth', weights_only=True)
+    assert ckpt['state_dict']['predict_q.7.weight'].shape[0] == 384
     build_cache(ws, 'vit_cache.npy', '--arch_teacher', 'vit_small_patch16', '--teacher_weights', teacher,
                 '--image_size', '64', '--num_workers', '0')
     feats = np.load(ws / 'vit_cache.npy', mmap_mode='r')
@@ -292,8 +292,35 @@ def test_vit_teacher_trains_a_resnet_live_and_cached(tmp_path):
                     '--teacher_feats', f'{ws / "vit_cache.npy"},'])
     ckpt = torch.load(tmp_path / 'exp' / 'cached' / 'checkpoints' / 'last.pth', weights_only=True)
     heads = ckpt['state_dict']
-    assert heads['predict_q.vit_small_patch16.9.weight'].shape[0] == 384  # each head sized to its teacher
-    assert heads['predict_q.resnet18.9.weight'].shape[0] == 512
+    assert heads['predict_q.vit_small_patch16.7.weight'].shape[0] == 384  # each head sized to its teacher
+    assert heads['predict_q.resnet18.7.weight'].shape[0] == 512
+    # --cache_views: the ViT's features of stored views, which the student replays
+    build_cache(ws, 'vit_views.npy', '--arch_teacher', 'vit_small_patch16', '--teacher_weights', teacher,
+                '--image_size', '64', '--num_workers', '0', '--cache_views', '2')
+    assert np.load(ws / 'vit_views.npy', mmap_mode='r').shape == (21, 2, 384)
+    train(common + ['--exp', 'views', '--arch_teacher', 'vit_small_patch16', '--use_cache',
+                    '--teacher_feats', str(ws / 'vit_views.npy')])
+    assert os.path.isfile(tmp_path / 'exp' / 'views' / 'checkpoints' / 'last.pth')
+
+
+def test_channels_last_only_for_convolutional_teachers(one_thread):
+    """--channels_last puts the ResNets in NHWC; a ViT (one patch convolution) stays as it is."""
+    from models.teachers import LiveTeacher
+    vit = LiveTeacher(build_backbone('vit_small_patch16'), {}).to('cpu', torch.channels_last)
+    assert vit.network.patch_embed.proj.weight.is_contiguous()
+    resnet = LiveTeacher(build_backbone('resnet18'), {}).to('cpu', torch.channels_last)
+    assert resnet.network.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not resnet.network.conv1.weight.is_contiguous()
+
+
+def test_vit_teacher_under_bf16_autocast(one_thread):
+    from models.teachers import LiveTeacher
+    torch.manual_seed(0)
+    teacher = LiveTeacher(build_backbone('vit_small_patch16'), {}).to('cpu')
+    view = torch.randn(2, 3, 32, 32)
+    fp32, bf16 = teacher(None, view), teacher(None, view, amp_dtype=torch.bfloat16)
+    assert bf16.shape == (2, 384) and not torch.equal(fp32, bf16.float())  # the matmuls ran in bf16
+    assert torch.nn.functional.cosine_similarity(fp32, bf16.float()).min() > 0.99
 
 
 @pytest.mark.slow
