@@ -5,7 +5,9 @@
 
 Reads any student checkpoint models.loading accepts (this project's, or the original code's),
 drops the regression head and every prefix; ``torchvision.models.resnet18()`` (or the student's
-architecture) then loads the state dict with ``strict=False``, only the classifier missing.
+architecture) then loads the state dict with ``strict=False``, only the classifier missing. A ViT
+student is written in timm's key names: ``timm.create_model('vit_small_patch16_224', img_size=S)``
+loads it the same way (S: its training ``--image_size``, which sets its position embedding).
 
 ``--onnx`` writes the backbone in eval mode as an ONNX model: input ``images`` (float32 N x 3 x H x W,
 normalised with the ImageNet mean/std as the evaluation scripts do), output ``features`` (N x feat_dim,
@@ -57,8 +59,10 @@ def main(args):
     state = backbone.state_dict()
     if args.output is not None:
         save_atomic(state, args.output)
-        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
-              f'torchvision model with strict=False; only the classifier is missing')
+        target = (f"timm.create_model('{backbone.timm_name}', img_size={backbone.image_size})"
+                  if hasattr(backbone, 'timm_name') else 'the torchvision model')
+        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into '
+              f'{target} with strict=False; only the classifier is missing')
     if args.onnx is not None:
         export_onnx(backbone, args.onnx, args.image_size, args.opset)
     return state

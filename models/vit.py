@@ -130,6 +130,7 @@ def build_vit(arch, image_size=None):
         model = ReleaseViT(release, **{'img_size': 224, **kwargs})
     else:
         model = ReleaseViT('timm', img_size=image_size or 224, **VIT_STUDENTS[arch])
+        model.timm_name = f'{arch}_224'  # timm's model of these shapes and keys
     model.image_size = model.patch_embed.img_size[0]
     model.feat_dim = model.num_features
     return model
