@@ -30,9 +30,13 @@ FAST = {'dino_vit_small_patch16_112', 'dino_vit_small_patch16_224', 'dino_vit_sm
         'mocov3_vit_small_112', 'mocov3_vit_small_224', 'deit_small_patch16_112', 'deit_small_patch16_224'}
 
 
+# ViT-g (1.1B weights): ~9 GB and minutes on a CPU, run on demand only
+GIANT = pytest.mark.skipif(not os.environ.get('SIMREG_TEST_GIANT'), reason='ViT-g/14: set SIMREG_TEST_GIANT=1')
+
+
 def _params():
     for name in vit_reference_names():
-        marks = () if name in FAST else (pytest.mark.slow,)
+        marks = () if name in FAST else (GIANT,) if 'vitg14' in name else (pytest.mark.slow,)
         yield pytest.param(name, marks=marks, id=name)
 
 
@@ -85,6 +89,7 @@ def test_parity_with_release(tmp_path, one_thread, name):
     ref = vit_reference(name)
     path = write_release_file(tmp_path / 'teacher.pth', ref['release'], file_state(name))
     model = load_backbone(ref['project_arch'], path)
+    os.remove(path)  # ViT-L: 1.2 GB
     with torch.no_grad():
         out = model(vit_input(name))
     assert model.feat_dim == out.shape[1] == ref['output_shape'][1]
