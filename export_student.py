@@ -5,15 +5,17 @@
 
 Reads any student checkpoint models.loading accepts (this project's, or the original code's),
 drops the regression head and every prefix; ``torchvision.models.resnet18()`` (or the student's
-architecture) then loads the state dict with ``strict=False``, only the classifier missing. A ViT
-student is written in timm's key names: ``timm.create_model('vit_small_patch16_224', img_size=S)``
-loads it the same way (S: its training ``--image_size``, which sets its position embedding).
+architecture) then loads the state dict with ``strict=False``, only the classifier missing.
 
 ``--onnx`` writes the backbone in eval mode as an ONNX model: input ``images`` (float32 N x 3 x H x W,
 normalised with the ImageNet mean/std as the evaluation scripts do), output ``features`` (N x feat_dim,
 the pooled feature); the batch and spatial axes are dynamic. Before the file is written, onnxruntime runs
 it on a batch of another size than the export's example and must match PyTorch within 1e-4. Only this
 path imports onnx and onnxruntime (``pip install onnx onnxruntime``).
+
+A ViT student (``vit_tiny_patch16``, ``vit_small_patch16``) is written in timm's key names:
+``timm.create_model('vit_small_patch16_224', img_size=S)`` loads it the same way (S: its training
+``--image_size``, which sets its position embedding).
 """
 import argparse
 import io
@@ -59,12 +61,13 @@ def main(args):
     state = backbone.state_dict()
     if args.output is not None:
         save_atomic(state, args.output)
-        target = (f"timm.create_model('{backbone.timm_name}', img_size={backbone.image_size})"
-                  if hasattr(backbone, 'timm_name') else 'the torchvision model')
-        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into '
-              f'{target} with strict=False; only the classifier is missing')
+        print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: load them into the '
+              f'torchvision model with strict=False; only the classifier is missing')
     if args.onnx is not None:
         export_onnx(backbone, args.onnx, args.image_size, args.opset)
+    if args.output is not None and hasattr(backbone, 'timm_name'):  # a ViT student: timm's names
+        print(f"(a timm ViT: timm.create_model('{backbone.timm_name}', img_size={backbone.image_size}) is the model "
+              f"to load them into)")
     return state
 
 

@@ -20,12 +20,13 @@ from data.folders import build_dataset, encoded_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
-from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone, channels_last_helps
+from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
 from models.teachers import build_teachers, replayed_boxes
+from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
                               resume_candidates, save_atomic, writable_folder)

@@ -1,14 +1,13 @@
 """Backbones that return the pooled feature, with torchvision's key names.
 
 Torchvision provides every ResNet and MobileNet-v2; only what it lacks is written by
-hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets); the ViTs are timm's
-(``models/vit.py``). Each backbone carries
+hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets). Each backbone carries
 ``feat_dim``, the size of the feature its ``forward`` returns.
 """
 import torch.nn as nn
 import torchvision.models as tvm
 
-from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS
+from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS, build_vit
 from utils.errors import SimRegError
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
@@ -16,8 +15,6 @@ TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet1
 STUDENT_ARCHS = TORCHVISION_RESNETS + ('mobilenet',)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4')
-STUDENT_ARCHS += tuple(VIT_STUDENTS)
-TEACHER_ARCHS += tuple(VIT_TEACHERS)
 
 
 def _torchvision_resnet(name):
@@ -35,11 +32,9 @@ def _mobilenet_v2():
 
 
 def build_backbone(arch, image_size=None):
-    """The network for an original arch name, classifier removed (``fc``/``classifier``/``head`` = Identity).
-    ``image_size`` is a student's training size, which only ViT students need (None: a teacher's network;
-    see models/vit.py)."""
+    """The network for an original arch name, classifier removed (``fc``/``classifier`` = Identity).
+    ``image_size``: a student's training size, which only the ViTs need (models/vit.py)."""
     if arch in VIT_ARCHS:
-        from models.vit import build_vit
         return build_vit(arch, image_size)
     if arch in TORCHVISION_RESNETS:
         return _torchvision_resnet(arch)
@@ -53,18 +48,12 @@ def build_backbone(arch, image_size=None):
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
         from models.tf_resnet import simclr_resnet50
         return simclr_resnet50(width=int(arch[-1]))
-    raise SimRegError(f"unknown architecture '{arch}': choose one of "
-                      f"{', '.join(dict.fromkeys(STUDENT_ARCHS + TEACHER_ARCHS))}")
+    raise SimRegError(f"unknown architecture '{arch}': choose one of {', '.join(STUDENT_ARCHS + TEACHER_ARCHS[len(TORCHVISION_RESNETS):])}")
 
 
 def classifier_attr(model):
     """Name of the (removed) classifier attribute: ``fc`` for ResNets, ``classifier`` for MobileNet."""
-    return 'classifier' if isinstance(model, tvm.MobileNetV2) else 'head' if hasattr(model, 'patch_embed') else 'fc'
-
-
-def channels_last_helps(model):
-    """channels_last speeds up convolutions; a ViT is one patch convolution then matrix products."""
-    return not hasattr(model, 'patch_embed')
+    return 'classifier' if isinstance(model, tvm.MobileNetV2) else 'fc'
 
 
 def set_projection(model, fc):
@@ -72,3 +61,8 @@ def set_projection(model, fc):
     setattr(model, classifier_attr(model), fc)
     model.feat_dim = fc.out_features
     return model
+
+
+# timm's ViTs: the released ViT teachers and the ViT students (models/vit.py)
+STUDENT_ARCHS += tuple(VIT_STUDENTS)
+TEACHER_ARCHS += tuple(VIT_TEACHERS)

@@ -281,9 +281,9 @@ def load_backbone(arch, path, keep_fc=False):
     path = resolve_weights(path)
     layout, state = detect_layout(read_checkpoint(path), path)
     model = _unloaded(build_backbone, arch)
-    classifier = classifier_attr(model)
-    backbone, head = split_backbone(layout, state, classifier)
     is_vit = arch in vit.VIT_ARCHS
+    classifier = 'head' if is_vit else classifier_attr(model)  # timm's classifier (DeiT's; MoCo v3's projector)
+    backbone, head = split_backbone(layout, state, classifier)
     if is_vit and layout.vit:
         backbone = vit.timm_state(backbone, layout.vit, arch)
         if hasattr(model, 'release'):

@@ -14,9 +14,10 @@ import os
 import torch
 
 from data.teacher_cache import open_teacher_cache
-from models.backbones import TEACHER_ARCHS, channels_last_helps
+from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
 from models.simreg import freeze
+from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError

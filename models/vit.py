@@ -171,3 +171,8 @@ def check_sincos(model, what):
     if not torch.allclose(model.pos_embed.detach().float().cpu(), table, atol=1e-4):
         raise SimRegError(f'{what}: a MoCo v3 ViT holds the fixed sin-cos position table, this file holds '
                           f'another: it is not a MoCo v3 checkpoint; check the weights file')
+
+
+def channels_last_helps(model):
+    """channels_last speeds up convolutions; a ViT is one patch convolution, then matrix products."""
+    return not isinstance(model, VisionTransformer)
