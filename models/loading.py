@@ -290,7 +290,11 @@ def load_backbone(arch, path, keep_fc=False):
             model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
     if keep_fc:
         linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
-        set_projection(model, _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0]))
+        fc = _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
+        if is_vit:  # timm applies ``head`` to the CLS feature
+            model.head, model.feat_dim = fc, fc.out_features
+        else:
+            set_projection(model, fc)
         backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
     for key in model.state_dict():
         if key.endswith('num_batches_tracked'):

@@ -155,6 +155,20 @@ def test_file_that_does_not_fit_the_arch_is_refused(tmp_path, name, arch, error)
         load_backbone(arch, _write(tmp_path, name))
 
 
+def test_teacher_fc_keeps_deits_classifier(tmp_path, one_thread):
+    path = _write(tmp_path, 'deit_small_patch16_224')
+    model = load_backbone('vit_small_patch16', path, keep_fc=True)
+    head = read_checkpoint(path)['model']
+    x = vit_input('deit_small_patch16_112')
+    with torch.no_grad():
+        out = model(x)
+        features = load_backbone('vit_small_patch16', path)(x)
+    assert model.feat_dim == 1000 and out.shape == (2, 1000)
+    assert torch.allclose(out, features @ head['head.weight'].T + head['head.bias'], atol=1e-4)
+    with pytest.raises(SimRegError, match='--teacher_fc .* has no projection head'):
+        load_backbone('vit_small_patch16', _write(tmp_path, 'dino_vit_small_patch16_224'), keep_fc=True)
+
+
 def test_mocov3_file_with_another_position_table_is_refused(tmp_path):
     state = dict(file_state('mocov3_vit_small_224'))
     state['pos_embed'] = fill('pos_embed', list(state['pos_embed'].shape), 'token')
