@@ -106,6 +106,10 @@ class ReleaseViT(VisionTransformer):
         return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix, antialias=rule == 'size_antialias',
                                       align_corners=False)
 
+    def forward(self, x):
+        check_size(x.shape[-2:], self.patch_embed.patch_size[0])
+        return super().forward(x)
+
     def _pos_embed(self, x):
         batch, h, w, dim = x.shape  # dynamic_img_size: the patch embedding keeps the grid
         pos_embed = self.resized_pos_embed((h, w))
@@ -129,11 +133,20 @@ def build_vit(arch, image_size=None):
         kwargs, release = VIT_TEACHERS[arch]
         model = ReleaseViT(release, **{'img_size': 224, **kwargs})
     else:
+        check_size((image_size or 224,) * 2, VIT_STUDENTS[arch]['patch_size'])
         model = ReleaseViT('timm', img_size=image_size or 224, **VIT_STUDENTS[arch])
         model.timm_name = f'{arch}_224'  # timm's model of these shapes and keys
     model.image_size = model.patch_embed.img_size[0]
     model.feat_dim = model.num_features
     return model
+
+
+def check_size(size, patch):
+    """A ViT cuts its input into whole patches: a size that is not a multiple of the patch is refused."""
+    if size[0] % patch or size[1] % patch:
+        fits = max(patch, size[0] // patch * patch)
+        raise SimRegError(f'a {size[0]}x{size[1]} input does not divide into the {patch}-pixel patches of a ViT: '
+                          f'pass an --image_size that is a multiple of {patch} (e.g. {fits})')
 
 
 def timm_state(state, release, arch):

@@ -169,6 +169,14 @@ def test_teacher_fc_keeps_deits_classifier(tmp_path, one_thread):
         load_backbone('vit_small_patch16', _write(tmp_path, 'dino_vit_small_patch16_224'), keep_fc=True)
 
 
+def test_image_size_that_is_not_a_multiple_of_the_patch_is_refused():
+    model = build_backbone('vit_small_patch14_dinov2').eval()
+    with pytest.raises(SimRegError, match='64x64 input does not divide into the 14-pixel patches.*e.g. 56'):
+        model(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(SimRegError, match='multiple of 16'):
+        build_backbone('vit_tiny_patch16', 60)
+
+
 def test_mocov3_file_with_another_position_table_is_refused(tmp_path):
     state = dict(file_state('mocov3_vit_small_224'))
     state['pos_embed'] = fill('pos_embed', list(state['pos_embed'].shape), 'token')
