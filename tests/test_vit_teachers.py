@@ -30,13 +30,16 @@ FAST = {'dino_vit_small_patch16_112', 'dino_vit_small_patch16_224', 'dino_vit_sm
         'mocov3_vit_small_112', 'mocov3_vit_small_224', 'deit_small_patch16_112', 'deit_small_patch16_224'}
 
 
-# ViT-g (1.1B weights): ~9 GB and minutes on a CPU, run on demand only
-GIANT = pytest.mark.skipif(not os.environ.get('SIMREG_TEST_GIANT'), reason='ViT-g/14: set SIMREG_TEST_GIANT=1')
+# also in CI (slow): the base models at 112; on demand (SIMREG_TEST_BIG=1): the base models at 224, ViT-L
+# (12 s each on a CPU) and ViT-g (1.1B weights: ~5 GB and a minute or more)
+SLOW = {'dino_vit_small_patch8_224', 'dino_vit_base_patch16_112', 'dino_vit_base_patch8_112', 'deit_base_patch16_112',
+        'dinov2_vitb14_112', 'dinov2_vitb14_reg4_112', 'mocov3_vit_base_112'}
+BIG = pytest.mark.skipif(not os.environ.get('SIMREG_TEST_BIG'), reason='big ViT on a CPU: set SIMREG_TEST_BIG=1')
 
 
 def _params():
     for name in vit_reference_names():
-        marks = () if name in FAST else (GIANT,) if 'vitg14' in name else (pytest.mark.slow,)
+        marks = () if name in FAST else (pytest.mark.slow,) if name in SLOW else (pytest.mark.slow, BIG)
         yield pytest.param(name, marks=marks, id=name)
 
 
@@ -194,26 +197,28 @@ def test_layouts_are_recognised(tmp_path):
         assert detect_layout(read_checkpoint(path), path)[0].name == layout, name
 
 
-def test_every_teacher_arch_builds_and_loads_its_own_shapes(tmp_path):
+@pytest.fixture(scope='module')
+def giant():
+    with torch.device('meta'):
+        return build_backbone('vit_giant_patch14_dinov2')
+
+
+def test_every_teacher_arch_builds_and_loads_its_own_shapes(giant):
     """Each arch name, built without weights, holds timm's keys; a file in its release layout fits it, and the
     feature is the CLS width (feat_dim). On the meta device: no weights are initialised."""
     dims = {'vit_small': 384, 'vit_base': 768, 'vit_large': 1024, 'vit_giant': 1536, 'mocov3_vit_small': 384}
     for arch in VIT_TEACHERS:
         assert arch in TEACHER_ARCHS
         with torch.device('meta'):
-            model = build_backbone(arch)
+            model = giant if arch == 'vit_giant_patch14_dinov2' else build_backbone(arch)
         assert model.feat_dim == next(d for k, d in dims.items() if arch.startswith(k)), arch
-    with torch.device('meta'):
-        giant = build_backbone('vit_giant_patch14_dinov2')
     assert tuple(giant.blocks[0].mlp.fc1.weight.shape) == (8192, 1536)  # DINOv2's w12: 2 x 4096
     assert tuple(giant.blocks[0].mlp.fc2.weight.shape) == (1536, 4096)
 
 
-def test_dinov2_giant_keys_map_to_timm(tmp_path):
-    """The giant's SwiGLU (w12/w3) loads into timm's packed GluMlp (checked on a 2-block copy of its shapes)."""
+def test_dinov2_giant_keys_map_to_timm(giant):
+    """The giant's SwiGLU (w12/w3) keys map to timm's packed GluMlp (fc1/fc2); its parity is a BIG test."""
     from models.vit import timm_state
-    with torch.device('meta'):
-        giant = build_backbone('vit_giant_patch14_dinov2')
     own = {k: v.shape for k, v in giant.state_dict().items()}
     release = {k.replace('.mlp.fc1.', '.mlp.w12.').replace('.mlp.fc2.', '.mlp.w3.'): s for k, s in own.items()}
     release['mask_token'] = (1, 1536)
