@@ -14,6 +14,10 @@ normalised with the ImageNet mean/std as the evaluation scripts do), output ``fe
 the pooled feature); the batch and spatial axes are dynamic. Before the file is written, onnxruntime runs
 it on a batch of another size than the export's example and must match PyTorch within 1e-4. Only this
 path imports onnx and onnxruntime (``pip install onnx onnxruntime``).
+
+A ViT student (``vit_tiny_patch16``, ``vit_small_patch16``) is written in timm's key names:
+``timm.create_model('vit_small_patch16_224', img_size=S)`` loads it the same way (S: its training
+``--image_size``, which sets its position embedding).
 """
 import argparse
 import io
@@ -62,6 +66,9 @@ def main(args):
         print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: {loading_note(backbone)}')
     if args.onnx is not None:
         export_onnx(backbone, args.onnx, args.image_size, args.opset)
+    if args.output is not None and hasattr(backbone, 'timm_name'):  # a ViT student: timm's names
+        print(f"(a timm ViT: timm.create_model('{backbone.timm_name}', img_size={backbone.image_size}) is the model "
+              f"to load them into)")
     return state
 
 

@@ -27,6 +27,7 @@ from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
 from models.teachers import build_teachers, replayed_boxes
+from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
                               resume_candidates, save_atomic, writable_folder)
@@ -148,7 +149,8 @@ def main(args):
 
     model = build_student(args, teachers)
     convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
-    model.to(device, dtype=dtype, memory_format=memory_format)
+    model.to(device, dtype=dtype, memory_format=memory_format if channels_last_helps(model.encoder_q) else
+             torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -280,7 +282,7 @@ def make_loader(dataset, args, world_size, rank):
 
 def build_student(args, teachers):
     """Fresh student with one head per teacher, or the one in --weights."""
-    backbone = build_backbone(args.arch_student)
+    backbone = build_backbone(args.arch_student, args.image_size)
     heads = {name: build_head(backbone.feat_dim, t.feat_dim, args.n_mlp_layers, args.linear_pred)
              for name, t in teachers.items()}
     model = SimReg(backbone, next(iter(heads.values())) if len(heads) == 1 else nn.ModuleDict(heads))

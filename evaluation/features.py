@@ -132,7 +132,7 @@ def _holds_student(checkpoint):
 def _is_arch(backbone, arch):
     """Whether ``backbone`` has the parameter shapes of ``arch`` (built on the meta device: no weights)."""
     with torch.device('meta'):
-        reference = build_backbone(arch)
+        reference = build_backbone(arch, getattr(backbone, 'image_size', None))  # a ViT student's size
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
     return shapes(backbone) == shapes(reference)
 

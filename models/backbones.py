@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS, build_vit
 from utils.errors import SimRegError
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
@@ -116,8 +117,11 @@ def _input_size_check(name, size):
     return check
 
 
-def build_backbone(arch):
-    """The network for an arch name, its final classification Linear removed (Identity)."""
+def build_backbone(arch, image_size=None):
+    """The network for an arch name, its final classification Linear removed (Identity).
+    ``image_size``: a student's training size, which only the ViTs need (models/vit.py)."""
+    if arch in VIT_ARCHS:
+        return build_vit(arch, image_size)
     if arch == 'byol_resnet50':
         from models.tf_resnet import byol_resnet50
         return byol_resnet50()
@@ -146,3 +150,8 @@ def set_projection(model, fc):
     model.set_submodule(classifier_attr(model), fc)
     model.feat_dim = fc.out_features
     return model
+
+
+# timm's ViTs: the released ViT teachers and the ViT students (models/vit.py)
+STUDENT_ARCHS += tuple(VIT_STUDENTS)
+TEACHER_ARCHS += tuple(VIT_TEACHERS)

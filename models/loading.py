@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models import vit
 from models.backbones import build_backbone, classifier_attr, set_projection
 from models.head import build_head
-from models.presets import PRESET_ARCHS, PRESETS, download_preset, preset_named, preset_path
+from models.presets import PRESETS, download_preset, preset_named, preset_path
 from utils.errors import SimRegError
 
 
@@ -35,6 +36,7 @@ class Layout:
     drop: tuple = ()  # other known groups, never loaded
     marker: str = ''  # key prefix that identifies the layout when ``prefix`` alone does not
     tf_names: bool = False  # TensorFlow conv2d_N / batch_normalization_N names, mapped to torchvision's
+    vit: str = ''  # the release of a ViT file: how it resizes its position embedding (models.vit.RESIZE)
 
     def matches(self, container, state):
         return container in self.containers and any(k.startswith(self.marker or self.prefix) for k in state)
@@ -48,8 +50,15 @@ LAYOUTS = (
     Layout('SimReg', ('state_dict',), 'encoder_q.', drop=('predict_q.',)),
     Layout('MoCo v1/v2', ('state_dict',), 'module.encoder_q.',
            drop=('module.encoder_k.', 'module.queue', 'module.queue_ptr')),
-    Layout('MoCo v3', ('state_dict',), 'module.base_encoder.', drop=('module.momentum_encoder.', 'module.predictor.')),
+    Layout('MoCo v3', ('state_dict',), 'module.base_encoder.', drop=('module.momentum_encoder.', 'module.predictor.'),
+           vit='MoCo v3'),  # a ViT's projector is its ``head``, the backbone's classifier slot
     Layout('DINO full checkpoint', ('teacher',), 'module.backbone.', heads=('module.head.',)),
+    # DINO wraps its teacher in DDP only when it has BatchNorms: a ViT teacher's keys have no ``module.``
+    Layout('DINO full checkpoint (ViT)', ('teacher',), 'backbone.', heads=('head.',), vit='DINO'),
+    Layout('DeiT', ('model',), '', marker='cls_token', vit='DeiT'),
+    Layout('DINOv2 with registers', (None,), '', marker='register_tokens', vit='DINOv2 registers'),
+    Layout('DINOv2', (None,), '', marker='mask_token', vit='DINOv2'),
+    Layout('DINO ViT backbone', (None,), '', marker='cls_token', vit='DINO'),
     Layout('Barlow Twins / VICReg full checkpoint', ('model',), 'module.backbone.', heads=('module.projector.',),
            drop=('module.bn.',)),
     Layout('SwAV / DataParallel', _ANY, 'module.', heads=('module.projection_head.',), drop=('module.prototypes.',)),
@@ -271,23 +280,31 @@ def load_backbone(arch, path, keep_fc=False):
     that ``feat_dim`` becomes its ``out_features``.
     """
     preset = preset_named(path)
-    if preset and arch not in PRESET_ARCHS:
-        raise SimRegError(f'preset {preset} is a ResNet-50 with torchvision padding, not {arch}: '
-                          f'use --arch_teacher resnet50')
+    if preset and arch not in PRESETS[preset].archs:
+        raise SimRegError(f'preset {preset} is a {PRESETS[preset].arch_name}, not {arch}: '
+                          f'use --arch_teacher {PRESETS[preset].archs[0]}')
     path = resolve_weights(path)
     layout, state = detect_layout(read_checkpoint(path), path)
     model = _unloaded(build_backbone, arch)
+    is_vit = arch in vit.VIT_ARCHS
     classifier = classifier_attr(model)
     backbone, head = split_backbone(layout, state, classifier)
+    if is_vit and layout.vit:
+        backbone = vit.timm_state(backbone, layout.vit, arch)
+        if hasattr(model, 'release'):
+            model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
     if keep_fc:
         linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
-        set_projection(model, _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0]))
+        fc = _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
+        set_projection(model, fc)
         backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
     for key in model.state_dict():
         if key.endswith('num_batches_tracked'):
             # converted BYOL and old torchvision files lack BN counters, which only matter in training
             backbone.setdefault(key, torch.zeros((), dtype=torch.long))
     load_strict(model, backbone, f'{path} as {arch}', layout.name)
+    if is_vit and getattr(model, 'release', '') == 'MoCo v3':
+        vit.check_sincos(model, f'{path} as {arch}')
     return model.eval()
 
 
@@ -322,8 +339,9 @@ def student_checkpoint(ckpt, path):
                       f'pass a file written by train_student.py or by the original main.py')
 
 
-def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint'):
-    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly."""
+def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint', image_size=224):
+    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly
+    (``image_size``: the training size, which sets a ViT student's position embedding)."""
     parts = {'encoder_q.': {}, 'predict_q.': {}}
     unexpected = []
     for key, value in state.items():
@@ -339,7 +357,7 @@ def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='s
     if not linears:
         raise SimRegError(f'{source} has no regression head (predict_q.*): it is not a SimReg student')
     out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
-    backbone = _unloaded(build_backbone, arch)
+    backbone = _unloaded(build_backbone, arch, image_size)
     head = _unloaded(build_head, backbone.feat_dim, out_dim, n_mlp_layers, linear_pred)
     load_strict(backbone, parts['encoder_q.'], f'{source} student backbone ({arch})', 'SimReg')
     load_strict(head, head_state, f'{source} regression head', 'SimReg')
@@ -381,5 +399,6 @@ def load_student(path, arch=None, head=None, backbone_only=False):
         raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
                           f'pass --arch {args["arch_student"]}')
     backbone, head = student_from_state(state, args['arch_student'], args.get('n_mlp_layers', 4),
-                                        args.get('linear_pred', False), source=path)
+                                        args.get('linear_pred', False), source=path,
+                                        image_size=args.get('image_size') or 224)
     return backbone.eval(), head.eval()

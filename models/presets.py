@@ -1,7 +1,8 @@
 """Teacher weights that have an official download, by name: ``--teacher_weights moco_v2_800ep``.
 
 URLs are the ones the releases' READMEs link (facebookresearch/moco, moco-v3 CONFIG.md, swav, dino,
-barlowtwins, vicreg; torchvision's ``ResNet50_Weights.IMAGENET1K_V1``). A file is downloaded once
+barlowtwins, vicreg, dinov2 hubconf, deit; torchvision's ``ResNet50_Weights.IMAGENET1K_V1``). Each preset
+says which ``--arch_teacher`` it fits (``archs``, the first is the one to suggest). A file is downloaded once
 into ``torch.hub.get_dir()/checkpoints``, checked, and only then put under its final name, so a
 file found there is always a complete, checked one.
 """
@@ -13,8 +14,7 @@ import torch
 from utils.checkpoint import file_digest
 from utils.errors import SimRegError
 
-# Every preset is a ResNet-50 with torchvision's padding.
-PRESET_ARCHS = ('resnet50', 'sup_resnet50')
+RESNET50 = ('resnet50', 'sup_resnet50')
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Preset:
     layout: str  # the layout models.loading must recognise in the downloaded file
     md5: str = ''  # digest prefix published with the release, when there is one
     sha256: str = ''
+    archs: tuple = RESNET50  # the --arch_teacher values the file fits
+    arch_name: str = 'ResNet-50 with torchvision padding'  # what it is, for the error on another arch
 
 
 _MOCO = 'https://dl.fbaipublicfiles.com/moco/moco_checkpoints'
@@ -46,6 +48,41 @@ PRESETS = {
     'torchvision_resnet50': Preset('https://download.pytorch.org/models/resnet50-0676ba61.pth', 'torchvision',
                                    sha256='0676ba61'),
 }
+
+
+def _vit(url, layout, arch, name, sha256=''):
+    return Preset(url, layout, sha256=sha256, archs=(arch,), arch_name=f'{name} ({arch})')
+
+
+_DINO = 'https://dl.fbaipublicfiles.com/dino'
+_DINOV2 = 'https://dl.fbaipublicfiles.com/dinov2'
+# DINO, DINOv2 and MoCo v3 publish no checksum for these files (DINO's and DINOv2's hub code loads them
+# without check_hash): they are checked by their layout only. DeiT's file names end with the sha256
+# prefix that its hub code checks (check_hash=True).
+PRESETS.update({
+    'dino_vits16': _vit(f'{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'DINO ViT backbone',
+                        'vit_small_patch16', 'DINO ViT-S/16'),
+    'dino_vits8': _vit(f'{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth', 'DINO ViT backbone',
+                       'vit_small_patch8', 'DINO ViT-S/8'),
+    'dino_vitb16': _vit(f'{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 'DINO ViT backbone',
+                        'vit_base_patch16', 'DINO ViT-B/16'),
+    'dino_vitb8': _vit(f'{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth', 'DINO ViT backbone',
+                       'vit_base_patch8', 'DINO ViT-B/8'),
+    'mocov3_vits': _vit('https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar', 'MoCo v3',
+                        'mocov3_vit_small', 'MoCo v3 ViT-S/16 (12 heads)'),
+    'mocov3_vitb': _vit('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 'MoCo v3',
+                        'vit_base_patch16', 'MoCo v3 ViT-B/16'),
+    'deit_small': _vit('https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', 'DeiT',
+                       'vit_small_patch16', 'DeiT-S/16', sha256='cd65a155'),
+    'deit_base': _vit('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 'DeiT',
+                      'vit_base_patch16', 'DeiT-B/16', sha256='b5f2ef4d'),
+})
+for _size, _name in (('s', 'small'), ('b', 'base'), ('l', 'large')):
+    PRESETS[f'dinov2_vit{_size}14'] = _vit(f'{_DINOV2}/dinov2_vit{_size}14/dinov2_vit{_size}14_pretrain.pth',
+                                           'DINOv2', f'vit_{_name}_patch14_dinov2', f'DINOv2 ViT-{_size.upper()}/14')
+    PRESETS[f'dinov2_vit{_size}14_reg'] = _vit(
+        f'{_DINOV2}/dinov2_vit{_size}14/dinov2_vit{_size}14_reg4_pretrain.pth', 'DINOv2 with registers',
+        f'vit_{_name}_patch14_reg4_dinov2', f'DINOv2 ViT-{_size.upper()}/14 with registers')
 
 
 def preset_path(name):

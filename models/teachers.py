@@ -17,6 +17,7 @@ from data.teacher_cache import open_teacher_cache
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone, resolve_weights
 from models.simreg import freeze
+from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError
@@ -34,6 +35,8 @@ class LiveTeacher:
         self.info = info
 
     def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+        if not channels_last_helps(self.network):
+            memory_format = torch.contiguous_format  # --channels_last is for the convolutional nets
         self.network.to(device, dtype=dtype, memory_format=memory_format)
         return self
 

@@ -51,9 +51,11 @@ def _scale_offset(role, shape):
     """The role's value as ``u * scale + offset``."""
     if role in ('conv_weight', 'linear_weight'):
         return math.sqrt(12.0) * math.sqrt(2.0 / math.prod(shape[1:])), 0.0
-    # bn_var = 1 + 0.4 * (u + 0.5)
+    # bn_var = 1 + 0.4 * (u + 0.5); the ViT roles: LayerNorm, learnt tokens (cls, pos_embed, registers,
+    # mask), DINOv2's LayerScale
     return {'bias': (0.1, 0.0), 'bn_weight': (0.2, 1.0), 'bn_bias': (0.2, 0.0), 'bn_mean': (0.2, 0.0),
-            'bn_var': (0.4, 1.2)}[role]
+            'bn_var': (0.4, 1.2), 'norm_weight': (0.2, 1.0), 'norm_bias': (0.2, 0.0), 'token': (0.2, 0.0),
+            'layer_scale': (0.2, 0.5)}[role]
 
 
 # Filled in cache-sized chunks, below torch's multi-threading threshold: three times faster than
@@ -134,3 +136,46 @@ def original_simreg_checkpoint(name, **opt):
     optimizer = {'state': {}, 'param_groups': [{'lr': 0.05, 'momentum': 0.9, 'dampening': 0, 'weight_decay': 1e-4,
                                                 'nesterov': False, 'params': list(range(n_params))}]}
     return {'opt': argparse.Namespace(**flags), 'state_dict': state, 'optimizer': optimizer, 'epoch': 130}
+
+
+# --- the ViT fixtures (tests/fixtures/vit_*, recorded by tests/fixtures/record_vit_references.py from each
+# release's own code: DINO, DINOv2, MoCo v3, DeiT) -----------------------------------------------------
+
+def vit_reference(name):
+    """``{release, project_arch, image_size, input_key, input_shape, output_shape, manifest, ...}``."""
+    return _json('vit_reference_models.json')[name]
+
+
+def vit_reference_names():
+    return list(_json('vit_reference_models.json'))
+
+
+@functools.lru_cache(maxsize=None)
+def _vit_outputs():
+    with np.load(os.path.join(FIXTURES, 'vit_reference_outputs.npz')) as data:
+        return {k: data[k] for k in data.files}
+
+
+def vit_reference_output(name):
+    """What the release's backbone computed for ``vit_input(name)`` (float32 of a float64 run)."""
+    return torch.from_numpy(_vit_outputs()[name])
+
+
+def vit_state_dict(name):
+    """The release backbone's state dict, keys as its code names them, filled by the rule; role ``fixed``
+    rows (MoCo v3's sin-cos table) are the values the release's model held, stored in the npz."""
+    state = OrderedDict()
+    for key, shape, role in vit_reference(name)['manifest']:
+        state[key] = (torch.from_numpy(_vit_outputs()[f'{name}/{key}']).float() if role == 'fixed'
+                      else fill(key, shape, role))
+    return state
+
+
+def vit_input(name):
+    ref = vit_reference(name)
+    return (uniform(ref['input_key'], math.prod(ref['input_shape'])) * 4.0).float().reshape(ref['input_shape'])
+
+
+def relative_error(out, ref):
+    """``||out - ref|| / ||ref||``, the ViT fixtures' parity measure."""
+    return ((out.detach().double() - ref.double()).norm() / ref.double().norm()).item()
