@@ -22,6 +22,10 @@ def get_args_parser():
     p.add_argument('--epoch', default=130, type=int, help='epoch of the checkpoint, used in result file names')
     p.add_argument('-k', default=1, type=int, help='extra k for the majority vote (1 and 20 are always reported)')
     p.add_argument('--seed', default=0, type=int, help='seed of the random tie-breaking in the majority vote')
+    p.add_argument('--train_per_class', default=0, type=int,
+                   help='use only this many train images per class, the subset train_student.py --knn_every '
+                        'measures against (with --subset_seed = its --seed); 0: all')
+    p.add_argument('--subset_seed', default=0, type=int, help='seed that chooses the --train_per_class images')
     return p
 
 
@@ -52,6 +56,7 @@ def main(args):
             'dataset': args.dataset, 'image_size': args.image_size, 'num_train': len(train_feats),
             'num_val': len(val_feats), 'num_classes': extracted.num_classes,
             'feat_dim': int(train_feats.shape[1]), 'temperature': knn.TEMPERATURE, 'seed': args.seed,
+            'train_per_class': args.train_per_class or None, 'subset_seed': args.subset_seed,
             'faiss': knn.faiss_device(), 'processes': run.world_size, 'amp': args.amp,
             'minutes': round(run.minutes(), 3),
         },

@@ -28,8 +28,11 @@ SHAPES = ('circle', 'square', 'triangle', 'star', 'cross',
 SPLITS = ('train', 'val')
 JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, so edges stay clean at 32 px
-GENERATOR_VERSION = 1  # bump when drawing changes, so old datasets are regenerated
+GENERATOR_VERSION = 2  # bump when drawing changes, so old datasets are regenerated
 MANIFEST = 'synthetic.json'
+# shapes keep one orientation within +-20 degrees (a star's point, an arrow's head one way), so that a
+# ResNet-18 tells the classes apart at 32 px after a minute of training on a CPU (any rotation: ~45% 1-NN)
+MAX_ROTATION = np.pi / 9
 
 
 def class_names(num_classes):
@@ -65,9 +68,9 @@ def shape_mask(kind, size, rng):
     """A ``size`` x ``size`` uint8 mask (255 inside) of one randomly placed, sized and rotated
     shape of ``kind``."""
     big = size * SUPERSAMPLE
-    radius = rng.uniform(0.22, 0.38) * big
+    radius = rng.uniform(0.3, 0.42) * big
     centre = rng.uniform(radius, big - radius, size=2)
-    angle = rng.uniform(0, 2 * np.pi)
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
 
     def place(unit_points):
@@ -110,18 +113,19 @@ def smooth_noise(size, cells, rng):
 
 
 def background(size, rng):
-    """A float RGB texture: a base colour with a linear gradient, blotches and a faint grating."""
+    """A float RGB background: a base colour with a gentle linear gradient and faint blotches.
+
+    Kept plain on purpose: the demo must train a teacher in about a minute on a CPU, and a busy
+    texture makes shapes at 32 px slow to learn (version 1 had a grating and strong blotches: a
+    ResNet-18 reached ~30% after 10 epochs)."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(40, 215, size=3)
     direction = rng.uniform(0, 2 * np.pi)
     ramp = np.cos(direction) * xx + np.sin(direction) * yy - 0.5
-    gradient = ramp[..., None] * rng.uniform(-60, 60, 3)
-    blotches = smooth_noise(size, rng.integers(3, 8), rng) - 0.5
-    blotches = blotches[..., None] * rng.uniform(-80, 80, 3)
-    orientation, frequency = rng.uniform(0, np.pi), rng.uniform(3, 10)
-    phase = 2 * np.pi * frequency * (np.cos(orientation) * xx + np.sin(orientation) * yy)
-    grating = np.sin(phase + rng.uniform(0, 2 * np.pi))[..., None] * rng.uniform(0, 20)
-    return base + gradient + blotches + grating
+    gradient = ramp[..., None] * rng.uniform(-40, 40, 3)
+    blotches = smooth_noise(size, rng.integers(3, 6), rng) - 0.5
+    blotches = blotches[..., None] * rng.uniform(-25, 25, 3)
+    return base + gradient + blotches
 
 
 def shape_colour(background_mean, rng):
@@ -137,9 +141,9 @@ def render(kind, size, rng):
     canvas = background(size, rng)
     alpha = shape_mask(kind, size, rng)[..., None] / 255.0
     colour = shape_colour(canvas.mean((0, 1)), rng)
-    shading = (smooth_noise(size, 4, rng)[..., None] - 0.5) * rng.uniform(0, 50)
+    shading = (smooth_noise(size, 4, rng)[..., None] - 0.5) * rng.uniform(0, 30)
     image = canvas * (1 - alpha) + (colour + shading) * alpha
-    image += rng.normal(0, rng.uniform(2, 12), image.shape)
+    image += rng.normal(0, rng.uniform(2, 6), image.shape)
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 

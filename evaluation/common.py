@@ -24,6 +24,7 @@ import torch
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from evaluation import features
+from evaluation.online_knn import class_balanced_subset
 from utils.checkpoint import writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.logging import setup_logger
@@ -103,6 +104,8 @@ def open_features(run, splits, name):
     datasets = {split: build_dataset(args.data, split, transform, getattr(args, 'dataset', 'imagenet'))
                 for split in splits}
     features.check_same_classes(datasets)
+    if getattr(args, 'train_per_class', 0):  # eval_knn.py: the online k-NN's train subset
+        class_balanced_subset(datasets['train'], args.train_per_class, args.subset_seed)
     hint = ('delete those files, pass another --save, or run without --load_cache to recompute them'
             if hasattr(args, 'load_cache') else 'delete those files or pass another --save')
     cache = features.FeatureCache(run.save, args.weights, run.stage, name, args.image_size, refuse_hint=hint,

@@ -31,7 +31,8 @@ report.json (k-NN values are majority-vote top-1 percentages, keyed by k as in k
     wall_time_s               --wall_time, or null
     loss_by_epoch             {"epoch": [..], "loss": [..], "lr": [..]} from the log, or null
     online_knn                {"epoch": [..], "1": [..], "20": [..]} from the epochs that logged one, or null
-    online_knn_teacher, online_knn_init   {"1": .., "20": ..} from the log's start record, or null
+    online_knn_teacher, online_knn_init   {"1": .., "20": ..} from the log's start record, or null (several
+                              teachers: online_knn_teacher is {head: {"1": .., "20": ..}})
     exp_dir                   the directory reported on
 """
 import argparse
@@ -190,21 +191,37 @@ def plot_loss(ax, report, windows):
     ax.set(title='Training loss', xlabel='epoch', ylabel='regression loss')
 
 
+def teacher_values(values):
+    """[(label suffix, {"1", "20"})]: one teacher's k-NN, or each of several teachers' ({head: {"1", "20"}})."""
+    if not values:
+        return []
+    if '1' in values:
+        return [('', values)]
+    return [(f' {name}', value) for name, value in values.items()]
+
+
 def plot_knn(ax, report):
-    """The student's online 1-NN by epoch; the teacher's and the untrained student's 1-NN as horizontal lines
-    (final evaluation, else online at start); the final evaluation of the trained student (and its linear
-    probe) as markers at the last epoch."""
+    """The student's online 1-NN by epoch, from the untrained student's at epoch 0, against the teacher's and the
+    untrained student's as horizontal lines: the online values when the log has them (the same train subset as
+    the curve), else the final evaluation's. The final evaluation (all train images) adds markers: the trained
+    student (star) and its linear probe (diamond) at the last epoch, the teacher (triangle) there too and the
+    untrained student (cross) at epoch 0."""
     online, epoch = report['online_knn'], last_epoch(report)
+    x = epoch if epoch is not None else 0
     if online and online.get('1'):
         start = [(0, report['online_knn_init']['1'])] if report['online_knn_init'] else []
-        ax.plot(*zip(*start, *zip(online['epoch'], online['1'])), 'o-', color='C0', label='student, online')
-    for final, start, what, style in [('teacher_knn', 'online_knn_teacher', 'teacher', dict(color='C2', ls='--')),
-                                      ('student_knn_before', 'online_knn_init', 'untrained student',
-                                       dict(color='C7', ls=':'))]:
-        value, source = (report[final], 'final eval') if report[final] else (report[start], 'online')
-        if value:
-            ax.axhline(value['1'], linewidth=1.5, label=f"{what} ({source}): {value['1']:.1f}", **style)
-    x = epoch if epoch is not None else 0
+        ax.plot(*zip(*start, *zip(online['epoch'], online['1'])), 'o-', color='C0', label='student, online k-NN')
+    lines = [('online_knn_teacher', 'teacher_knn', 'teacher', dict(color='C2', ls='--')),
+             ('online_knn_init', 'student_knn_before', 'untrained student', dict(color='C7', ls=':'))]
+    for number, (online_key, final_key, what, style) in enumerate(lines):
+        use_online = bool(report[online_key]) and bool(online)
+        source = 'online' if use_online else 'final eval'
+        for suffix, value in teacher_values(report[online_key] if use_online else report[final_key]):
+            ax.axhline(value['1'], linewidth=1.5, label=f"{what}{suffix} ({source}): {value['1']:.1f}", **style)
+        if use_online and report[final_key]:
+            value = report[final_key]['1']
+            ax.plot([x if number == 0 else 0], [value], '^' if number == 0 else 'X', color=style['color'],
+                    markersize=9, label=f'{what} (final eval): {value:.1f}')
     if report['student_knn_after']:
         value = report['student_knn_after']['1']
         ax.plot([x], [value], '*', color='C3', markersize=14, label=f'trained student (final eval): {value:.1f}')
@@ -212,7 +229,7 @@ def plot_knn(ax, report):
         ax.plot([x], [report['linear_top1']], 'D', color='C1', markersize=7,
                 label=f"linear probe top-1: {report['linear_top1']:.1f}")
     ax.set(title='k-NN top-1 (1-NN) on val', xlabel='epoch', ylabel='top-1 (%)')
-    ax.set_xlim(left=-0.2, right=max(x, 1) + 0.5)
+    ax.set_xlim(left=-0.4, right=max(x, 1) + 0.5)
     ax.set_ylim(bottom=0, top=min(100.0, ax.get_ylim()[1] * 1.4))  # from 0, with room for the legend
 
 

@@ -53,7 +53,8 @@ def test_earlier_command_lines_parse_to_the_same_values():
                   '--linear_pred', '--dataset', 'imagenet100', '-j', '2', '-b', '64', '--save', 's', '--load_cache',
                   '--epoch', '3', '-k', '5', '--image_size', '96', '--amp', '--seed', '4', 'DIR') == dict(
         data='DIR', **checkpoint, linear_pred=True, dataset='imagenet100', workers=2, batch_size=64, save='s',
-        load_cache=True, epoch=3, k=5, image_size=96, amp=True, seed=4, dist_timeout=5.0)
+        load_cache=True, epoch=3, k=5, image_size=96, amp=True, seed=4, dist_timeout=5.0,
+        train_per_class=0, subset_seed=0)  # the online k-NN's subset flags, off by default
     assert parsed(eval_linear, 'DIR', '--weights', 'w.pth', '--arch', 'resnet50', '--use_pred', '--head', 'h',
                   '--stage', 'head', '--linear_pred', '--dataset', 'imagenet100', '--workers', '2',
                   '--batch-size', '64', '--epochs', '3', '--learning-rate', '0.5', '--lr_schedule', '1,2',

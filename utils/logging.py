@@ -84,14 +84,16 @@ class MetricLogger:
     takes the same decision on a non-finite loss, which stops the run) and reported with the lr, the
     images per second over all processes and the share of time spent waiting for the loader: to
     TensorBoard, the JSON log, the text log (full windows) and the tqdm bar. ``state_dict`` holds what a
-    checkpoint inside the epoch needs to continue the epoch's sums.
+    checkpoint inside the epoch needs to continue the epoch's sums. ``epoch_end(epoch)``, if given, is called by
+    ``summary`` on every rank once the epoch's speed is measured; the dict it returns is added to the epoch's
+    JSON record (train_student.py's online k-NN).
     """
 
     def __init__(self, heads, epoch, steps, images_per_step, print_freq, optimizer, log, tensorboard, json_log,
-                 device):
+                 device, epoch_end=None):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
         self.print_freq, self.optimizer, self.log = print_freq, optimizer, log
-        self.tensorboard, self.json_log = tensorboard, json_log
+        self.tensorboard, self.json_log, self.epoch_end = tensorboard, json_log, epoch_end
         self.epoch_sum = torch.zeros(len(self.heads), device=device)
         self.window_sum = torch.zeros(len(self.heads), device=device)
         self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
@@ -163,7 +165,8 @@ class MetricLogger:
                       per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
         self.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
                                   **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
-        self.json_log.write('epoch', epoch=self.epoch, **stats, **prefixed(heads))
+        extra = (self.epoch_end(self.epoch) or {}) if self.epoch_end else {}
+        self.json_log.write('epoch', epoch=self.epoch, **stats, **prefixed(heads), **extra)
         return {**stats, 'head_losses': heads}
 
 
