@@ -53,6 +53,8 @@ SAVE_FREQ=${SAVE_FREQ:-10}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 NUM_WORKERS=${NUM_WORKERS:-8}           # per GPU
 AUG=${AUG:---single_aug --weak_weak}    # the paper: one weak view for teacher and student
+KNN_EVERY=${KNN_EVERY:-10}              # online k-NN of the student every N epochs (0: off); on ImageNet
+KNN_PER_CLASS=${KNN_PER_CLASS:-20}      # 20 per class (20k) against val (50k): ~0.2% of the run's time
 # processes per node: the GPUs torch sees, so CUDA_VISIBLE_DEVICES counts (none: one CPU process)
 # (with srun: the GPUs SLURM gave this node, and the job's nodes)
 if [ -n "$SRUN" ]; then NGPUS=${NGPUS:-${SLURM_GPUS_ON_NODE:-}} NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-}}; fi
@@ -77,6 +79,7 @@ train=(train_student.py "$DATA"
   --arch_student "$STUDENT_ARCH" --n_mlp_layers "$N_MLP_LAYERS"
   --learning_rate "$LR" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE"
   --save_freq "$SAVE_FREQ" --image_size "$IMAGE_SIZE" --num_workers "$NUM_WORKERS"
+  --knn_every "$KNN_EVERY" --knn_train_per_class "$KNN_PER_CLASS"
   $AUG --resume auto $EXTRA_ARGS)
 
 # The launcher runs in the background so that bash can pass on signals while waiting for it: a launcher in the

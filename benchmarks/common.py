@@ -12,8 +12,8 @@ def report(name, ours, reference, unit, higher_is_better=True, extra=''):
     return ratio
 
 
-def best_of(fn, repeats, device=None):
-    """Shortest wall time of ``repeats`` calls: the least disturbed by the rest of the machine."""
+def wall_times(fn, repeats, device=None):
+    """Wall time of each of ``repeats`` calls, synchronised on CUDA."""
     cuda = device is not None and torch.device(device).type == 'cuda'
     times = []
     for _ in range(repeats):
@@ -24,19 +24,15 @@ def best_of(fn, repeats, device=None):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_of(fn, repeats, device=None):
+    """Shortest wall time of ``repeats`` calls: the least disturbed by the rest of the machine."""
+    return min(wall_times(fn, repeats, device))
 
 
 def median_of(fn, repeats, device=None):
     """Median wall time of ``repeats`` calls (synchronised on CUDA): for comparisons shown side by side."""
-    cuda = device is not None and torch.device(device).type == 'cuda'
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = sorted(wall_times(fn, repeats, device))
+    return times[len(times) // 2]

@@ -179,3 +179,16 @@ def check_report_png(exp_dir, panels):
     assert pixels.std() > 5  # something is drawn
     assert matplotlib.image.imread(png).shape[:2] == pixels.shape
     assert not [n for n in os.listdir(str(exp_dir)) if n.endswith('.tmp')]
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub folder for the preset tests (they pre-fill it), where any download is a test failure."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / 'hub'))
+
+    def no_network(url, dst, *args, **kwargs):
+        raise AssertionError(f'tests must not download {url}')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    yield tmp_path / 'hub'
+    torch.hub.set_dir(old)

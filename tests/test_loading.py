@@ -302,17 +302,6 @@ def test_teacher_fc_explains_why_not(layout_file, name, found):
 
 # --- presets: official downloads, resolved through a pre-filled or faked torch hub cache -------------
 
-@pytest.fixture
-def hub_dir(tmp_path, monkeypatch):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / 'hub'))
-
-    def no_network(url, dst, *args, **kwargs):
-        raise AssertionError(f'tests must not download {url}')
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
-    yield tmp_path / 'hub'
-    torch.hub.set_dir(old)
-
 
 def test_presets_point_at_official_releases():
     layouts = {layout.name for layout in LAYOUTS}

@@ -233,18 +233,6 @@ VIT_PRESETS = ['dino_vits16', 'dino_vits8', 'dino_vitb16', 'dino_vitb8', 'dinov2
                'mocov3_vitb', 'deit_small', 'deit_base']
 
 
-@pytest.fixture
-def hub_dir(tmp_path, monkeypatch):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / 'hub'))
-
-    def no_network(url, dst, *args, **kwargs):
-        raise AssertionError(f'tests must not download {url}')
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
-    yield tmp_path / 'hub'
-    torch.hub.set_dir(old)
-
-
 def test_vit_presets_name_their_release_and_arch():
     layouts = {layout.name for layout in LAYOUTS}
     for name in VIT_PRESETS:
