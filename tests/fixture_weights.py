@@ -92,9 +92,14 @@ def fixture_input(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _outputs():
-    with np.load(os.path.join(FIXTURES, 'reference_outputs.npz')) as data:
+def _npz(filename):
+    """Every array of one fixtures npz, read once."""
+    with np.load(os.path.join(FIXTURES, filename)) as data:
         return {k: data[k] for k in data.files}
+
+
+def _outputs():
+    return _npz('reference_outputs.npz')
 
 
 def reference_output(name):
@@ -150,10 +155,8 @@ def vit_reference_names():
     return list(_json('vit_reference_models.json'))
 
 
-@functools.lru_cache(maxsize=None)
 def _vit_outputs():
-    with np.load(os.path.join(FIXTURES, 'vit_reference_outputs.npz')) as data:
-        return {k: data[k] for k in data.files}
+    return _npz('vit_reference_outputs.npz')
 
 
 def vit_reference_output(name):
