@@ -250,3 +250,32 @@ def test_requeue_slurm_job_only_under_slurm_and_on_rank_0(scontrol, monkeypatch)
     monkeypatch.delenv('SLURM_JOB_ID')
     assert dist_utils.requeue_slurm_job(Log()) is False
     assert not scontrol.exists()
+
+
+def test_a_broken_group_ends_with_os_exit_not_the_interpreters_teardown(tmp_path, monkeypatch, capsys):
+    """With a group still initialised, exit_on_user_error ends the process with os._exit(3) after recording the
+    code: letting the interpreter tear down a broken gloo group can abort it with exit -6 instead (seen in CI
+    as 'terminate called without an active exception' after the one line, when rank 0 was killed)."""
+    import torch.distributed as dist
+    monkeypatch.setenv('SIMREG_EXIT_CODES', str(tmp_path))
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(f'os._exit({code})')
+    monkeypatch.setattr(os, '_exit', fake_exit)
+    gloo = RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:8900: '
+                        'Connection reset by peer')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit, match=r'os\._exit\(3\)'):
+            exit_on_user_error(raising(gloo))
+        assert exits == [DIST_ERROR_EXIT_CODE] and (tmp_path / 'rank0').read_text().strip() == '3'
+        assert capsys.readouterr().err.startswith('error: the process group lost a peer (rank 0 of 1): Read error')
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(SystemExit) as stop:  # no group: the plain sys.exit, as before
+        exit_on_user_error(raising(gloo))
+    assert stop.value.code == 3 and exits == [3]

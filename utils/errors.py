@@ -66,7 +66,7 @@ def exit_on_user_error(main):
     except DistributedError as exc:
         code = DIST_ERROR_EXIT_CODE
         print(f'error: {exc}', file=sys.stderr, flush=True)
-        sys.exit(code)
+        end_broken_group(code)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         raise
@@ -78,9 +78,27 @@ def exit_on_user_error(main):
         print(f"error: the process group {what} (rank {os.environ.get('RANK', '?')} of "
               f"{os.environ.get('WORLD_SIZE', '?')}): {short_message(exc)}; the last checkpoint is kept; "
               'rerun with --resume auto', file=sys.stderr, flush=True)
-        sys.exit(code)
+        end_broken_group(code)
     finally:
         record_exit_code(code)
+
+
+def end_broken_group(code):
+    """Exit with ``code`` after a process group failed. While the group is still initialised the process
+    ends with os._exit: the broken group's C++ threads and destructors would otherwise run at interpreter
+    exit, where gloo's can abort the process ('terminate called without an active exception', exit -6
+    instead of ``code``) or block on the dead peer. The exit code is recorded and the streams flushed first;
+    checkpoints were already written atomically, so nothing is lost."""
+    dist = sys.modules.get('torch.distributed')
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        record_exit_code(code)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def record_exit_code(code):
