@@ -66,7 +66,7 @@ def main(args):
         print(f'wrote {len(state)} tensors ({backbone.feat_dim}-d feature) to {args.output}: {loading_note(backbone)}')
     if args.onnx is not None:
         export_onnx(backbone, args.onnx, args.image_size, args.opset)
-    if args.output is not None and hasattr(backbone, 'timm_name'):  # a ViT student: timm's names
+    if args.output is not None and hasattr(backbone, 'timm_name') and hasattr(backbone, 'image_size'):  # a ViT
         print(f"(a timm ViT: timm.create_model('{backbone.timm_name}', img_size={backbone.image_size}) is the model "
               f"to load them into)")
     return state
@@ -75,6 +75,9 @@ def main(args):
 def loading_note(backbone):
     """How to load the exported state dict, and what is then missing."""
     name = getattr(backbone, 'torchvision_name', None)
+    if name is None and hasattr(backbone, 'timm_name') and not hasattr(backbone, 'image_size'):  # a timm CNN
+        return (f"timm.create_model('{backbone.timm_name}', num_classes=0).load_state_dict(state) loads them; "
+                f'nothing is missing (timm builds it without a classifier)')
     if name is None:
         return 'load them into the torchvision model with strict=False; only the classifier is missing'
     return (f'torchvision.models.{name}().load_state_dict(state, strict=False) loads them; only the classifier is '

@@ -68,7 +68,7 @@ EXTRA_ARGS=${EXTRA_ARGS:-}              # any other train_student.py flags
 [ "$NGPUS" -ge 1 ] 2>/dev/null || NGPUS=1
 if [ -z "$DATA" ]; then
   echo "run.sh: DATA is unset, running the embedded demo, demo.sh (set DATA=/path/to/imagenet and TEACHER_WEIGHTS=... for a real run)"
-  export NGPUS BASE_DIR N_MLP_LAYERS LR  # the demo's settings that are run.sh's
+  export NGPUS BASE_DIR N_MLP_LAYERS  # the demo's settings that are run.sh's (its lr is DEMO_LR)
   exec bash demo.sh
 fi
 

@@ -27,8 +27,10 @@ IMAGE_SIZE=${IMAGE_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-512}
 # one process per visible GPU (respects CUDA_VISIBLE_DEVICES); one CPU process without GPUs
 NGPUS=${NGPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+# several processes through torchrun; one is started directly (torchrun would only add ~3 s of start-up)
+launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)
 
-torchrun --standalone --nproc_per_node="$NGPUS" "$(dirname "$0")/eval_transfer.py" \
+"${launch[@]}" "$(dirname "$0")/eval_transfer.py" \
     ${ARCH:+--arch "$ARCH"} \
     --name "$DATASET_NAME" \
     --image_size "$IMAGE_SIZE" \

@@ -52,6 +52,12 @@ REFUSED = {
 }
 
 
+# timm's ResNets smaller than torchvision's smallest (resnet18, 11.7M parameters): ResNet-10-T (4.9M) and
+# ResNet-14-T (8.0M), 'tiered' three-convolution stems and average-pool shortcuts (Wightman et al., "ResNet
+# strikes back"). timm builds them without a classifier (num_classes=0): forward returns the pooled 512-d
+# (10t) or 2048-d (14t) feature and the state dict is timm's, whole.
+TIMM_STUDENTS = ('resnet10t', 'resnet14t')
+
 TORCHVISION_CLASSIFIERS = tuple(tvm.list_models(module=tvm))  # classification only: not detection, video...
 
 
@@ -64,7 +70,7 @@ def torchvision_family(name):
 
 TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_family(n) in FINAL_LINEAR)
 # Every --arch_student (argparse choices): 'mobilenet' is MobileNet-v2, the original's name.
-STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS
+STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4')
 ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
@@ -108,6 +114,16 @@ def _torchvision_classifier(name):
     return model
 
 
+def _timm_cnn(name):
+    """timm's ``name`` built without its classifier: the pooled feature, timm's keys (nothing missing)."""
+    import timm  # the ViTs need it anyway (requirements.txt)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    model.feat_dim = model.num_features
+    model.classifier_path = model.default_cfg.get('classifier', 'fc')
+    model.timm_name = name  # what an export loads into: timm.create_model(name, num_classes=0)
+    return model
+
+
 def _input_size_check(name, size):
     """A forward pre-hook refusing other inputs than ``size`` x ``size`` with one line (torchvision asserts)."""
     def check(module, inputs):
@@ -128,6 +144,8 @@ def build_backbone(arch, image_size=None):
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
         from models.tf_resnet import simclr_resnet50
         return simclr_resnet50(width=int(arch[-1]))
+    if arch in TIMM_STUDENTS:
+        return _timm_cnn(arch)
     name = ALIASES.get(arch, arch)
     family = torchvision_family(name)
     if family in FINAL_LINEAR:
@@ -137,6 +155,7 @@ def build_backbone(arch, image_size=None):
                           f'classification model ({LIST_STUDENTS})')
     raise SimRegError(f'unknown architecture \'{arch}\': students are torchvision\'s classification models by name '
                       f'(mobilenet_v3_large, efficientnet_b0, convnext_tiny, ...; mobilenet = MobileNet-v2; '
+                      f'timm\'s {", ".join(TIMM_STUDENTS)}; '
                       f'{LIST_STUDENTS}); teachers are {", ".join(TEACHER_ARCHS)}')
 
 

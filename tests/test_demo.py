@@ -1,5 +1,5 @@
 """The embedded demo end to end at a small size: `bash run.sh` with DATA unset, which runs demo.sh: the
-supervised demo teacher, the MobileNet-v2 student with its online k-NN, the evaluations and the report."""
+supervised demo teacher, the ResNet-10-T student with its online k-NN, the evaluations and the report."""
 import json
 import os
 import re
@@ -15,8 +15,8 @@ from models.loading import load_student
 @pytest.mark.slow
 def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
     env = {**os.environ, 'BASE_DIR': str(tmp_path / 'out'), 'DEMO_DIR': str(tmp_path / 'demo_data'),
-           'DEMO_EPOCHS': '3', 'DEMO_TRAIN_PER_CLASS': '30', 'DEMO_VAL_PER_CLASS': '10', 'DEMO_TEACHER_EPOCHS': '6',
-           'DEMO_KNN_PER_CLASS': '20', 'DEMO_BATCH_SIZE': '30', 'DEMO_LINEAR_EPOCHS': '5', 'NGPUS': '1'}
+           'DEMO_EPOCHS': '8', 'DEMO_TRAIN_PER_CLASS': '100', 'DEMO_VAL_PER_CLASS': '20', 'DEMO_TEACHER_EPOCHS': '8',
+           'DEMO_KNN_PER_CLASS': '20', 'DEMO_LINEAR_EPOCHS': '5', 'NGPUS': '1'}
     env.pop('DATA', None)
     proc = subprocess.run(['bash', os.path.join(ROOT, 'run.sh')], env=env, capture_output=True, text=True,
                           timeout=900)
@@ -24,18 +24,18 @@ def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
     assert 'run.sh: DATA is unset' in proc.stdout and 'demo.sh: the demo teacher' in proc.stdout
     assert 'WITH LABELS' in proc.stdout and 'stands in for a self-supervised teacher' in proc.stdout
     assert 'wall time' in proc.stdout
-    teacher = tmp_path / 'demo_data' / 'synthetic' / 'teacher_resnet18_supervised_32px_6ep.pth'
+    teacher = tmp_path / 'demo_data' / 'synthetic' / 'teacher_resnet18_supervised_32px_8ep.pth'
     assert teacher.exists()
 
     exp = tmp_path / 'out' / 'exp' / 'demo'
     ckpts = exp / 'checkpoints'
-    assert {'ckpt_epoch_0.pth', 'ckpt_epoch_3.pth', 'last.pth'} <= {p.name for p in ckpts.iterdir()}
-    backbone, head = load_student(str(ckpts / 'ckpt_epoch_3.pth'))
+    assert {'ckpt_epoch_0.pth', 'ckpt_epoch_8.pth', 'last.pth'} <= {p.name for p in ckpts.iterdir()}
+    backbone, head = load_student(str(ckpts / 'ckpt_epoch_8.pth'))
     assert head(backbone(torch.randn(2, 3, 32, 32))).shape == (2, 512)
-    assert backbone.feat_dim == 1280  # the MobileNet-v2 student
+    assert backbone.feat_dim == 512 and backbone.timm_name == 'resnet10t'  # the default student
     assert (exp / 'logs' / 'train_args.json').exists() and (exp / 'logs' / 'train.log').exists()
     assert any(p.name.startswith('events.out.tfevents') for p in (exp / 'logs').iterdir())
-    for folder, epoch in [('features_teacher', 0), ('features_init', 0), ('features', 3)]:
+    for folder, epoch in [('features_teacher', 0), ('features_init', 0), ('features', 8)]:
         knn = json.loads((exp / folder / 'knn_results.json').read_text())
         assert set(knn['majority_top1']) >= {'1', '20'}
         assert (exp / folder / f'nn_1_acc_epoch_{epoch:03d}.txt').exists()
@@ -44,24 +44,29 @@ def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
 
     cosine = {json.loads(p.read_text())['epoch']: json.loads(p.read_text())['mean_cosine']
               for p in (exp / 'imitation').iterdir()}
-    assert set(cosine) == {0, 3}
-    assert cosine[3] > cosine[0] + 0.3, cosine  # held-out imitation of the teacher improved a lot
+    assert set(cosine) == {0, 8}
+    assert cosine[8] > cosine[0] + 0.3, cosine  # held-out imitation of the teacher improved a lot
     table = proc.stdout[proc.stdout.index('teacher k-NN'):]
     for row in ('student k-NN before distillation', 'student k-NN after distillation',
-                'cos(head, teacher) on val, epoch 0 -> 3'):
+                'cos(head, teacher) on val, epoch 0 -> 8'):
         assert row in table
     # the table reports the probe's best top-1 and the imitation it measured
     assert re.search(rf"student linear probe top-1 +{linear['best']['top1']:.1f}\n", table)
-    assert f'{cosine[0]:.3f} -> {cosine[3]:.3f}' in table
+    assert f'{cosine[0]:.3f} -> {cosine[8]:.3f}' in table
     # report.json holds what the evaluation files hold; report.png has the loss, k-NN and imitation panels
     report = check_report(exp, panels=3)
-    assert report['loss_by_epoch']['epoch'] == [1, 2, 3] and report['student_knn_after_epoch'] == 3
+    assert report['loss_by_epoch']['epoch'] == [1, 2, 3, 4, 5, 6, 7, 8] and report['student_knn_after_epoch'] == 8
     # the online k-NN of every epoch, and the teacher's and the untrained student's at the start
-    assert report['online_knn']['epoch'] == [1, 2, 3] and len(report['online_knn']['1']) == 3
+    assert report['online_knn']['epoch'] == [1, 2, 3, 4, 5, 6, 7, 8] and len(report['online_knn']['1']) == 8
     assert set(report['online_knn_teacher']) == set(report['online_knn_init']) == {'1', '20'}
-    # no k-NN margin is asserted at this size: with 30 images per class and 3 epochs neither net separates the
-    # classes reliably (one run: teacher 1-NN 22, student 15 -> 12); the imitation cosine above is what
-    # rises reliably. The teacher's training did reduce its loss:
-    losses = [float(m) for m in re.findall(r'teacher epoch \d+/6  loss ([0-9.]+)', proc.stdout)]
-    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    # the distilled student beats its untrained self on 1-NN (the final k-NN on all 1000 train images against
+    # the 200 val ones). At this size (100 train images per class, teacher 8 epochs, student 8), DEMO_SEED 0, 1
+    # and 2 gave teacher 51.0, 52.5, 57.5 and the student 9.5 -> 21.5, 17.5 -> 24.5, 17.0 -> 22.0: +12, +7, +5;
+    # 5 epochs were not enough (+18, -5, +4 with 100 val images)
+    before, after = report['student_knn_before']['1'], report['student_knn_after']['1']
+    assert after >= before + 3, (before, after)
+    assert report['teacher_knn']['1'] > after  # and the teacher is still ahead
+    # the teacher's training did reduce its loss:
+    losses = [float(m) for m in re.findall(r'teacher epoch \d+/8  loss ([0-9.]+)', proc.stdout)]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
     assert report['wall_time_s'] > 0 and f"wall time {report['wall_time_s'] / 60:.1f} min" in ' '.join(table.split())

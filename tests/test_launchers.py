@@ -118,13 +118,13 @@ def copy_of(tmp_path):
 
 
 def test_run_sh_without_data_runs_demo_sh_with_its_settings(node, copy_of):
-    proc, calls = node(copy_of('run.sh', 'demo.sh'), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1', LR='0.1')
+    proc, calls = node(copy_of('run.sh', 'demo.sh'), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1', N_MLP_LAYERS='2')
     assert 'DATA is unset, running the embedded demo' in proc.stdout
     assert called(calls, 'torchrun') is None  # run.sh handed over to demo.sh (exec) and did not train
     assert called(calls, 'demo.sh') == []
     demo_env = environment(calls, 'demo.sh')
-    settings = [demo_env[name] for name in ('NGPUS', 'LR', 'N_MLP_LAYERS', 'BASE_DIR')]
-    assert settings == ['2', '0.1', '4', './']  # two GPUs visible, and run.sh's settings
+    settings = [demo_env[name] for name in ('NGPUS', 'N_MLP_LAYERS', 'BASE_DIR')]
+    assert settings == ['2', '2', './']  # two GPUs visible, and run.sh's settings (the demo's lr is DEMO_LR)
     assert 'DATA' not in demo_env
 
 

@@ -319,3 +319,46 @@ def test_what_the_onnx_exporter_cannot_export_is_one_line(tmp_path, capsys, monk
         f"adaptive_avg_pool2d, input size not accessible): {tmp_path / 'student.onnx'} not written; use the state "
         "dict (OUTPUT.pth)\n")
     assert not list(tmp_path.glob('*.onnx'))
+
+
+@pytest.mark.parametrize('name, feat_dim', [('resnet10t', 512), ('resnet14t', 2048)])
+def test_timm_resnets_are_timms_model_without_its_classifier(name, feat_dim):
+    import timm
+    torch.manual_seed(0)
+    model = build_backbone(name).eval()
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    assert model.feat_dim == feat_dim and classifier_attr(model) == 'fc' and name in STUDENT_ARCHS
+    assert model.state_dict().keys() == reference.state_dict().keys()  # timm's keys, all of them
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), reference(images)) and model(images).shape == (2, feat_dim)
+
+
+def test_timm_student_exports_to_timm_and_onnx(tmp_path, capsys):
+    """A resnet10t student checkpoint: export_student.py writes timm's state dict, which
+    timm.create_model('resnet10t', num_classes=0) loads strictly and which then computes the student's feature;
+    its ONNX file gives the same feature in onnxruntime."""
+    import onnxruntime
+    import timm
+    checkpoint = calibrated_student(tmp_path / 'last.pth', 'resnet10t')
+    export_student.main(export_student.get_args_parser().parse_args([str(checkpoint), str(tmp_path / 's.pth')]))
+    assert ("timm.create_model('resnet10t', num_classes=0).load_state_dict(state) loads them; nothing is missing"
+            in capsys.readouterr().out)
+    torch.manual_seed(123)
+    model = timm.create_model('resnet10t', pretrained=False, num_classes=0).eval()
+    images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        untrained = model(images)
+        model.load_state_dict(torch.load(tmp_path / 's.pth', weights_only=True))  # strict
+        theirs = model(images)
+        backbone, _ = load_student(str(checkpoint))
+        ours = backbone(images)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, untrained) and ours.shape == (3, 512)
+    export_student.main(export_student.get_args_parser().parse_args(
+        [str(checkpoint), '--onnx', str(tmp_path / 'student.onnx'), '--image_size', '32']))
+    assert capsys.readouterr().out.strip().endswith('within 0.0001')
+    session = onnxruntime.InferenceSession(str(tmp_path / 'student.onnx'), providers=['CPUExecutionProvider'])
+    (features,) = session.run(['features'], {'images': images.numpy()})
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(torch.from_numpy(features), ours, atol=1e-4 * ours.abs().max().item(), rtol=0)
