@@ -2,7 +2,7 @@
 # The embedded demo, which `bash run.sh` runs when DATA is unset: a generated 10-class dataset; a ResNet-18
 # teacher trained on it WITH LABELS for about a minute (train_demo_teacher.py; it stands in for a
 # self-supervised teacher, made once and reused; DEMO_TEACHER_WEIGHTS names another checkpoint); a
-# ResNet-10-T student (timm's, 4.9M parameters against the teacher's 11.7M, as the paper's ResNet-18 against
+# ResNet-10-T student (timm's, 4.9M parameters against the teacher's 11.2M, as the paper's ResNet-18 against
 # ResNet-50) distilled with the paper's recipe at 32 px, its online k-NN logged every epoch; then
 # k-NN, the linear probe and a held-out imitation check, with the same scripts and output layout as a real
 # run, and a report (a table, exp/<exp>/report.json and report.png, by evaluation/report.py).
@@ -21,7 +21,7 @@ DEMO_DIR=${DEMO_DIR:-./demo_data}                 # the generated dataset (and i
 DEMO_EXP=${DEMO_EXP:-demo}                        # outputs: $BASE_DIR/exp/$DEMO_EXP
 DEMO_TEACHER_ARCH=${DEMO_TEACHER_ARCH:-resnet18}
 DEMO_TEACHER_WEIGHTS=${DEMO_TEACHER_WEIGHTS:-}    # empty: train_demo_teacher.py's supervised teacher
-DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-12}    # its training (~100 s on 2 CPU cores)
+DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-12}    # its training (~70 s on 2 CPU cores)
 DEMO_STUDENT_ARCH=${DEMO_STUDENT_ARCH:-resnet10t} # smaller than the teacher, as in the paper
 DEMO_EPOCHS=${DEMO_EPOCHS:-10}
 DEMO_KNN_PER_CLASS=${DEMO_KNN_PER_CLASS:-50}      # train images per class of the online k-NN (every epoch)

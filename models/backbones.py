@@ -52,7 +52,7 @@ REFUSED = {
 }
 
 
-# timm's ResNets smaller than torchvision's smallest (resnet18, 11.7M parameters): ResNet-10-T (4.9M) and
+# timm's ResNets smaller than torchvision's smallest (resnet18, 11.2M parameters without its fc): ResNet-10-T (4.9M) and
 # ResNet-14-T (8.0M), 'tiered' three-convolution stems and average-pool shortcuts (Wightman et al., "ResNet
 # strikes back"). timm builds them without a classifier (num_classes=0): forward returns the pooled 512-d
 # (10t) or 2048-d (14t) feature and the state dict is timm's, whole.
