@@ -7,33 +7,35 @@
 A plain ``python train_student.py ...`` runs as a single process (CPU or one GPU).
 """
 import argparse
+import functools
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data.folders import build_dataset, encoded_collate
-from data.gpu_views import ViewParams
+from data.folders import build_dataset
+from data.gpu_views import GpuDecodedInput, ViewParams, encoded_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
-from evaluation.online_knn import OnlineKnn, knn_scalars
+from evaluation.online_knn import OnlineKnn
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
-from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
+from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64, regression_loss
 from models.teachers import build_teachers, replayed_boxes
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
-                              resume_candidates, save_atomic, writable_folder)
+from utils.checkpoint import (Checkpointer, Preempted, make_folder, remove_stale_temp_files, resume_candidates,
+                              writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
-from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
+from utils.logging import Logs, MetricLogger
 from utils.preemption import StopRequest, ignore_in_loader_worker
 
 
@@ -62,7 +64,7 @@ def get_args_parser():
                         f'(one head each): {", ".join(TEACHER_ARCHS)}')
     p.add_argument('--arch_student', default='resnet50', choices=STUDENT_ARCHS, metavar='ARCH',
                    help='student: any torchvision classification model by name (resnet18, mobilenet_v3_large, '
-                        'efficientnet_b0, convnext_tiny, ...; see the README\'s student table), or mobilenet '
+                        'efficientnet_b0, convnext_tiny, ...; see docs/checkpoints.md), or mobilenet '
                         '(MobileNet-v2)')
     p.add_argument('--n_mlp_layers', type=int, default=4, choices=[2, 4],
                    help='layers of the regression head')
@@ -121,146 +123,128 @@ def get_args_parser():
     return p
 
 
+@dataclass
+class Context:
+    """What a training step needs besides the model, the teachers, the data and the optimizer; made once."""
+    device: torch.device
+    amp_dtype: torch.dtype = None  # autocast dtype; None: fp32
+    memory_format: torch.memory_format = torch.contiguous_format
+    mse_nonorm: bool = False  # the loss regresses the raw vectors (regression_loss)
+    logs: Logs = None  # text log, JSON log, TensorBoard
+    to_device: DeviceInput = None  # a loader batch -> (student input, teacher input)
+    checkpointer: Checkpointer = None
+    scaler: torch.amp.GradScaler = None  # made from amp_dtype: enabled for fp16 only
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
 def main(args):
     """Train; returns the trained SimReg module (student backbone + head)."""
+    # ---------------------------------------------------------------- processes, experiment folder, logs
     device = dist_utils.init_distributed(args.dist_timeout)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     exp_dir = os.path.join(args.base_dir, 'exp', args.exp)
     ckpt_dir, logs_dir = os.path.join(exp_dir, 'checkpoints'), os.path.join(exp_dir, 'logs')
-    dist_utils.run_on_main(lambda: prepare_experiment(args, exp_dir, ckpt_dir, logs_dir))
-    log = setup_logger(os.path.join(logs_dir, 'train.log'))
-    json_log = JsonLog(json_log_path(logs_dir))
-    # what derives from the flags is decided here, once
+    dist_utils.run_on_main(functools.partial(prepare_experiment, args, exp_dir, ckpt_dir, logs_dir))
     args.precision = args.precision or default_precision(device)
-    amp_dtype = AUTOCAST_DTYPES.get(args.precision)
-    dtype = torch.float64 if args.precision == 'fp64' else torch.float32  # fp64: only summation order differs
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    ctx = Context(device, AUTOCAST_DTYPES.get(args.precision), mse_nonorm=args.mse_nonorm,
+                  memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
+                  logs=Logs(logs_dir, args.print_freq))
+    log = ctx.logs.text
     if args.weak_strong and args.weak_weak:
         log.warning('note: --weak_strong and --weak_weak: --weak_strong wins, as in the original')
     dist_utils.seed_everything(args.seed, 0, rank)
 
+    # ---------------------------------------------------------------- data and teachers
     dataset = build_dataset(args.data, 'train', None, args.dataset, encoded=args.gpu_decode)
-    teachers = build_teachers(args, dataset, device, memory_format, log, dtype)
-    # one view for both nets with --single_aug, or when no teacher looks at its own view
-    single_view = args.single_aug or not any(t.needs_view for t in teachers.values())
-    view_transform = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
-    boxes = replayed_boxes(teachers, args)
-    if boxes is not None:
-        dataset = ReplayedViews(dataset, boxes, args.image_size)
-        log.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
-                 boxes.shape[1])
-    elif not args.gpu_decode:
-        dataset.transform = view_transform
-    else:  # the workers read the files and draw the views' parameters; the device decodes and makes the views
-        dataset.transform = ViewParams(view_transform)
-    loader = make_loader(dataset, args, world_size, rank)
-    to_device = DeviceInput(device, memory_format, single_view, view_transform if args.gpu_decode else None,
-                            lambda index: dataset.samples[index][0], args.seed, dtype)
+    teachers = build_teachers(args, dataset, device, ctx.memory_format, log)
+    loader, ctx.to_device = build_input(args, dataset, teachers, ctx)
 
+    # ---------------------------------------------------------------- student, optimizer, resume
     model = build_student(args, teachers)
     convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
-    model.to(device, dtype=dtype, memory_format=memory_format if channels_last_helps(model.encoder_q) else
+    model.to(device, memory_format=ctx.memory_format if channels_last_helps(model.encoder_q) else
              torch.contiguous_format)
+    if args.precision == 'fp64':  # runs of different shapes then differ only by summation order
+        in_float64(model, teachers)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
                                 momentum=args.sgd_momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start = resume(args, model, optimizer, scaler, ckpt_dir, log) if args.resume else {'epoch': 1, 'step': 0}
+    start = resume(args, model, optimizer, ctx.scaler, ckpt_dir, log) if args.resume else {'epoch': 1, 'step': 0}
 
-    if rank == 0:
-        with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
-            json.dump({**vars(args), 'world_size': world_size,
-                       'teachers': {name: t.info for name, t in teachers.items()}}, f, indent=2)
-    log.info('%s', json.dumps(vars(args)))
-    described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
-                          for name, t in teachers.items())
-    log.info('==> %d training images, %d processes, %d steps of %d images per epoch (%d per process), '
-             'teachers: %s; student %s', len(dataset), world_size, loader.batch_sampler.steps, args.batch_size,
-             loader.batch_sampler.per_rank, described, args.arch_student)
-    log.info('==> device %s, backend %s, autocast %s, %s', device, dist_utils.backend_name(),
-             str(amp_dtype).replace('torch.', '') if amp_dtype else 'off',
-             'channels_last' if args.channels_last else 'contiguous')
-    online_knn = OnlineKnn.from_args(args, device, amp_dtype) if args.knn_every > 0 else None
-    knn_start = {}  # measured on a fresh start only: on resume the student is no longer the untrained one
-    if online_knn and start['epoch'] == 1 and start['step'] == 0:
-        log.info('==> online k-NN every %d epochs: %s', args.knn_every, online_knn.describe())
-        knn_start = online_knn.at_start(teachers, model.encoder_q, dtype, memory_format)
-        log.info('==> online k-NN at the start: %s', json.dumps(knn_start))
-    json_log.write('start', start_epoch=start['epoch'], start_step=start['step'],
-                   resumed_from=start.get('resumed_from'), epochs=args.epochs, world_size=world_size,
-                   device=str(device), backend=dist_utils.backend_name(), precision=args.precision,
-                   channels_last=args.channels_last, **knn_start)
-    if start['epoch'] == 1 and start['step'] == 0 and rank == 0:
-        # the initial student: the "before distillation" baseline for evaluation
-        save_atomic(checkpoint_state(model, optimizer, scaler, 0, args, teachers),
-                    epoch_checkpoint_path(ckpt_dir, 0))
+    # ---------------------------------------------------------------- before the first step
+    describe_run(args, teachers, loader, ctx, logs_dir)
+    online_knn = OnlineKnn(args, device, ctx.amp_dtype) if args.knn_every > 0 else None
+    fresh = start['epoch'] == 1 and start['step'] == 0
+    knn_start = online_knn.at_start(teachers, model.encoder_q, ctx.memory_format) if online_knn and fresh else {}
+    ctx.logs.start(start_epoch=start['epoch'], start_step=start['step'], resumed_from=start.get('resumed_from'),
+                   epochs=args.epochs, world_size=world_size, device=str(device),
+                   backend=dist_utils.backend_name(), precision=args.precision, channels_last=args.channels_last,
+                   **knn_start)
+    stop = StopRequest(log, args.stop_deadline)
+    ctx.checkpointer = Checkpointer(ckpt_dir, functools.partial(checkpoint_state, model, optimizer, ctx.scaler,
+                                                                args, teachers), args, stop, start)
+    if fresh:
+        ctx.checkpointer.save(0)  # the untrained student: the "before distillation" baseline
     if start['epoch'] > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         ddp_model = compile_or_eager(ddp_model, log)
-    tensorboard = TensorBoard(logs_dir)
-    for key, values in knn_start.items():
-        tensorboard.scalars(knn_scalars(key.replace('knn_', ''), values), 0)
 
-    def knn_at_epoch_end(epoch):
-        if online_knn is None or (epoch % args.knn_every and epoch != args.epochs):  # and at the last epoch
-            return None
-        values = online_knn.measure(model.encoder_q, dtype, memory_format)
-        if values is None:  # not rank 0
-            return None
-        log.info('epoch %d  online k-NN: 1-NN %.2f  20-NN %.2f', epoch, values['1'], values['20'])
-        tensorboard.scalars(knn_scalars('student', values), epoch)
-        return {'knn': values}
-    stop = StopRequest(log, args.stop_deadline)
+    # ---------------------------------------------------------------- training
     try:
         for epoch in range(start['epoch'], args.epochs + 1):
             for group in optimizer.param_groups:
                 group['lr'] = cosine_lr(epoch, args)
             loader.batch_sampler.set_epoch(epoch, start['step'] if epoch == start['epoch'] else 0)
-            to_device.epoch = epoch
-            metric_logger = MetricLogger(teachers, epoch, loader.batch_sampler.steps, args.batch_size,
-                                         args.print_freq, optimizer, log, tensorboard, json_log, device,
-                                         knn_at_epoch_end)
-            if epoch == start['epoch'] and 'meter' in start:
-                metric_logger.load_state_dict(start['meter'])
-            checkpointer = Checkpointer(ckpt_dir, lambda: checkpoint_state(
-                model, optimizer, scaler, epoch - 1, args, teachers, metric_logger), args.ckpt_every_steps,
-                args.ckpt_every_min, stop, writer=rank == 0)
-            if train_one_epoch(ddp_model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args,
-                               metric_logger, checkpointer) is None:
-                log.warning('==> stopped by %s in epoch %d after step %d/%d, checkpoint %s written: exit %d; '
-                            'continue with --resume auto', stop.signal or 'a signal on another process', epoch,
-                            metric_logger.step, metric_logger.steps, checkpointer.path, RESUME_EXIT_CODE)
-                dist_utils.barrier()  # every rank leaves once rank 0's checkpoint is written
-                if rank == 0:
-                    dist_utils.requeue_slurm_job(log)
-                raise SystemExit(RESUME_EXIT_CODE)
-            if rank == 0:
-                state = checkpoint_state(model, optimizer, scaler, epoch, args, teachers)
-                if epoch % args.save_freq == 0 or epoch == args.epochs:
-                    save_atomic(state, epoch_checkpoint_path(ckpt_dir, epoch))
-                save_atomic(state, os.path.join(ckpt_dir, 'last.pth'))
+            stats = train_one_epoch(ddp_model, teachers, loader, optimizer, ctx, epoch)
+            knn = None
+            if online_knn and (epoch % args.knn_every == 0 or epoch == args.epochs):
+                knn = online_knn.measure(model.encoder_q, ctx.memory_format)
+            ctx.logs.epoch(epoch, stats, knn)
+            ctx.checkpointer.save(epoch)
             dist_utils.barrier()
+    except Preempted as stopped:
+        exit_preempted(stopped, log)
     finally:
         stop.close()
-        tensorboard.close()
+        ctx.logs.close()
         dist_utils.cleanup()
     return model
 
 
-def train_one_epoch(model, teachers, loader, to_device, optimizer, scaler, amp_dtype, args, metric_logger,
-                    checkpointer):
-    """One pass over the data: batch -> student input and teacher targets -> step -> log (and a checkpoint
-    when due). Returns the epoch's statistics, or None when a signal stopped it."""
+def train_one_epoch(model, teachers, loader, optimizer, ctx, epoch):
+    """One pass over the data: batch -> student input and teacher targets -> step -> log (and a checkpoint when
+    due; ``Preempted`` after a stop signal's). Returns the epoch's statistics."""
+    metric_logger = MetricLogger(teachers, epoch, loader.batch_sampler.steps, loader.batch_sampler.batch_size,
+                                 optimizer, ctx)
+    metric_logger.load_state_dict(ctx.checkpointer.resumed_meter(epoch))
     model.train()
     for index, images, _ in metric_logger.log_every(loader):
-        student_in, teacher_in = to_device(index, images)
-        targets = {name: teacher(index, teacher_in, amp_dtype) for name, teacher in teachers.items()}
-        losses = train_step(model, student_in, targets, optimizer, scaler, amp_dtype, args.mse_nonorm)
+        student_in, teacher_in = ctx.to_device(index, images, epoch)
+        targets = {name: teacher(index, teacher_in, ctx.amp_dtype) for name, teacher in teachers.items()}
+        losses = train_step(model, student_in, targets, optimizer, ctx)
         metric_logger.update(losses)
-        if checkpointer.after_step(epoch_done=metric_logger.step == metric_logger.steps):
-            return None
+        ctx.checkpointer.after_step(metric_logger)
     return metric_logger.summary()
+
+
+def train_step(model, student_in, targets, optimizer, ctx):
+    """One distillation step; ``targets`` maps head name -> teacher features. The loss is the mean of the
+    per-teacher losses (the paper's multi-teacher loss). Returns the per-teacher losses, stacked (no host sync)."""
+    with torch.autocast(student_in.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+        predictions = model(student_in)
+    if not isinstance(predictions, dict):
+        predictions = {next(iter(targets)): predictions}
+    losses = torch.stack([regression_loss(predictions[name], target, ctx.mse_nonorm)
+                          for name, target in targets.items()])
+    optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(losses.mean()).backward()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    return losses.detach()
 
 
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
@@ -277,36 +261,67 @@ def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
                           f'--overwrite to start it again, or another --exp')
 
 
-def train_step(model, student_in, targets, optimizer, scaler, amp_dtype, mse_nonorm):
-    """One distillation step; ``targets`` maps head name -> teacher features. The loss is the mean of
-    the per-teacher losses (the paper's multi-teacher loss; the plain loss for one teacher).
-    Returns the detached per-teacher losses, stacked (no host sync)."""
-    with torch.autocast(student_in.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        predictions = model(student_in)
-    if not isinstance(predictions, dict):
-        predictions = {next(iter(targets)): predictions}
-    losses = torch.stack([regression_loss(predictions[name], target, mse_nonorm)
-                          for name, target in targets.items()])
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses.mean()).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return losses.detach()
-
-
-def cosine_lr(epoch, args):
-    """The original's schedule: cosine over epochs, set once per epoch, epochs counted from 1."""
-    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
+def build_input(args, dataset, teachers, ctx):
+    """(the training loader, the step's input maker): views made by the loader's workers on the CPU, made on the
+    device (``--gpu_decode``), or a multi-view teacher cache's views replayed for the student."""
+    single_view = args.single_aug or not any(t.needs_view for t in teachers.values())  # no teacher view needed
+    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
+    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view)
+    boxes = replayed_boxes(teachers, args)
+    if boxes is not None:
+        dataset = ReplayedViews(dataset, boxes, args.image_size)
+        ctx.logs.text.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
+                           boxes.shape[1])
+    elif args.gpu_decode:  # the workers read the files and draw the views' parameters; the device does the rest
+        dataset.transform = ViewParams(views)
+        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed)
+    else:
+        dataset.transform = views
+    return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank()), to_device
 
 
 def make_loader(dataset, args, world_size, rank):
-    """Training loader of this process's share of each global batch (``data.sampler``): (index, view(s),
-    label) batches; (index, encoded files, label) with --gpu_decode; ((index, view), view, label) over
-    ``ReplayedViews``. Every sample is made from its own seed, so workers and ranks do not matter."""
+    """This process's share of each global batch (``data.sampler``): (index, view(s), label) batches; (index,
+    encoded files, label) with --gpu_decode; ((index, view), view, label) over ``ReplayedViews``. Every sample is
+    made from its own seed, so workers and ranks do not matter."""
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
     return DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_loader_worker,
                       collate_fn=encoded_collate if args.gpu_decode else None)
+
+
+def describe_run(args, teachers, loader, ctx, logs_dir):
+    """train_args.json (rank 0) and the log lines that say what this run is."""
+    if dist_utils.is_main_process():
+        with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
+            json.dump({**vars(args), 'world_size': dist_utils.get_world_size(),
+                       'teachers': {name: t.info for name, t in teachers.items()}}, f, indent=2)
+    log, sampler = ctx.logs.text, loader.batch_sampler
+    log.info('%s', json.dumps(vars(args)))
+    described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
+                          for name, t in teachers.items())
+    log.info('==> %d training images, %d processes, %d steps of %d images per epoch (%d per process), '
+             'teachers: %s; student %s', len(loader.dataset), dist_utils.get_world_size(), sampler.steps,
+             args.batch_size, sampler.per_rank, described, args.arch_student)
+    log.info('==> device %s, backend %s, autocast %s, %s', ctx.device, dist_utils.backend_name(),
+             str(ctx.amp_dtype).replace('torch.', '') if ctx.amp_dtype else 'off',
+             'channels_last' if args.channels_last else 'contiguous')
+
+
+def exit_preempted(stopped, log):
+    """After the checkpoint a stop signal asked for: every rank leaves once it is written, rank 0 requeues a
+    SLURM job, exit RESUME_EXIT_CODE."""
+    log.warning('==> %s, checkpoint %s written: exit %d; continue with --resume auto', stopped, stopped.path,
+                RESUME_EXIT_CODE)
+    dist_utils.barrier()
+    if dist_utils.is_main_process():
+        dist_utils.requeue_slurm_job(log)
+    raise SystemExit(RESUME_EXIT_CODE)
+
+
+def cosine_lr(epoch, args):
+    """Cosine over epochs, set once per epoch, epochs counted from 1 (the original's schedule)."""
+    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
 
 
 def build_student(args, teachers):
@@ -333,11 +348,10 @@ def compile_or_eager(model, log):
         return model
 
 
-def checkpoint_state(model, optimizer, scaler, epoch, args, teachers, metric_logger=None):
-    """``epoch``: the last completed epoch. Inside an epoch (``metric_logger`` given) also ``position``,
-    the epoch in progress and the steps done in it, and ``meter``, its running sums. One teacher:
-    ``teacher`` = its info. Several: ``teachers`` = head name -> info, and their heads are stored as
-    ``predict_q.<name>.*``."""
+def checkpoint_state(model, optimizer, scaler, args, teachers, epoch, meter=None):
+    """``epoch``: the last completed epoch. Inside an epoch (``meter`` given) also ``position``, the epoch in
+    progress and the steps done in it, and ``meter``, its running sums. One teacher: ``teacher`` = its info.
+    Several: ``teachers`` = head name -> info, their heads stored as ``predict_q.<name>.*``."""
     infos = {name: t.info for name, t in teachers.items()}
     state = {
         'epoch': epoch,
@@ -347,9 +361,9 @@ def checkpoint_state(model, optimizer, scaler, epoch, args, teachers, metric_log
         'args': vars(args),
         **({'teacher': next(iter(infos.values()))} if len(infos) == 1 else {'teachers': infos}),
     }
-    if metric_logger is not None:
-        state['position'] = {'epoch': metric_logger.epoch, 'step': metric_logger.step}
-        state['meter'] = metric_logger.state_dict()
+    if meter is not None:
+        state['position'] = {'epoch': meter.epoch, 'step': meter.step}
+        state['meter'] = meter.state_dict()
     return state
 
 

@@ -168,15 +168,14 @@ def bench_train_step(quick):
     memory_format = torch.channels_last if gpu else torch.contiguous_format
     amp_dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
     teacher, model, optimizer = build(memory_format)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-
+    ctx = train_student.Context(device, amp_dtype, memory_format)
     to_device = DeviceInput(device, memory_format, single_view=True)
 
     def ours():  # the body of train_student.train_one_epoch
         for _ in range(steps):
-            x, teacher_in = to_device(None, images)
+            x, teacher_in = to_device(None, images, 0)
             targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
-            train_student.train_step(model, x, targets, optimizer, scaler, amp_dtype, False)
+            train_student.train_step(model, x, targets, optimizer, ctx)
         if gpu:
             torch.cuda.synchronize()
 
@@ -221,14 +220,14 @@ def bench_bn_groups(quick):
     amp_dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported(including_emulation=False) else None
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     targets = {'t': torch.randn(batch, 2048, device=device)}
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    ctx = train_student.Context(device, amp_dtype, memory_format)
 
     def build(groups):
         torch.manual_seed(0)
         model = convert_batchnorm(SimReg(build_backbone('resnet18'), build_head(512, 2048)), groups)
         model.to(device, memory_format=memory_format).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        return lambda: [train_student.train_step(model, images, targets, optimizer, scaler, amp_dtype, False)
+        return lambda: [train_student.train_step(model, images, targets, optimizer, ctx)
                         for _ in range(steps)]
 
     ours, reference = build(BNGroups(batch // 4)), build(None)
@@ -309,7 +308,9 @@ def bench_gpu_views(quick):
     from data.folders import read_bytes
     from data.gpu_views import ViewParams
     from data.sampler import sample_seed
-    from data.transforms import DeviceInput, TwoViews
+    from benchmarks.reference import decode_views_on
+    from data.gpu_views import GpuDecodedInput
+    from data.transforms import TwoViews
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gpu = device.type == 'cuda'
     batch, repeats = (256, 11) if gpu else ((8, 3) if quick else (32, 5))
@@ -325,9 +326,10 @@ def bench_gpu_views(quick):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(0, 0, i))
                 samples.append(worker(data))  # what the loader's workers hand over
-        batched = DeviceInput(device, torch.contiguous_format, single, views, lambda i: paths[i])
-        per_image = DeviceInput(device, torch.contiguous_format, single, views, lambda i: paths[i], batched=False)
-        run_batched, run_per_image = (lambda: batched(index, samples)), (lambda: per_image(index, encoded))
+        batched = GpuDecodedInput(device, torch.contiguous_format, views, [(p, 0) for p in paths], 0)
+        per_image = lambda: decode_views_on(device, encoded, views, lambda j: paths[j],  # noqa: E731
+                                            lambda j: sample_seed(0, 0, j))
+        run_batched, run_per_image = (lambda: batched.views(index, samples, 0)), per_image
         run_batched(), run_per_image()  # warm-up (nvjpeg handles, cuBLAS)
         ours = batch / median_of(run_batched, repeats, device)
         reference = batch / median_of(run_per_image, repeats, device)
@@ -428,7 +430,7 @@ def bench_step_modes(quick):
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     images = images.pin_memory() if gpu else images
     to_device = DeviceInput(device, memory_format, single_view=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ctx = train_student.Context(device, amp_dtype, memory_format)
     desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {str(amp_dtype or "fp32").replace("torch.", "")}, {device.type}'
 
     def speed(student_mode, teacher_mode, fused, autotune=False):
@@ -447,9 +449,9 @@ def bench_step_modes(quick):
 
         def run():
             for _ in range(steps):
-                x, teacher_in = to_device(None, images)
+                x, teacher_in = to_device(None, images, 0)
                 targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
-                train_student.train_step(model, x, targets, optimizer, scaler, amp_dtype, False)
+                train_student.train_step(model, x, targets, optimizer, ctx)
         run()  # compile and warm up
         return steps * batch / best_of(run, 3 if gpu else 1, device)
 

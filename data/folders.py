@@ -92,12 +92,6 @@ def check_png_rows(raw):
         raise ValueError(f'PNG data ends before the {width}x{height} pixels its header promises')
 
 
-def encoded_collate(batch):
-    """Batch of (index, encoded bytes, label): the byte strings differ in length, so they stay a list."""
-    indices, encoded, labels = zip(*batch)
-    return torch.tensor(indices), list(encoded), torch.tensor(labels)
-
-
 class IndexedImageFolder(datasets.ImageFolder):
     """``(index, image, label)`` samples; the index addresses cached teacher features.
 

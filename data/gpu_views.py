@@ -1,34 +1,14 @@
-"""``--gpu_decode``'s views made for a whole batch at once on the device: every image's crop, resize and
-flip in two batched matrix products, the strong view's colour jitter, grayscale and blur as batched tensor
-ops; no kernel per image.
+"""Everything ``--gpu_decode``: the loader's workers read each file and draw its views' parameters
+(``ViewParams``); the device decodes the batch (nvjpeg) and makes every view of it at once (``BatchedViews``).
 
-Where the parameters come from. ``ViewParams`` runs in the loader's workers: it reads the image's size
-from the file's header and draws the views' parameters with the view transforms' own random draws, in
-their order, from the sample's seed (``data.sampler.SeededSamples`` seeds torch's stream per sample): the
-same crop boxes, flips, colour factors, op orders and blur sigmas as the CPU pipeline, bit for bit
-(``draw_view_params``). The main process only copies a small table of numbers to the device per batch.
-
-How the pixels are made (``BatchedViews``):
-
-- crop + resize + flip. torchvision's antialiased bilinear resize (what the CPU path runs on uint8
-  tensors) is separable: each output column is a weighted sum of the crop's input columns, with triangle
-  weights whose support widens with the scale when shrinking, and likewise for rows. So the weights of
-  every image's crop, resize and flip are matrices (``resize_weights``: zero outside the crop, the flip a
-  reversal of the output columns), built on the device for the whole batch at once, and applied by two
-  batched matrix products to the decoded images padded to a common size (the padding meets zero
-  weights). This is the CPU path's filter, not an approximation of it: 59-69 dB PSNR against its
-  pixels, at most 1-2 grey levels off (its uint8 fixed-point weights round differently).
-  ``torchvision.ops.roi_align`` (the issue's suggestion; ``sampling_ratio`` <= 0 takes ceil(bin size)
-  bilinear samples per bin) averages bilinear samples over each output pixel's bin: a box filter half as
-  wide as torchvision's triangle, sharper, 44-47 dB on the same boxes (tests/test_gpu_views.py); on a
-  padded batch its bilinear samples at a crop's right and bottom edges would also reach into the padding.
-- padding. The images of a batch have different sizes; they are padded in groups (``size_groups``): in
-  order of area, an image joins the current group while the group's padded area stays within 1.5x its
-  images' area, so a few large images do not inflate a whole ImageNet batch (mostly 500x375 and 375x500,
-  one group padded to 500x500), each group with one multi-tensor copy (``padded``).
-- colour ops. Each op is applied to the samples that drew it (gathered, transformed, scattered back),
-  with the CPU path's uint8 rounding after each op: the strong view lands at 55-60 dB, under 0.3% of its
-  pixels more than 2 levels off (contrast and hue amplify a level of the resize).
+- parameters: drawn with the view transforms' own random draws, in their order, from the sample's seed, so the
+  crop boxes, flips, colour factors and blur sigmas are the CPU pipeline's, bit for bit (``draw_view_params``).
+- crop + resize + flip: torchvision's antialiased bilinear resize is separable, so each image's crop, resize and
+  flip is a pair of weight matrices (``resize_weights``: triangle weights, zero outside the crop, the flip a
+  reversal of the output columns), applied by two batched matrix products to the decoded images, padded to a
+  common size in groups of similar area (``size_groups``) so that a few large images do not inflate the batch.
+- colour ops: each op on the samples that drew it (gathered, transformed, scattered back), rounded to a grey
+  level after each op as torchvision's uint8 path rounds.
 """
 import collections
 import io
@@ -36,7 +16,12 @@ import io
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
+
+from data.folders import decode_bytes, is_jpeg
+from data.sampler import sample_seed
+from data.transforms import DeviceInput
 
 PARAM_COLUMNS = ('top', 'left', 'height', 'width', 'flip', 'order0', 'order1', 'order2', 'order3',
                  'brightness', 'contrast', 'saturation', 'hue', 'grayscale', 'blur', 'sigma')
@@ -340,3 +325,67 @@ def _find(transform, kind):
         if found is not None:
             return found
     return None
+
+
+# ------------------------------------------------------------------ the loader's batch -> the step's input
+
+def encoded_collate(batch):
+    """Batch of (index, encoded sample, label): the byte strings differ in length, so they stay a list."""
+    indices, encoded, labels = zip(*batch)
+    return torch.tensor(indices), list(encoded), torch.tensor(labels)
+
+
+def decode_batch_on(device, encoded, name_of):
+    """Decode encoded images on ``device``: one batched nvjpeg call for JPEGs on CUDA; other files (PNG, ...)
+    and what nvjpeg refuses (CMYK, ...) on the CPU (``decode_bytes``), then moved. ``name_of(j)`` names the j-th
+    file in the error of a file neither can read. Returns uint8 (3, H, W) images."""
+    if all(is_jpeg(data) for data in encoded):
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+    return [decode_one_on(device, data, name_of, j) for j, data in enumerate(encoded)]
+
+
+def decode_one_on(device, data, name_of, position):
+    """One encoded image on ``device``: a JPEG by the device decoder if it can, anything else by ``decode_bytes``."""
+    if is_jpeg(data):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+    return decode_bytes(data, name_of(position)).to(device)
+
+
+def batched_views_on(device, samples, batched, name_of, seed_of):
+    """The views of a batch of ``EncodedSample`` (or plain bytes) decoded on ``device``, made by ``batched`` (a
+    ``BatchedViews``). An image whose parameters are missing (plain bytes, an unreadable header) or were drawn for
+    another size than it decodes to has them drawn here from its sample's seed ``seed_of(j)``, as a worker would."""
+    sized = [s if isinstance(s, EncodedSample) else EncodedSample(s, None, None) for s in samples]
+    images = decode_batch_on(device, [s.data for s in sized], name_of)
+    params = []
+    for j, (sample, image) in enumerate(zip(sized, images)):
+        if sample.params is None or tuple(sample.size) != tuple(image.shape[1:]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_of(j))
+                sample = sample._replace(params=batched.draw(*image.shape[1:]))
+        params.append(sample.params)
+    return batched(images, torch.stack(params))
+
+
+class GpuDecodedInput(DeviceInput):
+    """``DeviceInput`` for ``--gpu_decode`` batches: the encoded files are decoded and their views made on the
+    device for the whole batch, each image's from its sample's seed in the epoch; ``samples`` is the dataset's
+    (path, label) list, which names a file that cannot be read."""
+
+    def __init__(self, device, memory_format, views, samples, seed):
+        super().__init__(device, memory_format, views.single_aug)
+        self.batched, self.samples, self.seed = BatchedViews(views), samples, seed
+
+    def __call__(self, index, encoded, epoch):
+        return super().__call__(index, self.views(index, encoded, epoch), epoch)
+
+    def views(self, index, encoded, epoch):
+        """The batch's uint8 view(s) on the device."""
+        return batched_views_on(self.device, encoded, self.batched, lambda j: self.samples[int(index[j])][0],
+                                lambda j: sample_seed(self.seed, epoch, int(index[j])))

@@ -1,22 +1,12 @@
-"""The original's augmentations on uint8 image tensors; normalisation happens on the device.
-
-Images are decoded straight to uint8 tensors (``data.folders.decode_rgb``) and cropped, resized and
-flipped as uint8: the same crops as the original's PIL pipeline (same parameters from the same RNG)
-and the same pixels within one grey level, about 1.5-2x faster per image on a CPU, and batches 4x
-smaller than float32. ``normalize`` on the device then gives the values of the original's
-``ToTensor() + Normalize()``.
+"""The training and evaluation views on uint8 image tensors (``data.folders.decode_rgb``), and their
+normalisation on the device (``normalize``, ``DeviceInput``): the values of ``ToTensor() + Normalize()``.
 """
 import functools
 import math
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
-
-from data.folders import decode_bytes, is_jpeg
-from data.gpu_views import BatchedViews, EncodedSample
-from data.sampler import sample_seed
 
 WEAK_SCALE = (0.2, 1.0)
 VIEW_COLUMNS = ('top', 'left', 'height', 'width', 'flip')
@@ -110,100 +100,23 @@ class TwoViews:
                 f' teacher={self.teacher_transform})')
 
 
-def decode_batch_on(device, encoded, name_of):
-    """Decode a batch of encoded images on ``device``: one batched nvjpeg call for JPEGs on CUDA; files that
-    are no JPEG (PNG, ...) and whatever the device decoder refuses (CMYK, ...) are decoded on the CPU
-    (``decode_bytes``) and moved over; ``name_of(j)`` names the j-th file for the error message when neither
-    can read it. Returns the list of uint8 (3, H, W) images."""
-    if all(is_jpeg(data) for data in encoded):
-        try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            pass
-    return [decode_one_on(device, data, name_of, j) for j, data in enumerate(encoded)]
-
-
-def decode_views_on(device, encoded, views, name_of, seed_of):
-    """Decode a batch on ``device`` (``decode_batch_on``) and draw each image's views there, one image at a
-    time, the j-th from torch's random stream seeded with ``seed_of(j)`` (its sample's seed, as the loader's
-    workers do); returns what the loader would have (a batch, or two). ``--gpu_decode`` trains with the
-    batched ``data.gpu_views.BatchedViews`` instead; this per-image path is its reference and its
-    benchmark's "before" (``DeviceInput(batched=False)``)."""
-    images = decode_batch_on(device, encoded, name_of)
-    per_image = []
-    for j, image in enumerate(images):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(j))
-            per_image.append(views(image))
-    if isinstance(per_image[0], torch.Tensor):
-        return torch.stack(per_image)
-    return tuple(torch.stack(view) for view in zip(*per_image))
-
-
-def batched_views_on(device, samples, batched, name_of, seed_of):
-    """``--gpu_decode``'s batch: ``samples`` are the loader's ``EncodedSample`` (bytes, header size, the
-    views' parameters drawn in the worker by ``data.gpu_views.ViewParams``), or plain bytes. Decoded on
-    ``device``, then every view made for the whole batch by ``batched`` (a ``BatchedViews``). An image
-    whose parameters are missing (plain bytes, an unreadable header) or were drawn for another size than
-    it decodes to has them drawn here from its sample's seed ``seed_of(j)``, as the worker would have."""
-    sized = [s if isinstance(s, EncodedSample) else EncodedSample(s, None, None) for s in samples]
-    images = decode_batch_on(device, [s.data for s in sized], name_of)
-    params = []
-    for j, (sample, image) in enumerate(zip(sized, images)):
-        if sample.params is None or tuple(sample.size) != tuple(image.shape[1:]):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_of(j))
-                sample = sample._replace(params=batched.draw(*image.shape[1:]))
-        params.append(sample.params)
-    return batched(images, torch.stack(params))
-
-
 class DeviceInput:
     """A training batch from the loader -> (student input, teacher input): on the device, normalised, in the
-    model's memory format; the same tensor twice when one view serves both nets. With ``--gpu_decode``
-    (``gpu_views``, the view transform, given) the batch holds encoded files (with their views' parameters,
-    drawn by the workers' ``data.gpu_views.ViewParams``), decoded on the device and augmented there for the
-    whole batch at once (``data.gpu_views.BatchedViews``; ``batched=False``: one image at a time, the
-    reference path), each image's views from its sample's seed in ``epoch`` (``data.sampler.sample_seed``);
-    ``file_of(index)`` names a sample's file for the error message when it cannot be read."""
+    model's memory format; the same tensor twice when one view serves both nets."""
 
-    def __init__(self, device, memory_format, single_view, gpu_views=None, file_of=None, seed=0,
-                 dtype=torch.float32, batched=True):
-        self.device, self.memory_format, self.single_view, self.dtype = device, memory_format, single_view, dtype
-        self.gpu_views, self.file_of, self.seed, self.epoch = gpu_views, file_of, seed, 0
-        self.batched = BatchedViews(gpu_views) if gpu_views is not None and batched else None
+    def __init__(self, device, memory_format, single_view):
+        self.device, self.memory_format, self.single_view = device, memory_format, single_view
 
-    def __call__(self, index, images):
-        if self.gpu_views is not None:
-            images = self.decode_views(index, images)
+    def __call__(self, index, images, epoch):
         if self.single_view:
             student_in = teacher_in = self.to_input(images)
         else:
             student_in, teacher_in = self.to_input(images[0]), self.to_input(images[1])
         return student_in, teacher_in
 
-    def decode_views(self, index, samples):
-        """``--gpu_decode``: the loader's encoded samples -> the uint8 view batch (or two) on the device."""
-        name_of = lambda j: self.file_of(int(index[j]))
-        seed_of = lambda j: sample_seed(self.seed, self.epoch, int(index[j]))
-        if self.batched is not None:
-            return batched_views_on(self.device, samples, self.batched, name_of, seed_of)
-        encoded = [s.data if isinstance(s, EncodedSample) else s for s in samples]
-        return decode_views_on(self.device, encoded, self.gpu_views, name_of, seed_of)
-
     def to_input(self, uint8_images):
-        images = normalize(uint8_images.to(self.device, non_blocking=True), self.dtype)
+        images = normalize(uint8_images.to(self.device, non_blocking=True))
         return images.contiguous(memory_format=self.memory_format)
-
-
-def decode_one_on(device, data, name_of, position):
-    """One encoded image on ``device``: a JPEG by the device decoder if it can, anything else by ``decode_bytes``."""
-    if is_jpeg(data):
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            pass
-    return decode_bytes(data, name_of(position)).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,7 +128,7 @@ def _mean_std_255(device):
     return mean, std
 
 
-def normalize(images, dtype=torch.float32):
-    """uint8 NCHW batch on any device -> float, ImageNet mean/std normalised."""
+def normalize(images):
+    """uint8 NCHW batch on any device -> float32, ImageNet mean/std normalised."""
     mean, std = _mean_std_255(images.device)
-    return ((images.float() - mean) / std).to(dtype)
+    return (images.float() - mean) / std

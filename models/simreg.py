@@ -42,6 +42,18 @@ class SimReg(nn.Module):
         return self.predict_q(features)
 
 
+def in_float64(model, teachers):
+    """--precision fp64: the student and the live teachers compute in float64, their float32 input cast on entry
+    (the student's backbone casts it, for the online k-NN too)."""
+    model.double()
+    for network in [model.encoder_q] + [t.network for t in teachers.values() if t.needs_view]:
+        network.double().register_forward_pre_hook(_inputs_to_float64)
+
+
+def _inputs_to_float64(module, inputs):
+    return (inputs[0].double(), *inputs[1:])
+
+
 def freeze(teacher):
     """Eval mode and no gradients: the teacher is a fixed function of its input."""
     teacher.eval()

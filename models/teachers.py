@@ -34,10 +34,10 @@ class LiveTeacher:
         self.feat_dim = network.feat_dim
         self.info = info
 
-    def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+    def to(self, device, memory_format=torch.contiguous_format):
         if not channels_last_helps(self.network):
             memory_format = torch.contiguous_format  # --channels_last is for the convolutional nets
-        self.network.to(device, dtype=dtype, memory_format=memory_format)
+        self.network.to(device, memory_format=memory_format)
         return self
 
     def __call__(self, index, view, amp_dtype=None):
@@ -61,7 +61,7 @@ class CachedTeacher:
         self.boxes = cache.boxes
         self.device = torch.device('cpu')
 
-    def to(self, device, memory_format=None, dtype=None):
+    def to(self, device, memory_format=None):
         self.device = device  # the rows stay fp16; the loss casts them to the prediction's dtype
         return self
 
@@ -85,7 +85,7 @@ def split_per_teacher(value, count, flag):
     return entries
 
 
-def build_teachers(args, dataset, device, memory_format, log, dtype=None):
+def build_teachers(args, dataset, device, memory_format, log):
     """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order. With --use_cache the one
     teacher, or each teacher that has a --teacher_feats entry, is read from its cache."""
     archs = args.arch_teacher.split(',')
@@ -101,8 +101,7 @@ def build_teachers(args, dataset, device, memory_format, log, dtype=None):
         if args.use_cache and (feat or len(archs) == 1):
             teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(device)
         else:
-            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format,
-                                                                                              dtype)
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format)
     return teachers
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, make_image_folder, run_command, write_teacher_checkpoint
 from data.folders import decode_rgb, read_bytes
-from data.transforms import decode_views_on
+from benchmarks.reference import decode_views_on
 from models.loading import read_checkpoint
 from utils import checkpoint
 from utils.errors import SimRegError
@@ -111,7 +111,7 @@ def test_short_png_is_reported_where_torchvision_crashed(tmp_path, decoder):
     bad.write_bytes(short_png())
     before = snapshot(tmp_path)
     code = ('import sys, torch; from data.folders import decode_rgb, read_bytes; '
-            'from data.transforms import decode_views_on; from utils.errors import exit_on_user_error; '
+            'from benchmarks.reference import decode_views_on; from utils.errors import exit_on_user_error; '
             f'path = sys.argv[1]; exit_on_user_error(lambda: {decoder})')
     proc = subprocess.run([sys.executable, '-c', code, str(bad)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

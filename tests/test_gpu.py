@@ -13,7 +13,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from conftest import free_port, make_image_folder, resumed_from, run_command, train_log
 from data.folders import build_dataset, decode_rgb, read_bytes
-from data.transforms import decode_views_on, normalize
+from benchmarks.reference import decode_views_on
+from data.transforms import normalize
 from models.backbones import build_backbone
 from models.head import build_head
 from models.simreg import SimReg
@@ -63,9 +64,9 @@ def train_losses(model, images, target, amp_dtype, memory_format, steps=15):
     import train_student
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler('cuda', enabled=False)
+    ctx = train_student.Context(CUDA, amp_dtype, memory_format)
     images = images.contiguous(memory_format=memory_format)
-    return [train_student.train_step(model, images, {'t': target}, optimizer, scaler, amp_dtype, False).item()
+    return [train_student.train_step(model, images, {'t': target}, optimizer, ctx).item()
             for _ in range(steps)]
 
 
@@ -239,16 +240,15 @@ def _psnr(a, b):
 @pytest.mark.parametrize('config', [dict(weak_weak=True), dict(weak_strong=True)], ids=['weak_weak', 'weak_strong'])
 def test_batched_views_on_cuda_match_the_cpu_pipeline(tmp_path, config):
     """The batched views on the GPU (fp16 products) from the CPU-decoded pixels: PSNR >= 35 dB against the
-    CPU pipeline per image; through nvjpeg (DeviceInput, as --gpu_decode trains) >= 30 dB on these smooth
+    CPU pipeline per image; through nvjpeg (GpuDecodedInput, as --gpu_decode trains) >= 30 dB on these smooth
     JPEGs, the decoders' own difference included."""
-    from data.gpu_views import BatchedViews
-    from data.transforms import DeviceInput
+    from data.gpu_views import BatchedViews, GpuDecodedInput
     views, encoded, index, expected, samples = _views_and_images(tmp_path, config)
     batched = BatchedViews(views)
     images = [decode_rgb(p).to(CUDA) for p, _ in encoded.samples]
     ours = batched(images, torch.stack([s.params for s in samples]))
-    to_device = DeviceInput(CUDA, torch.contiguous_format, False, views, lambda i: encoded.samples[i][0], seed=1)
-    through_nvjpeg = to_device.decode_views(index, samples)
+    to_device = GpuDecodedInput(CUDA, torch.contiguous_format, views, encoded.samples, seed=1)
+    through_nvjpeg = to_device.views(index, samples, 0)
     for v in range(2):
         theirs = torch.stack([e[v] for e in expected])
         assert ours[v].device.type == 'cuda' and ours[v].shape == theirs.shape

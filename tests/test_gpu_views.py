@@ -1,6 +1,6 @@
 """The batched --gpu_decode views (data/gpu_views.py) on the CPU: the parameters are the CPU pipeline's,
 drawn from the same seeds; the pixels are within a grey level or two of the CPU pipeline's, each op and
-the whole views; the loader + DeviceInput path trains on the same crops as the CPU loader.
+the whole views; the loader + GpuDecodedInput path trains on the same crops as the CPU loader.
 
 Measured here (data.synthetic's images cut to 40x30 ... 400x300, 64 px views): the batched weak view 60 dB
 PSNR against the CPU pipeline (at most 2 grey levels off), the strong view 55-60 dB; with the GPU's fp16
@@ -13,13 +13,13 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from data.folders import build_dataset, encoded_collate, read_bytes
-from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, ViewParams, adjust_brightness, adjust_contrast,
-                            adjust_hue, adjust_saturation, draw_all_views, gaussian_blur, resize_weights,
-                            size_groups, to_grayscale)
+from data.folders import build_dataset, read_bytes
+from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, GpuDecodedInput, ViewParams, adjust_brightness,
+                            adjust_contrast, adjust_hue, adjust_saturation, draw_all_views, encoded_collate,
+                            gaussian_blur, resize_weights, size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
 from data.synthetic import SHAPES, render
-from data.transforms import BLUR_KERNEL, DeviceInput, TwoViews, draw_weak_view, replay_weak_view
+from data.transforms import BLUR_KERNEL, TwoViews, draw_weak_view, replay_weak_view
 
 F = v2.functional
 CONFIGS = {'weak_weak': dict(weak_weak=True), 'weak_strong': dict(weak_strong=True), 'strong_strong': {},
@@ -174,7 +174,7 @@ def test_batched_views_match_the_cpu_pipeline(config, dtype):
 
 def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     """The --gpu_decode path as train_student wires it: workers run ViewParams (bytes + header size +
-    parameters from the sample's seed), DeviceInput decodes and makes the batch's views; against the CPU
+    parameters from the sample's seed), GpuDecodedInput decodes and makes the batch's views; against the CPU
     loader's views of the same samples: PSNR >= 35 dB. A PNG named .jpg (CPU fallback decoder), a batch of
     plain bytes and a sample whose header size differs from its decoded size (parameters drawn in the main
     process from the sample's seed) give the same views."""
@@ -192,17 +192,15 @@ def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     encoded.transform = ViewParams(views)
     index, samples, _ = encoded_collate([SeededSamples(encoded, seed)[(epoch, i)] for i in indices])
     assert all(isinstance(s, EncodedSample) and s.params is not None for s in samples)
-    to_device = DeviceInput(torch.device('cpu'), torch.contiguous_format, False, views,
-                            lambda i: encoded.samples[i][0], seed)
-    to_device.epoch = epoch
-    student, teacher = to_device.decode_views(index, samples)
-    plain_student, plain_teacher = to_device.decode_views(index, [read_bytes(encoded.samples[i][0]) for i in indices])
+    to_device = GpuDecodedInput(torch.device('cpu'), torch.contiguous_format, views, encoded.samples, seed)
+    student, teacher = to_device.views(index, samples, epoch)
+    plain_student, plain_teacher = to_device.views(index, [read_bytes(encoded.samples[i][0]) for i in indices], epoch)
     assert torch.equal(student, plain_student) and torch.equal(teacher, plain_teacher)
     wrong = [samples[0]._replace(size=(7, 7), params=samples[1].params)] + list(samples[1:])  # redrawn
-    assert all(torch.equal(a, b) for a, b in zip(to_device.decode_views(index, wrong), (student, teacher)))
+    assert all(torch.equal(a, b) for a, b in zip(to_device.views(index, wrong, epoch), (student, teacher)))
     for ours, theirs in ((student, [s for s, _ in expected]), (teacher, [t for _, t in expected])):
         assert psnr(ours, torch.stack(theirs)).min() >= 35
-    student_in, teacher_in = to_device(index, samples)
+    student_in, teacher_in = to_device(index, samples, epoch)
     assert student_in.shape == (5, 3, 32, 32) and student_in.dtype == torch.float32
     assert not torch.equal(student_in, teacher_in)
     assert sample_seed(seed, epoch, indices[0]) != sample_seed(seed, epoch + 1, indices[0])

@@ -99,9 +99,9 @@ def test_single_teacher_step_is_the_plain_simreg_step():
     batches = [(torch.randn(4, 3, 32, 32), torch.randn(4, 256)) for _ in range(3)]
     ours, our_opt = build()
     plain, plain_opt = build()
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    ctx = train_student.Context(torch.device('cpu'))
     for images, target in batches:
-        losses = train_student.train_step(ours, images, {'resnet50': target}, our_opt, scaler, None, False)
+        losses = train_student.train_step(ours, images, {'resnet50': target}, our_opt, ctx)
         loss = regression_loss(plain(images), target)
         plain_opt.zero_grad()
         loss.backward()

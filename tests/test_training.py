@@ -204,7 +204,8 @@ def test_gpu_decode_draws_the_same_views_as_the_loader(image_folder):
     from its sample's seed (checked on the CPU device; a PNG named .jpg takes the fallback decoder)."""
     from data.folders import build_dataset, read_bytes
     from data.sampler import SeededSamples, sample_seed
-    from data.transforms import TwoViews, decode_views_on
+    from benchmarks.reference import decode_views_on
+    from data.transforms import TwoViews
     from PIL import Image
     views = TwoViews(32, weak_weak=True)
     dataset = build_dataset(image_folder, 'train', views)

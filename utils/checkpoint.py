@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from utils.distributed import is_main_process
 from utils.errors import SimRegError
 
 
@@ -145,32 +146,63 @@ def remove_stale_temp_files(folder):
     return [os.path.basename(path) for path in stale]
 
 
-class Checkpointer:
-    """When to write ``last.pth`` inside an epoch: every ``every_steps`` steps, every ``every_min`` minutes
-    (0: never), and after a step that ``stop`` (a ``utils.preemption.StopRequest``) says ends the run.
-    ``state_fn()`` makes the state to write; only rank 0 (``writer``) writes."""
+class Preempted(Exception):
+    """A stop signal (``utils.preemption``) ended the run after a step, whose checkpoint is written."""
 
-    def __init__(self, ckpt_dir, state_fn, every_steps, every_min, stop, writer):
-        self.path, self.state_fn = os.path.join(ckpt_dir, 'last.pth'), state_fn
-        self.every_steps, self.every_s, self.stop, self.writer = every_steps, 60 * every_min, stop, writer
+    def __init__(self, signal, epoch, step, steps, path):
+        super().__init__(f'stopped by {signal} in epoch {epoch} after step {step}/{steps}')
+        self.signal, self.epoch, self.step, self.steps, self.path = signal, epoch, step, steps, path
+
+
+class Checkpointer:
+    """The one writer of a run's checkpoints (only rank 0 writes; every rank calls).
+
+    ``save(epoch)`` after an epoch (and epoch 0, the untrained student): ``ckpt_epoch_<n>.pth`` every
+    ``--save_freq`` epochs, at the last and at 0, and ``last.pth``. ``after_step(meter)`` inside an epoch: ``last.pth``
+    every ``--ckpt_every_steps`` steps or ``--ckpt_every_min`` minutes, and after the step at which ``stop`` (a
+    ``utils.preemption.StopRequest``) ends the run, then ``Preempted``. ``state_fn(epoch, meter)`` makes the state:
+    ``epoch`` the last completed, ``meter`` the epoch's ``MetricLogger`` inside an epoch. ``start`` is where the run
+    started (``{'epoch', 'step'}``, with ``meter`` when it resumed inside an epoch).
+    """
+
+    def __init__(self, ckpt_dir, state_fn, args, stop, start):
+        self.ckpt_dir, self.path, self.state_fn = ckpt_dir, os.path.join(ckpt_dir, 'last.pth'), state_fn
+        self.every_steps, self.every_s = args.ckpt_every_steps, 60 * args.ckpt_every_min
+        self.save_freq, self.epochs, self.stop, self.start = args.save_freq, args.epochs, stop, start
+        self.writer = is_main_process()
         self.wrote()
 
     def wrote(self):
-        """A checkpoint was written (here or at an epoch's end): the intervals start again."""
+        """A checkpoint was written: the intervals start again."""
         self.steps, self.since = 0, time.monotonic()
 
-    def after_step(self, epoch_done):
-        """Write when due; True when the run must stop (its checkpoint is then written). At an epoch's last
-        step (``epoch_done``) a due checkpoint is left to the epoch's end, which writes one anyway."""
+    def resumed_meter(self, epoch):
+        """The meter's state to continue when the run resumed inside ``epoch``, else None."""
+        return self.start.get('meter') if epoch == self.start['epoch'] else None
+
+    def save(self, epoch):
+        if self.writer:
+            state = self.state_fn(epoch)
+            if epoch == 0 or epoch % self.save_freq == 0 or epoch == self.epochs:
+                save_atomic(state, epoch_checkpoint_path(self.ckpt_dir, epoch))
+            if epoch > 0:
+                save_atomic(state, self.path)
+        self.wrote()
+
+    def after_step(self, meter):
+        """Write ``last.pth`` when due; raise ``Preempted`` once written when the run must stop. At an epoch's last
+        step a due checkpoint is left to ``save``, which writes one anyway."""
         self.steps += 1
         stop = self.stop.agreed()
         due = (self.every_steps and self.steps >= self.every_steps) or \
               (self.every_s and time.monotonic() - self.since >= self.every_s)
-        if stop or (due and not epoch_done):
+        if stop or (due and not meter.epoch_done):
             if self.writer:
-                save_atomic(self.state_fn(), self.path)
+                save_atomic(self.state_fn(meter.epoch - 1, meter), self.path)
             self.wrote()
-        return stop
+        if stop:
+            raise Preempted(self.stop.signal or 'a signal on another process', meter.epoch, meter.step, meter.steps,
+                            self.path)
 
 
 def file_digest(path, algorithm='sha256', chunk=1 << 22):

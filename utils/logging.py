@@ -33,14 +33,16 @@ def setup_logger(log_file=None, name='simreg'):
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0, a no-op elsewhere."""
+    """A SummaryWriter on rank 0, made at the first scalar; a no-op elsewhere."""
 
     def __init__(self, log_dir):
-        self.writer = SummaryWriter(log_dir) if is_main_process() else None
+        self.log_dir, self.writer = log_dir, None
 
     def scalars(self, values, step):
-        if self.writer is None:
+        if not is_main_process():
             return
+        if self.writer is None:
+            self.writer = SummaryWriter(self.log_dir)
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
@@ -76,26 +78,58 @@ def read_json_log(path, event=None):
     return [r for r in records if event is None or r['event'] == event]
 
 
-class MetricLogger:
-    """The bookkeeping of one training epoch, kept out of the loop that ``log_every`` drives.
+class Logs:
+    """A training run's log sinks, written on rank 0: ``text`` (stdout and train.log), ``json`` (log.jsonl) and
+    ``tensorboard``; ``print_freq``: the steps of a logged window."""
 
-    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq``
-    steps and at the epoch's last step, the window's mean loss is averaged over ranks (one sync; every rank
-    takes the same decision on a non-finite loss, which stops the run) and reported with the lr, the
-    images per second over all processes and the share of time spent waiting for the loader: to
-    TensorBoard, the JSON log, the text log (full windows) and the tqdm bar. ``state_dict`` holds what a
-    checkpoint inside the epoch needs to continue the epoch's sums. ``epoch_end(epoch)``, if given, is called by
-    ``summary`` on every rank once the epoch's speed is measured; the dict it returns is added to the epoch's
-    JSON record (train_student.py's online k-NN).
+    def __init__(self, logs_dir, print_freq):
+        self.text = setup_logger(os.path.join(logs_dir, 'train.log'))
+        self.json = JsonLog(json_log_path(logs_dir))
+        self.tensorboard = TensorBoard(logs_dir)
+        self.print_freq = print_freq
+
+    def start(self, **record):
+        """The ``start`` record; its online k-NN values (``knn_*``) also go to TensorBoard at step 0."""
+        for key, value in record.items():
+            if key.startswith('knn_'):
+                self.tensorboard.scalars(knn_scalars(key[len('knn_'):], value), 0)
+        self.json.write('start', **record)
+
+    def epoch(self, epoch, stats, knn=None):
+        """The ``epoch`` record of ``MetricLogger.summary``'s ``stats``, with the online k-NN when measured."""
+        if knn is not None:
+            self.text.info('epoch %d  online k-NN: 1-NN %.2f  20-NN %.2f', epoch, knn['1'], knn['20'])
+            self.tensorboard.scalars(knn_scalars('student', knn), epoch)
+        values = {k: v for k, v in stats.items() if k != 'head_losses'}
+        self.json.write('epoch', epoch=epoch, **values, **prefixed(stats['head_losses']),
+                        **({'knn': knn} if knn is not None else {}))
+
+    def close(self):
+        self.tensorboard.close()
+
+
+def knn_scalars(name, values):
+    """TensorBoard tags of k-NN values: {"1": .., "20": ..} -> ``knn/<name>_1nn``, ...; several teachers'
+    {head: {"1": .., "20": ..}} -> ``knn/<name>_<head>_1nn``, ..."""
+    if all(not isinstance(v, dict) for v in values.values()):
+        return {f'knn/{name}_{k}nn': v for k, v in values.items()}
+    return {tag: v for head, inner in values.items() for tag, v in knn_scalars(f'{name}_{head}', inner).items()}
+
+
+class MetricLogger:
+    """The bookkeeping of one training epoch (after torchvision's references/classification).
+
+    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq`` steps and
+    at the epoch's last step the window's mean loss is averaged over ranks (one sync; every rank then takes the
+    same decision on a non-finite loss) and reported with the lr, the images per second over all processes and
+    the share of time spent waiting for the loader.
     """
 
-    def __init__(self, heads, epoch, steps, images_per_step, print_freq, optimizer, log, tensorboard, json_log,
-                 device, epoch_end=None):
+    def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
-        self.print_freq, self.optimizer, self.log = print_freq, optimizer, log
-        self.tensorboard, self.json_log, self.epoch_end = tensorboard, json_log, epoch_end
-        self.epoch_sum = torch.zeros(len(self.heads), device=device)
-        self.window_sum = torch.zeros(len(self.heads), device=device)
+        self.optimizer, self.logs = optimizer, ctx.logs
+        self.epoch_sum = torch.zeros(len(self.heads), device=ctx.device)
+        self.window_sum = torch.zeros(len(self.heads), device=ctx.device)
         self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
         self.start, self.bar = time.perf_counter(), None
 
@@ -104,6 +138,9 @@ class MetricLogger:
                 'window_sum': self.window_sum.cpu()}
 
     def load_state_dict(self, state):
+        """Continue the sums of a checkpoint written inside the epoch (None: nothing to continue)."""
+        if state is None:
+            return
         self.step, self.window_start = state['step'], state['window_start']
         self.epoch_sum.copy_(state['epoch_sum'])
         self.window_sum.copy_(state['window_sum'])
@@ -127,8 +164,12 @@ class MetricLogger:
         self.step += 1
         if self.bar is not None:
             self.bar.update(1)
-        if self.step % self.print_freq == 0 or self.step == self.steps:
+        if self.step % self.logs.print_freq == 0 or self.step == self.steps:
             self.report_window()
+
+    @property
+    def epoch_done(self):
+        return self.step == self.steps
 
     def speed(self):
         """Images per second over all processes, and the data-wait share, since ``log_every`` started."""
@@ -142,31 +183,29 @@ class MetricLogger:
         check_finite(loss, self.epoch, self.step)
         stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
         heads = dict(zip(self.heads, window))
-        self.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
-                                 (self.epoch - 1) * self.steps + self.step)
-        self.json_log.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
+        self.logs.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
+                                      (self.epoch - 1) * self.steps + self.step)
+        self.logs.json.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
         if self.bar is not None:
             self.bar.set_postfix(loss=f'{loss:.4f}')
-        if self.step % self.print_freq == 0:
-            self.log.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, self.step, self.steps, loss,
-                          per_head(heads), stats['images_per_s'])
+        if self.step % self.logs.print_freq == 0:
+            self.logs.text.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, self.step, self.steps,
+                                loss, per_head(heads), stats['images_per_s'])
         self.window_sum.zero_()
         self.window_start = self.step
 
     def summary(self):
-        """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; reported
-        to the text log, TensorBoard (at step = epoch) and the JSON log."""
+        """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; to the text
+        log and TensorBoard (at step = epoch). ``Logs.epoch`` writes them to the JSON log."""
         losses = all_reduce_mean(self.epoch_sum / self.steps).tolist()
         loss = sum(losses) / len(losses)
         check_finite(loss, self.epoch, self.steps)
         heads, lr = dict(zip(self.heads, losses)), self.optimizer.param_groups[0]['lr']
         stats = {'loss': loss, 'lr': lr, **self.speed()}
-        self.log.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
-                      per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
-        self.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
-                                  **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
-        extra = (self.epoch_end(self.epoch) or {}) if self.epoch_end else {}
-        self.json_log.write('epoch', epoch=self.epoch, **stats, **prefixed(heads), **extra)
+        self.logs.text.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
+                            per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
+        self.logs.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
+                                       **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
         return {**stats, 'head_losses': heads}
 
 
