@@ -25,13 +25,13 @@ from evaluation.online_knn import OnlineKnn, knn_scalars
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
-from models.loading import load_strict, read_checkpoint, student_checkpoint
+from models.loading import load_strict, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
 from models.teachers import build_teachers, replayed_boxes
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
-                              resume_candidates, save_atomic, writable_folder)
+from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, read_checkpoint,
+                              remove_stale_temp_files, resume_candidates, save_atomic, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
 from utils.logging import JsonLog, MetricLogger, TensorBoard, json_log_path, setup_logger
 from utils.preemption import StopRequest, ignore_in_loader_worker
