@@ -10,7 +10,6 @@ every evaluation script load through here; no script strips prefixes itself.
 """
 import argparse
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from models import vit
 from models.backbones import build_backbone, classifier_attr, set_projection
 from models.head import build_head
 from models.presets import PRESETS, download_preset, preset_named, preset_path
+from models.tf_resnet import tf_to_torchvision
 from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
 
@@ -128,36 +128,10 @@ def split_backbone(layout, state, classifier='fc'):
             head[key] = value
         elif key.startswith(layout.prefix):
             name = key[len(layout.prefix):]
-            backbone[_tf_to_torchvision(name) if layout.tf_names else name] = value
+            backbone[tf_to_torchvision(name) if layout.tf_names else name] = value
         else:
             backbone[key] = value
     return backbone, head
-
-
-def _tf_resnet50_names():
-    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block
-    the projection shortcut first (first block of a stage), then the 1x1, 3x3, 1x1 convs."""
-    pairs = [('conv1', 'bn1')]
-    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
-        for block in range(blocks):
-            name = f'layer{stage}.{block}.'
-            if block == 0:
-                pairs.append((name + 'downsample.0', name + 'downsample.1'))
-            pairs += [(f'{name}conv{i}', f'{name}bn{i}') for i in (1, 2, 3)]
-    return pairs
-
-
-_TF_NAMES = _tf_resnet50_names()
-_TF_KEY = re.compile(r'(conv2d|batch_normalization)(?:_(\d+))?\.(\w+)')
-
-
-def _tf_to_torchvision(key):
-    """``conv2d_5.weight`` -> ``layer1.1.conv1.weight``; other keys (``fc.*``) unchanged."""
-    match = _TF_KEY.fullmatch(key)
-    if not match or int(match.group(2) or 0) >= len(_TF_NAMES):
-        return key
-    conv, bn = _TF_NAMES[int(match.group(2) or 0)]
-    return f'{conv if match.group(1) == "conv2d" else bn}.{match.group(3)}'
 
 
 def load_strict(module, state_dict, what, layout):

@@ -7,6 +7,7 @@ PyTorch way shifts every strided window and changes the features.
 included, is multiplied by ``width``; torchvision's ``wide_resnet50_2`` widens only the 3x3 convs.
 """
 import math
+import re
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,3 +81,29 @@ def simclr_resnet50(width=1):
     model.feat_dim = 2048 * width
     model.fc = nn.Identity()
     return model
+
+
+def _tf_resnet50_names():
+    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block
+    the projection shortcut first (first block of a stage), then the 1x1, 3x3, 1x1 convs."""
+    pairs = [('conv1', 'bn1')]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            name = f'layer{stage}.{block}.'
+            if block == 0:
+                pairs.append((name + 'downsample.0', name + 'downsample.1'))
+            pairs += [(f'{name}conv{i}', f'{name}bn{i}') for i in (1, 2, 3)]
+    return pairs
+
+
+_TF_NAMES = _tf_resnet50_names()
+_TF_KEY = re.compile(r'(conv2d|batch_normalization)(?:_(\d+))?\.(\w+)')
+
+
+def tf_to_torchvision(key):
+    """``conv2d_5.weight`` -> ``layer1.1.conv1.weight``; other keys (``fc.*``) unchanged."""
+    match = _TF_KEY.fullmatch(key)
+    if not match or int(match.group(2) or 0) >= len(_TF_NAMES):
+        return key
+    conv, bn = _TF_NAMES[int(match.group(2) or 0)]
+    return f'{conv if match.group(1) == "conv2d" else bn}.{match.group(3)}'
