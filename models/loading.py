@@ -9,7 +9,6 @@ names the keys and the layout it guessed. Training (teacher, ``--weights``, ``--
 every evaluation script load through here; no script strips prefixes itself.
 """
 import argparse
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch.nn as nn
 from models import vit
 from models.backbones import build_backbone, classifier_attr, set_projection
 from models.head import build_head
-from models.presets import PRESETS, download_preset, preset_named, preset_path
+from models.presets import PRESETS, preset_named, resolve_weights
 from models.tf_resnet import tf_to_torchvision
 from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
@@ -64,31 +63,6 @@ LAYOUTS = (
     Layout('SimCLR ResNet-50 (TensorFlow names)', _ANY, '', marker='conv2d.', tf_names=True),
     Layout('torchvision', _ANY, ''),
 )
-
-
-def resolve_weights(spec):
-    """Path of the weights ``spec`` names: an existing file as is, or a preset from ``models.presets``
-    (downloaded once into the torch hub cache, checked, then reused)."""
-    if os.path.isfile(spec):
-        return spec
-    if spec not in PRESETS:
-        raise SimRegError(f'weights {spec} not found: give a checkpoint path or one of the presets '
-                          f'{", ".join(PRESETS)}')
-    path = preset_path(spec)
-    if not os.path.isfile(path):
-        partial = f'{path}.{os.getpid()}.partial'
-        try:
-            download_preset(spec, partial)
-            layout, _ = detect_layout(read_checkpoint(partial), spec)
-            if layout.name != PRESETS[spec].layout:
-                raise SimRegError(f'preset {spec}: the downloaded file looks like {layout.name}, not '
-                                  f'{PRESETS[spec].layout}: the release changed; download it yourself and '
-                                  f'pass the path')
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return path
 
 
 def detect_layout(ckpt, path):

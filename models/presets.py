@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.checkpoint import file_digest
+from utils.checkpoint import file_digest, read_checkpoint
 from utils.errors import SimRegError
 
 RESNET50 = ('resnet50', 'sup_resnet50')
@@ -117,3 +117,28 @@ def download_preset(name, dst):
                 raise SimRegError(f'preset {name}: downloaded file has {algorithm} {digest[:8]}, the release '
                                   f'says {expected}: the download is corrupt; run again')
 
+
+def resolve_weights(spec):
+    """Path of the weights ``spec`` names: an existing file as is, or a preset from ``models.presets``
+    (downloaded once into the torch hub cache, checked, then reused)."""
+    from models.loading import detect_layout  # loading resolves presets with this function: a cycle at import
+    if os.path.isfile(spec):
+        return spec
+    if spec not in PRESETS:
+        raise SimRegError(f'weights {spec} not found: give a checkpoint path or one of the presets '
+                          f'{", ".join(PRESETS)}')
+    path = preset_path(spec)
+    if not os.path.isfile(path):
+        partial = f'{path}.{os.getpid()}.partial'
+        try:
+            download_preset(spec, partial)
+            layout, _ = detect_layout(read_checkpoint(partial), spec)
+            if layout.name != PRESETS[spec].layout:
+                raise SimRegError(f'preset {spec}: the downloaded file looks like {layout.name}, not '
+                                  f'{PRESETS[spec].layout}: the release changed; download it yourself and '
+                                  f'pass the path')
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path
