@@ -25,8 +25,9 @@ from evaluation.online_knn import OnlineKnn, knn_scalars
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
-from models.loading import load_strict, student_checkpoint
+from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
+from models.student import student_checkpoint
 from models.teachers import build_teachers, replayed_boxes
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils

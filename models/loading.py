@@ -8,7 +8,6 @@ are dropped by name, and the rest must fit the backbone exactly; otherwise a one
 names the keys and the layout it guessed. Training (teacher, ``--weights``, ``--resume``) and
 every evaluation script load through here; no script strips prefixes itself.
 """
-import argparse
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ import torch.nn as nn
 
 from models import vit
 from models.backbones import build_backbone, classifier_attr, set_projection
-from models.head import build_head
 from models.presets import PRESETS, preset_named, resolve_weights
 from models.tf_resnet import tf_to_torchvision
 from utils.checkpoint import read_checkpoint
@@ -72,7 +70,7 @@ def detect_layout(ckpt, path):
         if layout.matches(container, state):
             return layout, state
     raise SimRegError(f'{path}: no known checkpoint layout has its weights under "{container}" with keys '
-                      f'like {_names(list(state))}: see the accepted layouts in the README')
+                      f'like {key_list(list(state))}: see the accepted layouts in the README')
 
 
 def _state_dict(ckpt, path):
@@ -81,7 +79,7 @@ def _state_dict(ckpt, path):
     for key in ('state_dict', 'model', 'teacher'):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return key, ckpt[key]
-    found = f'top-level keys {_names(list(ckpt))}' if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
+    found = f'top-level keys {key_list(list(ckpt))}' if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
     raise SimRegError(f'{path} holds no state dict ({found}): expected a bare state dict or one under '
                       f'"state_dict", "model" or "teacher"')
 
@@ -121,11 +119,11 @@ def load_strict(module, state_dict, what, layout):
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f'missing {_names(missing)}')
+            parts.append(f'missing {key_list(missing)}')
         if unexpected:
-            parts.append(f'unexpected {_names(unexpected)}')
+            parts.append(f'unexpected {key_list(unexpected)}')
         if wrong_shape:
-            parts.append('wrong shape ' + _names([f'{k} {tuple(state_dict[k].shape)} vs '
+            parts.append('wrong shape ' + key_list([f'{k} {tuple(state_dict[k].shape)} vs '
                                                   f'{tuple(own[k].shape)}' for k in wrong_shape]))
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
@@ -140,12 +138,12 @@ def load_strict(module, state_dict, what, layout):
     return module
 
 
-def _names(keys, limit=6):
+def key_list(keys, limit=6):
     shown = ', '.join(keys[:limit])
     return f'{len(keys)} key{"s" if len(keys) != 1 else ""} [{shown}{", ..." if len(keys) > limit else ""}]'
 
 
-def _unloaded(build, *args):
+def unloaded(build, *args):
     """``build(*args)`` on the meta device: every weight comes from the file, so initialising them
     first would only cost time (seconds for a ResNet-50x4)."""
     with torch.device('meta'):
@@ -165,7 +163,7 @@ def load_backbone(arch, path, keep_fc=False):
                           f'use --arch_teacher {PRESETS[preset].archs[0]}')
     path = resolve_weights(path)
     layout, state = detect_layout(read_checkpoint(path), path)
-    model = _unloaded(build_backbone, arch)
+    model = unloaded(build_backbone, arch)
     is_vit = arch in vit.VIT_ARCHS
     classifier = classifier_attr(model)
     backbone, head = split_backbone(layout, state, classifier)
@@ -175,7 +173,7 @@ def load_backbone(arch, path, keep_fc=False):
             model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
     if keep_fc:
         linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
-        fc = _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
+        fc = unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
         set_projection(model, fc)
         backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
     for key in model.state_dict():
@@ -193,92 +191,6 @@ def _plain_linear(head, inner_head, layout, path):
     keys = sorted(head)
     if keys == [inner_head + 'bias', inner_head + 'weight'] and head[inner_head + 'weight'].ndim == 2:
         return {'weight': head[inner_head + 'weight'], 'bias': head[inner_head + 'bias']}
-    found = f'a multi-layer projection head ({_names(keys)})' if keys else 'no projection head'
+    found = f'a multi-layer projection head ({key_list(keys)})' if keys else 'no projection head'
     raise SimRegError(f'--teacher_fc puts the checkpoint\'s plain Linear projection on the teacher, but {path} '
                       f'({layout.name}) has {found}: drop --teacher_fc')
-
-
-def student_checkpoint(ckpt, path):
-    """(args, state): the training arguments as a dict and an ``encoder_q.*``/``predict_q.*`` state dict,
-    from this project's checkpoint (``args``) or the original code's (``opt`` Namespace, DataParallel
-    ``.module`` wrappers, the frozen teacher ``encoder_t`` saved along)."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict):
-        if isinstance(ckpt.get('args'), dict):
-            return ckpt['args'], ckpt['state_dict']
-        if isinstance(ckpt.get('opt'), argparse.Namespace):
-            state = {}
-            for key, value in ckpt['state_dict'].items():
-                if key.startswith('encoder_t.module.'):
-                    continue
-                for part in ('encoder_q.', 'predict_q.'):
-                    if key.startswith(part + 'module.'):
-                        key = part + key[len(part + 'module.'):]
-                state[key] = value
-            return vars(ckpt['opt']), state
-    raise SimRegError(f'{path} is not a SimReg student checkpoint (no training arguments "args" or "opt"): '
-                      f'pass a file written by train_student.py or by the original main.py')
-
-
-def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint', image_size=224):
-    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly
-    (``image_size``: the training size, which sets a ViT student's position embedding)."""
-    parts = {'encoder_q.': {}, 'predict_q.': {}}
-    unexpected = []
-    for key, value in state.items():
-        part = next((p for p in parts if key.startswith(p)), None)
-        if part is None:
-            unexpected.append(key)
-        else:
-            parts[part][key[len(part):]] = value
-    if unexpected:
-        raise SimRegError(f'{source} has keys outside encoder_q./predict_q.: {_names(unexpected)}')
-    head_state = parts['predict_q.']
-    linears = [k for k, v in head_state.items() if k.split('.')[0].isdigit() and k.endswith('weight') and v.ndim == 2]
-    if not linears:
-        raise SimRegError(f'{source} has no regression head (predict_q.*): it is not a SimReg student')
-    out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
-    backbone = _unloaded(build_backbone, arch, image_size)
-    head = _unloaded(build_head, backbone.feat_dim, out_dim, n_mlp_layers, linear_pred)
-    load_strict(backbone, parts['encoder_q.'], f'{source} student backbone ({arch})', 'SimReg')
-    load_strict(head, head_state, f'{source} regression head', 'SimReg')
-    return backbone, head
-
-
-def student_heads(state):
-    """Head names of a several-teacher student (``predict_q.<name>.*``, in training order); [] for one head."""
-    return list(dict.fromkeys(k.split('.')[1] for k in state
-                              if k.startswith('predict_q.') and not k.split('.')[1].isdigit()))
-
-
-def select_head(state, head, source):
-    """The state dict with one head as ``predict_q.*``: the only one, or the one named ``head`` of a
-    several-teacher student."""
-    names = student_heads(state)
-    if not names:
-        if head is not None:
-            raise SimRegError(f'{source} has a single regression head: drop --head {head}')
-        return state
-    if head not in names:
-        raise SimRegError(f'{source} has one head per teacher ({", ".join(names)}): pass --head with one of them'
-                          + (f', not {head}' if head is not None else ''))
-    prefix = f'predict_q.{head}.'
-    return {**{k: v for k, v in state.items() if k.startswith('encoder_q.')},
-            **{'predict_q.' + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}}
-
-
-def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
-    by the original code (the authors' released students). ``arch``, when given, must match the file;
-    ``head`` names the head to take from a several-teacher student, which a caller that uses only the
-    backbone (``backbone_only``) need not name: it then gets the first."""
-    args, state = student_checkpoint(read_checkpoint(path), path)
-    if backbone_only and head is None:
-        head = next(iter(student_heads(state)), None)
-    state = select_head(state, head, path)
-    if arch is not None and arch != args['arch_student']:
-        raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
-                          f'pass --arch {args["arch_student"]}')
-    backbone, head = student_from_state(state, args['arch_student'], args.get('n_mlp_layers', 4),
-                                        args.get('linear_pred', False), source=path,
-                                        image_size=args.get('image_size') or 224)
-    return backbone.eval(), head.eval()
