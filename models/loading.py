@@ -1,12 +1,8 @@
-"""Every checkpoint a user may bring, read safely and loaded strictly into this project's models.
+"""Every checkpoint a user brings, loaded strictly into this project's backbones.
 
-The original code stripped one prefix, loaded with ``strict=False`` and silently kept random
-weights for whatever did not match. Here a file is read with ``weights_only=True``, its layout is
-recognised from its keys (``LAYOUTS``), the groups that layout is known to hold besides the
-backbone (projection heads, momentum encoders, queues, predictors, prototypes, the regression head)
-are dropped by name, and the rest must fit the backbone exactly; otherwise a one-line SimRegError
-names the keys and the layout it guessed. Training (teacher, ``--weights``, ``--resume``) and
-every evaluation script load through here; no script strips prefixes itself.
+A file's layout is recognised from its keys (``LAYOUTS``), the groups it is known to hold besides the
+backbone are dropped by name, and the rest must fit the backbone exactly, or a one-line SimRegError
+names the keys and the guessed layout.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -85,12 +81,8 @@ def _state_dict(ckpt, path):
 
 
 def split_backbone(layout, state, classifier='fc'):
-    """(backbone, head): the backbone's tensors under the model's key names, and the projection head's
-    tensors with their file keys (the backbone's own classifier, or a head group of the layout).
-
-    Keys outside the layout's known groups stay in ``backbone`` unchanged, so that the strict load
-    names them as unexpected.
-    """
+    """(backbone under the model's key names, projection head under the file's keys); unknown keys stay in
+    the backbone, for the strict load to name."""
     inner_head = layout.prefix + classifier + '.'
     backbone, head = {}, {}
     for key, value in state.items():
@@ -107,11 +99,8 @@ def split_backbone(layout, state, classifier='fc'):
 
 
 def load_strict(module, state_dict, what, layout):
-    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout.
-
-    A module built on the meta device (weights not initialised) takes the file's tensors as they are,
-    cast to its dtypes.
-    """
+    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout; a module on
+    the meta device takes the file's tensors (cast to its dtypes)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -124,14 +113,13 @@ def load_strict(module, state_dict, what, layout):
             parts.append(f'unexpected {key_list(unexpected)}')
         if wrong_shape:
             parts.append('wrong shape ' + key_list([f'{k} {tuple(state_dict[k].shape)} vs '
-                                                  f'{tuple(own[k].shape)}' for k in wrong_shape]))
+                                                    f'{tuple(own[k].shape)}' for k in wrong_shape]))
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
     on_meta = any(t.is_meta for t in own.values())
     if on_meta:
         state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
-    # the tensors fit this module key for key, so its own state-dict versions apply (a renamed copy carries
-    # none, and torchvision's MNASNet refuses to load without them)
+    # the module's own state-dict versions: a renamed copy has none, and torchvision's MNASNet needs them
     state_dict = OrderedDict(state_dict)
     state_dict._metadata = own._metadata
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
@@ -139,24 +127,20 @@ def load_strict(module, state_dict, what, layout):
 
 
 def key_list(keys, limit=6):
+    """'3 keys [a, b, c]', for error lines."""
     shown = ', '.join(keys[:limit])
     return f'{len(keys)} key{"s" if len(keys) != 1 else ""} [{shown}{", ..." if len(keys) > limit else ""}]'
 
 
 def unloaded(build, *args):
-    """``build(*args)`` on the meta device: every weight comes from the file, so initialising them
-    first would only cost time (seconds for a ResNet-50x4)."""
+    """``build(*args)`` on the meta device: every weight comes from the file, none is initialised."""
     with torch.device('meta'):
         return build(*args)
 
 
 def load_backbone(arch, path, keep_fc=False):
-    """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode; its forward
-    gives the pooled feature (``feat_dim``).
-
-    ``keep_fc`` is the original ``--teacher_fc``: keep the file's plain-Linear projection on top, so
-    that ``feat_dim`` becomes its ``out_features``.
-    """
+    """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode. ``keep_fc``
+    (``--teacher_fc``) keeps the file's plain-Linear projection on top: ``feat_dim`` is then its output."""
     preset = preset_named(path)
     if preset and arch not in PRESETS[preset].archs:
         raise SimRegError(f'preset {preset} is a {PRESETS[preset].arch_name}, not {arch}: '

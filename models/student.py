@@ -1,4 +1,4 @@
-"""Student checkpoints: this project's and the original code's, read back into backbone + head."""
+"""Student checkpoints (this project's and the original code's), read back into backbone + head."""
 import argparse
 
 from models.backbones import build_backbone
@@ -9,9 +9,8 @@ from utils.errors import SimRegError
 
 
 def student_checkpoint(ckpt, path):
-    """(args, state): the training arguments as a dict and an ``encoder_q.*``/``predict_q.*`` state dict,
-    from this project's checkpoint (``args``) or the original code's (``opt`` Namespace, DataParallel
-    ``.module`` wrappers, the frozen teacher ``encoder_t`` saved along)."""
+    """(training arguments as a dict, ``encoder_q.*``/``predict_q.*`` state) of this project's checkpoint
+    (``args``) or the original code's (``opt``; its ``.module`` wrappers and teacher ``encoder_t`` dropped)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict):
         if isinstance(ckpt.get('args'), dict):
             return ckpt['args'], ckpt['state_dict']
@@ -30,8 +29,8 @@ def student_checkpoint(ckpt, path):
 
 
 def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint', image_size=224):
-    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly
-    (``image_size``: the training size, which sets a ViT student's position embedding)."""
+    """Backbone + head built and loaded strictly from an ``encoder_q.*``/``predict_q.*`` state dict
+    (``image_size``: the training size, which sizes a ViT student's position embedding)."""
     parts = {'encoder_q.': {}, 'predict_q.': {}}
     unexpected = []
     for key, value in state.items():
@@ -61,8 +60,7 @@ def student_heads(state):
 
 
 def select_head(state, head, source):
-    """The state dict with one head as ``predict_q.*``: the only one, or the one named ``head`` of a
-    several-teacher student."""
+    """The state dict with one head as ``predict_q.*``: the only one, or the one named ``head``."""
     names = student_heads(state)
     if not names:
         if head is not None:
@@ -77,10 +75,8 @@ def select_head(state, head, source):
 
 
 def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
-    by the original code (the authors' released students). ``arch``, when given, must match the file;
-    ``head`` names the head to take from a several-teacher student, which a caller that uses only the
-    backbone (``backbone_only``) need not name: it then gets the first."""
+    """(backbone, head) of a student checkpoint, in eval mode. ``arch``, when given, must match the file;
+    ``head`` picks a several-teacher student's head (with ``backbone_only``, the first if not named)."""
     args, state = student_checkpoint(read_checkpoint(path), path)
     if backbone_only and head is None:
         head = next(iter(student_heads(state)), None)

@@ -1,10 +1,8 @@
-"""The two teacher ResNets torchvision lacks, built from torchvision's so that the key names match.
+"""The ResNets of the TensorFlow releases, built from torchvision's so that the keys match.
 
-``byol_resnet50``: the BYOL release was trained in TensorFlow, whose ``SAME`` padding depends on
-the input size and puts the odd pixel after, not before; zero-padding the converted weights the
-PyTorch way shifts every strided window and changes the features.
-``simclr_resnet50(width)``: the SimCLR v1 ResNet-50 (1x, 2x, 4x), whose every channel count, stem
-included, is multiplied by ``width``; torchvision's ``wide_resnet50_2`` widens only the 3x3 convs.
+``byol_resnet50``: TensorFlow's ``SAME`` padding, which depends on the input size and puts the odd pixel
+after. ``simclr_resnet50(width)``: SimCLR v1's ResNet-50 x1/x2/x4, every channel count widened (stem
+included). ``tf_to_torchvision``: SimCLR's TensorFlow key names to torchvision's.
 """
 import math
 import re
@@ -65,11 +63,8 @@ def byol_resnet50():
 
 
 def simclr_resnet50(width=1):
-    """SimCLR v1 ResNet-50 x ``width``: stem ``64w``, stage widths ``64w..512w``, output ``2048w``.
-
-    Stride sits on the 3x3 conv (torchvision V1.5), as in the SimCLR release. The weights always
-    come from a checkpoint, so the widened layers keep PyTorch's default initialisation.
-    """
+    """SimCLR v1 ResNet-50 x ``width``: stem ``64w``, stages ``64w..512w``, output ``2048w``; stride on the
+    3x3 conv (torchvision V1.5), as in the release."""
     model = ResNet(Bottleneck, [3, 4, 6, 3])
     if width != 1:
         model.inplanes = 64 * width
@@ -84,8 +79,8 @@ def simclr_resnet50(width=1):
 
 
 def _tf_resnet50_names():
-    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block
-    the projection shortcut first (first block of a stage), then the 1x1, 3x3, 1x1 convs."""
+    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block the
+    shortcut projection (if any) and the three convs."""
     pairs = [('conv1', 'bn1')]
     for stage, blocks in enumerate((3, 4, 6, 3), start=1):
         for block in range(blocks):

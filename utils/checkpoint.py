@@ -195,10 +195,8 @@ LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)  # what the lega
 
 
 def read_checkpoint(path):
-    """torch.load on CPU with weights_only=True (argparse.Namespace allowed for original SimReg files).
-
-    What the file is (empty, text, zip, legacy pickle, other) is read from its first bytes first, so that
-    each failure gets its own reason."""
+    """torch.load on CPU with weights_only=True (and argparse.Namespace, which the original code saved); a
+    damaged file is one line saying what it is (from its first bytes) and the fix."""
     if not os.path.isfile(path):
         raise SimRegError(f'checkpoint {path} does not exist: check the path')
     kind, head = _checkpoint_kind(path)
@@ -251,6 +249,7 @@ def _checkpoint_kind(path, size=4096):
 
 
 def _unreadable(path, kind, exc):
+    """The line for a file torch.load failed on."""
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
     what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
             'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
