@@ -104,16 +104,11 @@ def load_strict(module, state_dict, what, layout):
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f'missing {key_list(missing)}')
-        if unexpected:
-            parts.append(f'unexpected {key_list(unexpected)}')
-        if wrong_shape:
-            parts.append('wrong shape ' + key_list([f'{k} {tuple(state_dict[k].shape)} vs '
-                                                    f'{tuple(own[k].shape)}' for k in wrong_shape]))
+    wrong_shape = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
+                   if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    parts = [f'{name} {key_list(keys)}' for name, keys in
+             (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)) if keys]
+    if parts:
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
     on_meta = any(t.is_meta for t in own.values())
