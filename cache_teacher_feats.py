@@ -30,7 +30,8 @@ from data.teacher_cache import dataset_fingerprint, sidecar_path, views_path, wr
 from data.transforms import VIEW_COLUMNS, WEAK_SCALE, draw_weak_view, eval_transform, replay_weak_view, view_seed
 from evaluation.features import extract_features
 from models.backbones import TEACHER_ARCHS
-from models.loading import load_backbone, resolve_weights
+from models.loading import load_backbone
+from models.presets import resolve_weights
 from models.simreg import AUTOCAST_DTYPES, default_precision
 from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
 from utils.distributed import (add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process,

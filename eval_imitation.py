@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from data.folders import build_dataset
 from data.transforms import eval_transform
 from evaluation import common, features
-from models.loading import load_backbone, read_checkpoint, resolve_weights
-from utils.checkpoint import write_text_atomic
+from models.loading import load_backbone
+from models.presets import resolve_weights
+from utils.checkpoint import read_checkpoint, write_text_atomic
 from utils.distributed import cleanup, init_distributed, is_main_process
 from utils.errors import SimRegError, exit_on_user_error
 

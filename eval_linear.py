@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data.folders import build_dataset
 from evaluation import common, features, probe
-from models.loading import read_checkpoint
-from utils.checkpoint import save_atomic, write_text_atomic
+from utils.checkpoint import read_checkpoint, save_atomic, write_text_atomic
 from utils.distributed import barrier, cleanup, get_rank, is_main_process, run_on_main, seed_everything
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import TensorBoard

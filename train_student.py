@@ -27,13 +27,14 @@ from evaluation.online_knn import OnlineKnn
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
-from models.loading import load_strict, read_checkpoint, student_checkpoint
+from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64, regression_loss
+from models.student import student_checkpoint
 from models.teachers import build_teachers, replayed_boxes
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, Preempted, make_folder, remove_stale_temp_files, resume_candidates,
-                              writable_folder)
+from utils.checkpoint import (Checkpointer, Preempted, make_folder, read_checkpoint, remove_stale_temp_files,
+                              resume_candidates, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
 from utils.logging import Logs, MetricLogger
 from utils.preemption import StopRequest, ignore_in_loader_worker

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from data.teacher_cache import dataset_fingerprint
 from data.transforms import normalize
 from models.backbones import build_backbone
-from models.loading import load_backbone, load_student, read_checkpoint
-from utils.checkpoint import file_sha256, save_npy_atomic, write_text_atomic
+from models.loading import load_backbone
+from models.student import load_student
+from utils.checkpoint import file_sha256, read_checkpoint, save_npy_atomic, write_text_atomic
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
 

@@ -1,27 +1,24 @@
-"""Backbones that return the pooled feature, with torchvision's key names.
+"""Backbones that return the pooled feature, with torchvision's (or timm's) key names.
 
-Any torchvision classification model whose logits come from one final Linear is a backbone here
-(``TORCHVISION_STUDENTS``): it is built with ``weights=None`` and only that Linear is replaced, in place,
-by ``nn.Identity``, so that every other key keeps torchvision's name and ``torchvision.models.<name>()``
-loads an exported student with ``strict=False``, only the final Linear missing. Only what torchvision
-lacks is written by hand (TensorFlow SAME padding for BYOL, the SimCLR wide ResNets). Each backbone
-carries ``feat_dim``, the size of the 2-D feature its ``forward`` returns, and ``classifier_path``, the
-dotted name of the removed Linear (``classifier_attr``).
+A torchvision classification model whose logits come from one final Linear is a student
+(``TORCHVISION_STUDENTS``): only that Linear becomes ``nn.Identity``, so an exported student loads into
+``torchvision.models.<name>()``. Each backbone carries ``feat_dim`` (its feature's size) and
+``classifier_path`` (the removed Linear).
 """
+import timm
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models.tf_resnet import byol_resnet50, simclr_resnet50
 from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS, build_vit
 from utils.errors import SimRegError
 
 TORCHVISION_RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
                        'resnext50_32x4d', 'resnext101_32x8d', 'wide_resnet50_2', 'wide_resnet101_2')
 
-# torchvision's families (the module that holds a model's builder) -> the final Linear, whose input is the
-# feature. What sits before it stays, classifier or not: ConvNeXt's LayerNorm2d and Flatten, MobileNet-v3's
-# Linear(960, 1280) + Hardswish (its feature layer, timm's conv_head: SEED and DisCo report the 1280-d
-# feature), MaxViT's Linear + Tanh, VGG's and AlexNet's fc6 and fc7 (4096-d).
+# torchvision family (the module of a model's builder) -> its final Linear, whose input is the feature; what
+# sits before it stays (MobileNet-v3's 1280-d Linear + Hardswish, VGG's fc6 and fc7, MaxViT's Linear + Tanh).
 FINAL_LINEAR = {
     'resnet': 'fc',  # resnet*, resnext*, wide_resnet*
     'regnet': 'fc',
@@ -38,8 +35,7 @@ FINAL_LINEAR = {
     'vision_transformer': 'heads.head',  # vit_b_16, ..., vit_h_14
     'maxvit': 'classifier.5',
 }
-# Built for one input size: torchvision sizes the ViTs' position embedding and MaxViT's attention grid
-# when it builds them.
+# torchvision builds these for one input size (the ViTs' position embedding, MaxViT's attention grid)
 FIXED_SIZE = {'vision_transformer': 224, 'maxvit': 224}
 # The classification models that cannot be a student, and why.
 REFUSED = {
@@ -52,10 +48,7 @@ REFUSED = {
 }
 
 
-# timm's ResNets smaller than torchvision's smallest (resnet18, 11.2M parameters without its fc): ResNet-10-T (4.9M) and
-# ResNet-14-T (8.0M), 'tiered' three-convolution stems and average-pool shortcuts (Wightman et al., "ResNet
-# strikes back"). timm builds them without a classifier (num_classes=0): forward returns the pooled 512-d
-# (10t) or 2048-d (14t) feature and the state dict is timm's, whole.
+# timm's ResNets smaller than resnet18 ("ResNet strikes back"), built without a classifier: timm's keys, whole
 TIMM_STUDENTS = ('resnet10t', 'resnet14t')
 
 TORCHVISION_CLASSIFIERS = tuple(tvm.list_models(module=tvm))  # classification only: not detection, video...
@@ -69,22 +62,17 @@ def torchvision_family(name):
 
 
 TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_family(n) in FINAL_LINEAR)
-# Every --arch_student (argparse choices): 'mobilenet' is MobileNet-v2, the original's name.
-STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS
+# Every --arch_student (argparse choices); 'mobilenet' is MobileNet-v2
+STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS + tuple(VIT_STUDENTS)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
-                                       'resnet50x4')
+                                       'resnet50x4') + tuple(VIT_TEACHERS)
 ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
 LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
 
 
 def _torchvision_classifier(name):
-    """torchvision's ``name`` with its final Linear replaced by Identity, and a Dropout right before it too.
-
-    That Dropout belongs to the classifier: it drops features on their way to the logits only. The feature
-    is what enters it (what the head regresses from, what k-NN and the probe evaluate, what the export
-    computes); left in, it would zero a share of the student's feature (p = 0.2 to 0.5) at random in training,
-    never in evaluation.
-    """
+    """torchvision's ``name`` with its final Linear, and a Dropout right before it, replaced by Identity: that
+    Dropout belongs to the classifier and would zero part of the feature in training."""
     family = torchvision_family(name)
     if family == 'regnet' and torch.get_default_device().type == 'meta':
         # RegNet computes its stage widths with tensors (.tolist()), which have no data on the meta device
@@ -116,7 +104,6 @@ def _torchvision_classifier(name):
 
 def _timm_cnn(name):
     """timm's ``name`` built without its classifier: the pooled feature, timm's keys (nothing missing)."""
-    import timm  # the ViTs need it anyway (requirements.txt)
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.feat_dim = model.num_features
     model.classifier_path = model.default_cfg.get('classifier', 'fc')
@@ -125,7 +112,7 @@ def _timm_cnn(name):
 
 
 def _input_size_check(name, size):
-    """A forward pre-hook refusing other inputs than ``size`` x ``size`` with one line (torchvision asserts)."""
+    """A forward pre-hook refusing inputs other than ``size`` x ``size`` with one line."""
     def check(module, inputs):
         if tuple(inputs[0].shape[-2:]) != (size, size):
             raise SimRegError(f'{name} takes {size}x{size} images only (torchvision builds it for that size), not '
@@ -134,15 +121,12 @@ def _input_size_check(name, size):
 
 
 def build_backbone(arch, image_size=None):
-    """The network for an arch name, its final classification Linear removed (Identity).
-    ``image_size``: a student's training size, which only the ViTs need (models/vit.py)."""
+    """The network for an arch name, its final Linear removed; ``image_size``: a ViT student's size."""
     if arch in VIT_ARCHS:
         return build_vit(arch, image_size)
     if arch == 'byol_resnet50':
-        from models.tf_resnet import byol_resnet50
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
-        from models.tf_resnet import simclr_resnet50
         return simclr_resnet50(width=int(arch[-1]))
     if arch in TIMM_STUDENTS:
         return _timm_cnn(arch)
@@ -170,7 +154,3 @@ def set_projection(model, fc):
     model.feat_dim = fc.out_features
     return model
 
-
-# timm's ViTs: the released ViT teachers and the ViT students (models/vit.py)
-STUDENT_ARCHS += tuple(VIT_STUDENTS)
-TEACHER_ARCHS += tuple(VIT_TEACHERS)

@@ -1,20 +1,15 @@
-"""The regression head: the one definition shared by training and evaluation.
-
-Module indices follow the original ``mlp_arch.py`` so that original checkpoints
-(``predict_q.module.<i>.*``) load unchanged.
-"""
+"""The regression head, shared by training and evaluation. Its module indices are those of the original
+code's ``mlp_arch.py``, whose checkpoints (``predict_q.module.<i>.*``) thus load unchanged."""
 import torch.nn as nn
 
 from utils.errors import SimRegError
 
 
 def build_head(in_dim, out_dim, n_mlp_layers=4, linear_pred=False):
-    """Regressor from the student feature (``in_dim``) to the teacher feature (``out_dim``).
+    """Regressor from the student feature (``in_dim``, d) to the teacher feature (``out_dim``, D).
 
     n_mlp_layers=4 (paper default): Linear(d,2d) BN ReLU Linear(2d,d) Linear(d,2d) BN ReLU Linear(2d,D);
-    there is no BN/ReLU after the second Linear, as in the original.
-    n_mlp_layers=2: Linear(d,2d) Linear(2d,D), with nothing in between, as the original builds it.
-    linear_pred: BN(d) Linear(d,D) (the original crashes on an undefined ``proj_dim`` here).
+    n_mlp_layers=2: Linear(d,2d) Linear(2d,D); linear_pred: BN(d) Linear(d,D).
     """
     if linear_pred:
         return nn.Sequential(nn.BatchNorm1d(in_dim), nn.Linear(in_dim, out_dim))

@@ -1,18 +1,9 @@
-"""Every checkpoint a user may bring, read safely and loaded strictly into this project's models.
+"""Every checkpoint a user brings, loaded strictly into this project's backbones.
 
-The original code stripped one prefix, loaded with ``strict=False`` and silently kept random
-weights for whatever did not match. Here a file is read with ``weights_only=True``, its layout is
-recognised from its keys (``LAYOUTS``), the groups that layout is known to hold besides the
-backbone (projection heads, momentum encoders, queues, predictors, prototypes, the regression head)
-are dropped by name, and the rest must fit the backbone exactly; otherwise a one-line SimRegError
-names the keys and the layout it guessed. Training (teacher, ``--weights``, ``--resume``) and
-every evaluation script load through here; no script strips prefixes itself.
+A file's layout is recognised from its keys (``LAYOUTS``), the groups it is known to hold besides the
+backbone are dropped by name, and the rest must fit the backbone exactly, or a one-line SimRegError
+names the keys and the guessed layout.
 """
-import argparse
-import os
-import pickle
-import re
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,8 +12,9 @@ import torch.nn as nn
 
 from models import vit
 from models.backbones import build_backbone, classifier_attr, set_projection
-from models.head import build_head
-from models.presets import PRESETS, download_preset, preset_named, preset_path
+from models.presets import PRESETS, preset_named, resolve_weights
+from models.tf_resnet import tf_to_torchvision
+from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
 
 
@@ -67,98 +59,6 @@ LAYOUTS = (
 )
 
 
-ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6
-LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)  # what the legacy format pickles first
-
-
-def read_checkpoint(path):
-    """torch.load on CPU with weights_only=True (argparse.Namespace allowed for original SimReg files).
-
-    What the file is (empty, text, zip, legacy pickle, other) is read from its first bytes first, so that
-    each failure gets its own reason."""
-    if not os.path.isfile(path):
-        raise SimRegError(f'checkpoint {path} does not exist: check the path')
-    kind, head = _checkpoint_kind(path)
-    if kind == 'empty':
-        raise SimRegError(f'checkpoint {path} is an empty file (0 bytes): download or copy it again')
-    if kind == 'text':
-        first = (head.decode('utf-8', 'replace').strip().splitlines() or [''])[0][:60]
-        raise SimRegError(f'{path} is a text file, not a PyTorch checkpoint (it starts with "{first}"): pass the '
-                          f'checkpoint itself (a text file here is often an error page or a Git LFS pointer)')
-    if kind == 'other':
-        raise SimRegError(f'{path} is not a PyTorch checkpoint (neither the zip nor the legacy pickle format of '
-                          f'torch.save): pass the checkpoint itself')
-    if kind == 'zip' and not zipfile.is_zipfile(path):
-        raise SimRegError(f'cannot read checkpoint {path} (a zip-format PyTorch checkpoint without its end): the '
-                          f'file is truncated; download or copy it again')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if 'weights only load failed' in str(exc).lower():
-            reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
-            raise SimRegError(f'refusing to load {path}: unpickling it would run code or build objects other '
-                              f'than tensors and plain data ({reason}); use the official file, or re-save '
-                              f'only its state_dict') from None
-        raise SimRegError(_unreadable(path, kind, exc)) from None
-    except Exception as exc:  # torch.load signals a damaged file with many exception types
-        raise SimRegError(_unreadable(path, kind, exc)) from None
-
-
-def _checkpoint_kind(path, size=4096):
-    """('empty' | 'zip' | 'legacy' | 'pickle' | 'text' | 'other', the first ``size`` bytes) of a file."""
-    with open(path, 'rb') as f:
-        head = f.read(size)
-    if not head:
-        return 'empty', head
-    if head.startswith(ZIP_MAGIC):
-        return 'zip', head
-    if head.startswith(LEGACY_MAGIC):
-        return 'legacy', head
-    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):
-        return 'pickle', head
-    try:
-        head.decode('utf-8')
-        text = True
-    except UnicodeDecodeError as exc:
-        text = exc.start >= len(head) - 3  # only the cut at ``size`` split a character
-    if text and not any(b < 32 and b not in b'\t\n\r\f' for b in head):
-        return 'text', head
-    return 'other', head
-
-
-def _unreadable(path, kind, exc):
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
-    what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
-            'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
-    return f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it again'
-
-
-def resolve_weights(spec):
-    """Path of the weights ``spec`` names: an existing file as is, or a preset from ``models.presets``
-    (downloaded once into the torch hub cache, checked, then reused)."""
-    if os.path.isfile(spec):
-        return spec
-    if spec not in PRESETS:
-        raise SimRegError(f'weights {spec} not found: give a checkpoint path or one of the presets '
-                          f'{", ".join(PRESETS)}')
-    path = preset_path(spec)
-    if not os.path.isfile(path):
-        partial = f'{path}.{os.getpid()}.partial'
-        try:
-            download_preset(spec, partial)
-            layout, _ = detect_layout(read_checkpoint(partial), spec)
-            if layout.name != PRESETS[spec].layout:
-                raise SimRegError(f'preset {spec}: the downloaded file looks like {layout.name}, not '
-                                  f'{PRESETS[spec].layout}: the release changed; download it yourself and '
-                                  f'pass the path')
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return path
-
-
 def detect_layout(ckpt, path):
     """(layout, state dict) of a loaded checkpoint, from its top-level keys and key prefixes."""
     container, state = _state_dict(ckpt, path)
@@ -166,7 +66,7 @@ def detect_layout(ckpt, path):
         if layout.matches(container, state):
             return layout, state
     raise SimRegError(f'{path}: no known checkpoint layout has its weights under "{container}" with keys '
-                      f'like {_names(list(state))}: see the accepted layouts in the README')
+                      f'like {key_list(list(state))}: see the accepted layouts in the README')
 
 
 def _state_dict(ckpt, path):
@@ -175,18 +75,14 @@ def _state_dict(ckpt, path):
     for key in ('state_dict', 'model', 'teacher'):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return key, ckpt[key]
-    found = f'top-level keys {_names(list(ckpt))}' if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
+    found = f'top-level keys {key_list(list(ckpt))}' if isinstance(ckpt, dict) else f'a {type(ckpt).__name__}'
     raise SimRegError(f'{path} holds no state dict ({found}): expected a bare state dict or one under '
                       f'"state_dict", "model" or "teacher"')
 
 
 def split_backbone(layout, state, classifier='fc'):
-    """(backbone, head): the backbone's tensors under the model's key names, and the projection head's
-    tensors with their file keys (the backbone's own classifier, or a head group of the layout).
-
-    Keys outside the layout's known groups stay in ``backbone`` unchanged, so that the strict load
-    names them as unexpected.
-    """
+    """(backbone under the model's key names, projection head under the file's keys); unknown keys stay in
+    the backbone, for the strict load to name."""
     inner_head = layout.prefix + classifier + '.'
     backbone, head = {}, {}
     for key, value in state.items():
@@ -196,96 +92,57 @@ def split_backbone(layout, state, classifier='fc'):
             head[key] = value
         elif key.startswith(layout.prefix):
             name = key[len(layout.prefix):]
-            backbone[_tf_to_torchvision(name) if layout.tf_names else name] = value
+            backbone[tf_to_torchvision(name) if layout.tf_names else name] = value
         else:
             backbone[key] = value
     return backbone, head
 
 
-def _tf_resnet50_names():
-    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block
-    the projection shortcut first (first block of a stage), then the 1x1, 3x3, 1x1 convs."""
-    pairs = [('conv1', 'bn1')]
-    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
-        for block in range(blocks):
-            name = f'layer{stage}.{block}.'
-            if block == 0:
-                pairs.append((name + 'downsample.0', name + 'downsample.1'))
-            pairs += [(f'{name}conv{i}', f'{name}bn{i}') for i in (1, 2, 3)]
-    return pairs
-
-
-_TF_NAMES = _tf_resnet50_names()
-_TF_KEY = re.compile(r'(conv2d|batch_normalization)(?:_(\d+))?\.(\w+)')
-
-
-def _tf_to_torchvision(key):
-    """``conv2d_5.weight`` -> ``layer1.1.conv1.weight``; other keys (``fc.*``) unchanged."""
-    match = _TF_KEY.fullmatch(key)
-    if not match or int(match.group(2) or 0) >= len(_TF_NAMES):
-        return key
-    conv, bn = _TF_NAMES[int(match.group(2) or 0)]
-    return f'{conv if match.group(1) == "conv2d" else bn}.{match.group(3)}'
-
-
 def load_strict(module, state_dict, what, layout):
-    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout.
-
-    A module built on the meta device (weights not initialised) takes the file's tensors as they are,
-    cast to its dtypes.
-    """
+    """load_state_dict(strict=True) whose error names the missing/unexpected keys and the layout; a module on
+    the meta device takes the file's tensors (cast to its dtypes)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f'missing {_names(missing)}')
-        if unexpected:
-            parts.append(f'unexpected {_names(unexpected)}')
-        if wrong_shape:
-            parts.append('wrong shape ' + _names([f'{k} {tuple(state_dict[k].shape)} vs '
-                                                  f'{tuple(own[k].shape)}' for k in wrong_shape]))
+    wrong_shape = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
+                   if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    parts = [f'{name} {key_list(keys)}' for name, keys in
+             (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)) if keys]
+    if parts:
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
     on_meta = any(t.is_meta for t in own.values())
     if on_meta:
         state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
-    # the tensors fit this module key for key, so its own state-dict versions apply (a renamed copy carries
-    # none, and torchvision's MNASNet refuses to load without them)
+    # the module's own state-dict versions: a renamed copy has none, and torchvision's MNASNet needs them
     state_dict = OrderedDict(state_dict)
     state_dict._metadata = own._metadata
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
     return module
 
 
-def _names(keys, limit=6):
+def key_list(keys, limit=6):
+    """'3 keys [a, b, c]', for error lines."""
     shown = ', '.join(keys[:limit])
     return f'{len(keys)} key{"s" if len(keys) != 1 else ""} [{shown}{", ..." if len(keys) > limit else ""}]'
 
 
-def _unloaded(build, *args):
-    """``build(*args)`` on the meta device: every weight comes from the file, so initialising them
-    first would only cost time (seconds for a ResNet-50x4)."""
+def unloaded(build, *args):
+    """``build(*args)`` on the meta device: every weight comes from the file, none is initialised."""
     with torch.device('meta'):
         return build(*args)
 
 
 def load_backbone(arch, path, keep_fc=False):
-    """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode; its forward
-    gives the pooled feature (``feat_dim``).
-
-    ``keep_fc`` is the original ``--teacher_fc``: keep the file's plain-Linear projection on top, so
-    that ``feat_dim`` becomes its ``out_features``.
-    """
+    """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode. ``keep_fc``
+    (``--teacher_fc``) keeps the file's plain-Linear projection on top: ``feat_dim`` is then its output."""
     preset = preset_named(path)
     if preset and arch not in PRESETS[preset].archs:
         raise SimRegError(f'preset {preset} is a {PRESETS[preset].arch_name}, not {arch}: '
                           f'use --arch_teacher {PRESETS[preset].archs[0]}')
     path = resolve_weights(path)
     layout, state = detect_layout(read_checkpoint(path), path)
-    model = _unloaded(build_backbone, arch)
+    model = unloaded(build_backbone, arch)
     is_vit = arch in vit.VIT_ARCHS
     classifier = classifier_attr(model)
     backbone, head = split_backbone(layout, state, classifier)
@@ -295,7 +152,7 @@ def load_backbone(arch, path, keep_fc=False):
             model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
     if keep_fc:
         linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
-        fc = _unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
+        fc = unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
         set_projection(model, fc)
         backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
     for key in model.state_dict():
@@ -313,92 +170,6 @@ def _plain_linear(head, inner_head, layout, path):
     keys = sorted(head)
     if keys == [inner_head + 'bias', inner_head + 'weight'] and head[inner_head + 'weight'].ndim == 2:
         return {'weight': head[inner_head + 'weight'], 'bias': head[inner_head + 'bias']}
-    found = f'a multi-layer projection head ({_names(keys)})' if keys else 'no projection head'
+    found = f'a multi-layer projection head ({key_list(keys)})' if keys else 'no projection head'
     raise SimRegError(f'--teacher_fc puts the checkpoint\'s plain Linear projection on the teacher, but {path} '
                       f'({layout.name}) has {found}: drop --teacher_fc')
-
-
-def student_checkpoint(ckpt, path):
-    """(args, state): the training arguments as a dict and an ``encoder_q.*``/``predict_q.*`` state dict,
-    from this project's checkpoint (``args``) or the original code's (``opt`` Namespace, DataParallel
-    ``.module`` wrappers, the frozen teacher ``encoder_t`` saved along)."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict):
-        if isinstance(ckpt.get('args'), dict):
-            return ckpt['args'], ckpt['state_dict']
-        if isinstance(ckpt.get('opt'), argparse.Namespace):
-            state = {}
-            for key, value in ckpt['state_dict'].items():
-                if key.startswith('encoder_t.module.'):
-                    continue
-                for part in ('encoder_q.', 'predict_q.'):
-                    if key.startswith(part + 'module.'):
-                        key = part + key[len(part + 'module.'):]
-                state[key] = value
-            return vars(ckpt['opt']), state
-    raise SimRegError(f'{path} is not a SimReg student checkpoint (no training arguments "args" or "opt"): '
-                      f'pass a file written by train_student.py or by the original main.py')
-
-
-def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint', image_size=224):
-    """Build backbone + head from an ``encoder_q.*`` / ``predict_q.*`` state dict and load both strictly
-    (``image_size``: the training size, which sets a ViT student's position embedding)."""
-    parts = {'encoder_q.': {}, 'predict_q.': {}}
-    unexpected = []
-    for key, value in state.items():
-        part = next((p for p in parts if key.startswith(p)), None)
-        if part is None:
-            unexpected.append(key)
-        else:
-            parts[part][key[len(part):]] = value
-    if unexpected:
-        raise SimRegError(f'{source} has keys outside encoder_q./predict_q.: {_names(unexpected)}')
-    head_state = parts['predict_q.']
-    linears = [k for k, v in head_state.items() if k.split('.')[0].isdigit() and k.endswith('weight') and v.ndim == 2]
-    if not linears:
-        raise SimRegError(f'{source} has no regression head (predict_q.*): it is not a SimReg student')
-    out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
-    backbone = _unloaded(build_backbone, arch, image_size)
-    head = _unloaded(build_head, backbone.feat_dim, out_dim, n_mlp_layers, linear_pred)
-    load_strict(backbone, parts['encoder_q.'], f'{source} student backbone ({arch})', 'SimReg')
-    load_strict(head, head_state, f'{source} regression head', 'SimReg')
-    return backbone, head
-
-
-def student_heads(state):
-    """Head names of a several-teacher student (``predict_q.<name>.*``, in training order); [] for one head."""
-    return list(dict.fromkeys(k.split('.')[1] for k in state
-                              if k.startswith('predict_q.') and not k.split('.')[1].isdigit()))
-
-
-def select_head(state, head, source):
-    """The state dict with one head as ``predict_q.*``: the only one, or the one named ``head`` of a
-    several-teacher student."""
-    names = student_heads(state)
-    if not names:
-        if head is not None:
-            raise SimRegError(f'{source} has a single regression head: drop --head {head}')
-        return state
-    if head not in names:
-        raise SimRegError(f'{source} has one head per teacher ({", ".join(names)}): pass --head with one of them'
-                          + (f', not {head}' if head is not None else ''))
-    prefix = f'predict_q.{head}.'
-    return {**{k: v for k, v in state.items() if k.startswith('encoder_q.')},
-            **{'predict_q.' + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}}
-
-
-def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, both in eval mode: one written by train_student.py or
-    by the original code (the authors' released students). ``arch``, when given, must match the file;
-    ``head`` names the head to take from a several-teacher student, which a caller that uses only the
-    backbone (``backbone_only``) need not name: it then gets the first."""
-    args, state = student_checkpoint(read_checkpoint(path), path)
-    if backbone_only and head is None:
-        head = next(iter(student_heads(state)), None)
-    state = select_head(state, head, path)
-    if arch is not None and arch != args['arch_student']:
-        raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
-                          f'pass --arch {args["arch_student"]}')
-    backbone, head = student_from_state(state, args['arch_student'], args.get('n_mlp_layers', 4),
-                                        args.get('linear_pred', False), source=path,
-                                        image_size=args.get('image_size') or 224)
-    return backbone.eval(), head.eval()

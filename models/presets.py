@@ -1,17 +1,14 @@
-"""Teacher weights that have an official download, by name: ``--teacher_weights moco_v2_800ep``.
+"""Teacher weights with an official download, by name (``--teacher_weights moco_v2_800ep``).
 
-URLs are the ones the releases' READMEs link (facebookresearch/moco, moco-v3 CONFIG.md, swav, dino,
-barlowtwins, vicreg, dinov2 hubconf, deit; torchvision's ``ResNet50_Weights.IMAGENET1K_V1``). Each preset
-says which ``--arch_teacher`` it fits (``archs``, the first is the one to suggest). A file is downloaded once
-into ``torch.hub.get_dir()/checkpoints``, checked, and only then put under its final name, so a
-file found there is always a complete, checked one.
+URLs are those the releases' READMEs link. A file is downloaded once into the torch hub cache and
+put under its final name only after its digest and layout are checked.
 """
 import os
 from dataclasses import dataclass
 
 import torch
 
-from utils.checkpoint import file_digest
+from utils.checkpoint import file_digest, read_checkpoint
 from utils.errors import SimRegError
 
 RESNET50 = ('resnet50', 'sup_resnet50')
@@ -56,9 +53,8 @@ def _vit(url, layout, arch, name, sha256=''):
 
 _DINO = 'https://dl.fbaipublicfiles.com/dino'
 _DINOV2 = 'https://dl.fbaipublicfiles.com/dinov2'
-# DINO, DINOv2 and MoCo v3 publish no checksum for these files (DINO's and DINOv2's hub code loads them
-# without check_hash): they are checked by their layout only. DeiT's file names end with the sha256
-# prefix that its hub code checks (check_hash=True).
+# DINO, DINOv2 and MoCo v3 publish no checksum (only the layout is checked); DeiT's file names end with
+# their sha256 prefix.
 PRESETS.update({
     'dino_vits16': _vit(f'{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'DINO ViT backbone',
                         'vit_small_patch16', 'DINO ViT-S/16'),
@@ -86,14 +82,14 @@ for _size, _name in (('s', 'small'), ('b', 'base'), ('l', 'large')):
 
 
 def preset_path(name):
-    """Where the preset's file lives in the torch hub cache (named after the preset: two releases
-    both call their file ``resnet50.pth``)."""
+    """The preset's file in the torch hub cache, named after the preset (two releases call theirs
+    ``resnet50.pth``)."""
     return os.path.join(torch.hub.get_dir(), 'checkpoints', f'{name}.pth')
 
 
 def preset_named(spec):
-    """The preset that ``spec`` names, as a name or as the cached file it resolves to; None for any
-    other file (an existing file called like a preset is that file)."""
+    """The preset ``spec`` names, by name or by its cached file; None for any other file (an existing
+    file called like a preset is that file)."""
     if spec in PRESETS and not os.path.isfile(spec):
         return spec
     return next((name for name in PRESETS if os.path.abspath(spec) == os.path.abspath(preset_path(name))), None)
@@ -117,3 +113,27 @@ def download_preset(name, dst):
                 raise SimRegError(f'preset {name}: downloaded file has {algorithm} {digest[:8]}, the release '
                                   f'says {expected}: the download is corrupt; run again')
 
+
+def resolve_weights(spec):
+    """Path of the weights ``spec`` names: an existing file as is, or a preset (downloaded once, checked)."""
+    from models.loading import detect_layout  # here, not at the top: models.loading imports this module
+    if os.path.isfile(spec):
+        return spec
+    if spec not in PRESETS:
+        raise SimRegError(f'weights {spec} not found: give a checkpoint path or one of the presets '
+                          f'{", ".join(PRESETS)}')
+    path = preset_path(spec)
+    if not os.path.isfile(path):
+        partial = f'{path}.{os.getpid()}.partial'
+        try:
+            download_preset(spec, partial)
+            layout, _ = detect_layout(read_checkpoint(partial), spec)
+            if layout.name != PRESETS[spec].layout:
+                raise SimRegError(f'preset {spec}: the downloaded file looks like {layout.name}, not '
+                                  f'{PRESETS[spec].layout}: the release changed; download it yourself and '
+                                  f'pass the path')
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path

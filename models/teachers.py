@@ -15,7 +15,8 @@ import torch
 
 from data.teacher_cache import open_teacher_cache
 from models.backbones import TEACHER_ARCHS
-from models.loading import load_backbone, resolve_weights
+from models.loading import load_backbone
+from models.presets import resolve_weights
 from models.simreg import freeze
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils

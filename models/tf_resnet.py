@@ -1,12 +1,11 @@
-"""The two teacher ResNets torchvision lacks, built from torchvision's so that the key names match.
+"""The ResNets of the TensorFlow releases, built from torchvision's so that the keys match.
 
-``byol_resnet50``: the BYOL release was trained in TensorFlow, whose ``SAME`` padding depends on
-the input size and puts the odd pixel after, not before; zero-padding the converted weights the
-PyTorch way shifts every strided window and changes the features.
-``simclr_resnet50(width)``: the SimCLR v1 ResNet-50 (1x, 2x, 4x), whose every channel count, stem
-included, is multiplied by ``width``; torchvision's ``wide_resnet50_2`` widens only the 3x3 convs.
+``byol_resnet50``: TensorFlow's ``SAME`` padding, which depends on the input size and puts the odd pixel
+after. ``simclr_resnet50(width)``: SimCLR v1's ResNet-50 x1/x2/x4, every channel count widened (stem
+included). ``tf_to_torchvision``: SimCLR's TensorFlow key names to torchvision's.
 """
 import math
+import re
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,11 +63,8 @@ def byol_resnet50():
 
 
 def simclr_resnet50(width=1):
-    """SimCLR v1 ResNet-50 x ``width``: stem ``64w``, stage widths ``64w..512w``, output ``2048w``.
-
-    Stride sits on the 3x3 conv (torchvision V1.5), as in the SimCLR release. The weights always
-    come from a checkpoint, so the widened layers keep PyTorch's default initialisation.
-    """
+    """SimCLR v1 ResNet-50 x ``width``: stem ``64w``, stages ``64w..512w``, output ``2048w``; stride on the
+    3x3 conv (torchvision V1.5), as in the release."""
     model = ResNet(Bottleneck, [3, 4, 6, 3])
     if width != 1:
         model.inplanes = 64 * width
@@ -80,3 +76,29 @@ def simclr_resnet50(width=1):
     model.feat_dim = 2048 * width
     model.fc = nn.Identity()
     return model
+
+
+def _tf_resnet50_names():
+    """torchvision (conv, bn) names of a ResNet-50 in TensorFlow graph order: the stem, then per block the
+    shortcut projection (if any) and the three convs."""
+    pairs = [('conv1', 'bn1')]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            name = f'layer{stage}.{block}.'
+            if block == 0:
+                pairs.append((name + 'downsample.0', name + 'downsample.1'))
+            pairs += [(f'{name}conv{i}', f'{name}bn{i}') for i in (1, 2, 3)]
+    return pairs
+
+
+_TF_NAMES = _tf_resnet50_names()
+_TF_KEY = re.compile(r'(conv2d|batch_normalization)(?:_(\d+))?\.(\w+)')
+
+
+def tf_to_torchvision(key):
+    """``conv2d_5.weight`` -> ``layer1.1.conv1.weight``; other keys (``fc.*``) unchanged."""
+    match = _TF_KEY.fullmatch(key)
+    if not match or int(match.group(2) or 0) >= len(_TF_NAMES):
+        return key
+    conv, bn = _TF_NAMES[int(match.group(2) or 0)]
+    return f'{conv if match.group(1) == "conv2d" else bn}.{match.group(3)}'

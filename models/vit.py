@@ -1,23 +1,16 @@
 """Vision Transformers: the released ViT teachers (DINO, DINOv2, MoCo v3, DeiT) and timm ViT students.
 
-Every network is timm's ``VisionTransformer`` with timm's key names; each release's files are mapped
-to those names at load time (``timm_state``). What the weights' shapes do not show is fixed here per
-arch or per release:
+Every network is timm's ``VisionTransformer`` with timm's keys (``timm_state`` maps DINOv2's). What the
+shapes do not show is set per arch (MoCo v3's ViT-S has 12 heads, DINO's and DeiT's 6) or per release,
+read from the file's layout: how the position embedding is resized for another input size (``RESIZE``):
 
-- the number of heads (MoCo v3's ViT-Small has 12 where DINO's and DeiT's have 6: ``mocov3_vit_small``);
-- how the position embedding is resized when the input is not the training size (``RESIZE``), which
-  is read from the file's layout because one arch (``vit_small_patch16``) serves several releases:
+- DINO, DINOv2 (no registers): bicubic, ``scale_factor = (grid + 0.1) / trained grid`` ("offset");
+- DINOv2 with registers: bicubic to the target grid, antialiased;
+- DeiT: bicubic to the target grid, ``align_corners=False``, no antialiasing;
+- MoCo v3: the fixed 2-D sin-cos table, rebuilt for the target grid.
 
-  ========================  ==========================================================================
-  DINO, DINOv2 (no regs)    bicubic with ``scale_factor = (grid + 0.1) / trained grid`` (the "offset")
-  DINOv2 with registers     bicubic to the target grid, antialiased
-  DeiT                      bicubic to the target grid, ``align_corners=False``, no antialiasing
-  MoCo v3                   the fixed 2-D sin-cos table, rebuilt for the target grid
-  ========================  ==========================================================================
-
-The teachers are built at their release's training size and resize per forward, as the releases do,
-so one teacher runs at any ``--image_size`` divisible by its patch size (224 on a GPU, 64 in tests).
-The feature is the CLS token after the final norm (``feat_dim`` = the embedding width).
+A teacher is built at its release's training size and resizes per forward; its feature is the CLS token
+after the final norm.
 """
 import math
 
@@ -55,15 +48,14 @@ VIT_STUDENTS = {'vit_tiny_patch16': dict(patch_size=16, embed_dim=192, num_heads
                 'vit_small_patch16': dict(patch_size=16, **_S)}
 VIT_ARCHS = tuple(dict.fromkeys((*VIT_TEACHERS, *VIT_STUDENTS)))
 
-# how each release resizes its position embedding (see the module docstring)
+# release -> how it resizes the position embedding (the list above)
 RESIZE = {'DINO': 'offset', 'DINOv2': 'offset', 'DINOv2 registers': 'size_antialias', 'DeiT': 'size',
           'MoCo v3': 'sincos', 'timm': 'size_antialias'}
 
 
 def interpolate_with_offset(patch_pos_embed, grid, offset=0.1):
-    """DINO's and DINOv2's resize, which timm lacks: bicubic with ``scale_factor = (new + offset) / old``
-    rather than a target size. The scale factor, not the output size, sets where bicubic samples, so
-    this differs slightly from resizing to the target size. ``patch_pos_embed``: (1, old*old, dim)."""
+    """DINO's and DINOv2's resize (timm lacks it): bicubic with ``scale_factor = (new + offset) / old``, which
+    samples elsewhere than a resize to the target size. ``patch_pos_embed``: (1, old*old, dim)."""
     old = math.isqrt(patch_pos_embed.shape[1])
     dim = patch_pos_embed.shape[-1]
     square = patch_pos_embed.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
@@ -74,9 +66,8 @@ def interpolate_with_offset(patch_pos_embed, grid, offset=0.1):
 
 
 def sincos_pos_embed(grid, dim, temperature=10000.0):
-    """MoCo v3's fixed position table for a ``grid`` of patches, (1, 1 + h*w, dim), the CLS row zero:
-    sin/cos of the first grid coordinate, then of the second, at ``dim/4`` frequencies each.
-    timm's ``build_sincos2d_pos_embed`` orders the four blocks differently."""
+    """MoCo v3's fixed position table for a ``grid``, (1, 1 + h*w, dim), the CLS row zero: sin/cos of each grid
+    coordinate at ``dim/4`` frequencies (timm's ``build_sincos2d_pos_embed`` orders the blocks differently)."""
     first, second = torch.meshgrid(torch.arange(grid[1], dtype=torch.float32),
                                    torch.arange(grid[0], dtype=torch.float32), indexing='ij')
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
@@ -86,8 +77,7 @@ def sincos_pos_embed(grid, dim, temperature=10000.0):
 
 
 class ReleaseViT(VisionTransformer):
-    """timm's VisionTransformer whose position embedding is resized the way ``release`` resizes it
-    (``RESIZE``); at the trained grid the stored embedding is used as it is."""
+    """timm's VisionTransformer whose position embedding is resized the way ``release`` does (``RESIZE``)."""
 
     def __init__(self, release, **kwargs):
         super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
@@ -123,12 +113,8 @@ class ReleaseViT(VisionTransformer):
 
 
 def build_vit(arch, image_size=None):
-    """A ViT, classifier removed; ``feat_dim`` = the CLS feature's width.
-
-    ``image_size`` None: a teacher, built at its release's training size with its release's resize rule
-    (the file it loads may change the rule: models.loading). An int: a student, trained from scratch at
-    that size (its learnt position embedding has that grid; timm's resize elsewhere). ``vit_small_patch16``
-    is both: DINO's and DeiT's ViT-S/16 has timm's ``vit_small_patch16_224`` shapes and keys."""
+    """A ViT, classifier removed. ``image_size`` None: a teacher at its release's training size (the file it
+    loads may change the resize rule); an int: a student of that size (``vit_small_patch16`` is both)."""
     if image_size is None and arch in VIT_TEACHERS:
         kwargs, release = VIT_TEACHERS[arch]
         model = ReleaseViT(release, **{'img_size': 224, **kwargs})
@@ -138,12 +124,12 @@ def build_vit(arch, image_size=None):
         model.timm_name = f'{arch}_224'  # timm's model of these shapes and keys
     model.image_size = model.patch_embed.img_size[0]
     model.feat_dim = model.num_features
-    model.classifier_path = 'head'  # timm's classifier (DeiT's; MoCo v3's projector): models.backbones.classifier_attr
+    model.classifier_path = 'head'  # timm's classifier (DeiT's; MoCo v3's projector)
     return model
 
 
 def check_size(size, patch):
-    """A ViT cuts its input into whole patches: a size that is not a multiple of the patch is refused."""
+    """Refuse a size that does not divide into whole patches."""
     if size[0] % patch or size[1] % patch:
         fits = max(patch, size[0] // patch * patch)
         raise SimRegError(f'a {size[0]}x{size[1]} input does not divide into the {patch}-pixel patches of a ViT: '
@@ -151,10 +137,8 @@ def check_size(size, patch):
 
 
 def timm_state(state, release, arch):
-    """A release's backbone tensors under timm's names (DINO, MoCo v3 and DeiT already use them):
-    DINOv2's ``mask_token`` is never used at inference; its SwiGLU ``w12``/``w3`` are timm's ``fc1``/``fc2``;
-    its registers become timm's ``reg_token``, whose layout adds no position to the CLS token, so
-    the CLS position is folded into the CLS token (exact: that row is never resized)."""
+    """A release's backbone tensors under timm's names: DINOv2's ``mask_token`` dropped, ``w12``/``w3`` as
+    ``fc1``/``fc2``, registers as ``reg_token`` with the CLS position folded into the CLS token."""
     check_release(arch, release)
     if not release.startswith('DINOv2'):
         return state
@@ -168,8 +152,7 @@ def timm_state(state, release, arch):
 
 
 def check_release(arch, release):
-    """Refuse what the shapes would let through: MoCo v3's 12-head ViT-Small loads into DINO's/DeiT's
-    6-head arch and back without a shape error."""
+    """Refuse what the shapes let through: MoCo v3's 12-head ViT-S in DINO's/DeiT's 6-head arch, or back."""
     if arch == 'mocov3_vit_small' and release != 'MoCo v3':
         raise SimRegError(f'mocov3_vit_small is MoCo v3\'s ViT-Small (12 heads), but the file is a {release} '
                           f'checkpoint: use --arch_teacher vit_small_patch16')
@@ -179,8 +162,7 @@ def check_release(arch, release):
 
 
 def check_sincos(model, what):
-    """A MoCo v3 file's position embedding is the fixed sin-cos table at its grid (its code rebuilds it for
-    another size, which is what this project does too): anything else is another release's file."""
+    """Refuse a 'MoCo v3' file whose position embedding is not the fixed sin-cos table."""
     table = sincos_pos_embed(model.patch_embed.grid_size, model.embed_dim)
     if not torch.allclose(model.pos_embed.detach().float().cpu(), table, atol=1e-4):
         raise SimRegError(f'{what}: a MoCo v3 ViT holds the fixed sin-cos position table, this file holds '

@@ -18,8 +18,8 @@ from PIL import Image
 from conftest import ROOT, make_image_folder, run_command, write_teacher_checkpoint
 from data.folders import decode_rgb, read_bytes
 from benchmarks.reference import decode_views_on
-from models.loading import read_checkpoint
 from utils import checkpoint
+from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
 
 

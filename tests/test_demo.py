@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, check_report
-from models.loading import load_student
+from models.student import load_student
 
 
 @pytest.mark.slow

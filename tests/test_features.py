@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import HEAD_DIM, make_image_folder, write_student_checkpoint, write_teacher_checkpoint
 from data.folders import build_dataset
 from data.transforms import eval_transform, normalize
-from models.loading import load_student
+from models.student import load_student
 from evaluation import features
 from utils.errors import SimRegError
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from fixture_weights import (assert_close_to_reference, fill, filled_state_dict, fixture_input, manifest,
                              original_simreg_checkpoint, reference_output, run_reference)
 from models import load_backbone, load_student, presets, resolve_weights
-from models.loading import LAYOUTS, read_checkpoint
+from models.loading import LAYOUTS
+from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')

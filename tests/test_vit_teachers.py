@@ -19,8 +19,9 @@ from fixture_weights import fill, relative_error, vit_input, vit_reference, vit_
     vit_reference_output, vit_state_dict
 from models import load_backbone, presets, resolve_weights
 from models.backbones import TEACHER_ARCHS, build_backbone
-from models.loading import LAYOUTS, detect_layout, read_checkpoint
+from models.loading import LAYOUTS, detect_layout
 from models.vit import VIT_TEACHERS, interpolate_with_offset, sincos_pos_embed
+from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
 
 TOLERANCE = 1e-4

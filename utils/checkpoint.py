@@ -1,11 +1,14 @@
 """Atomic checkpoint writes, when to write inside an epoch, and which checkpoint to resume from."""
+import argparse
 import errno
 import glob
 import hashlib
 import os
+import pickle
 import re
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -217,3 +220,69 @@ def file_digest(path, algorithm='sha256', chunk=1 << 22):
 def file_sha256(path):
     """Hex digest that identifies a weights file (recorded instead of storing the teacher)."""
     return file_digest(path, 'sha256')
+
+
+ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6
+LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)  # what the legacy format pickles first
+
+
+def read_checkpoint(path):
+    """torch.load on CPU with weights_only=True (and argparse.Namespace, which the original code saved); a
+    damaged file is one line saying what it is (from its first bytes) and the fix."""
+    if not os.path.isfile(path):
+        raise SimRegError(f'checkpoint {path} does not exist: check the path')
+    kind, head = _checkpoint_kind(path)
+    if kind == 'empty':
+        raise SimRegError(f'checkpoint {path} is an empty file (0 bytes): download or copy it again')
+    if kind == 'text':
+        first = (head.decode('utf-8', 'replace').strip().splitlines() or [''])[0][:60]
+        raise SimRegError(f'{path} is a text file, not a PyTorch checkpoint (it starts with "{first}"): pass the '
+                          f'checkpoint itself (a text file here is often an error page or a Git LFS pointer)')
+    if kind == 'other':
+        raise SimRegError(f'{path} is not a PyTorch checkpoint (neither the zip nor the legacy pickle format of '
+                          f'torch.save): pass the checkpoint itself')
+    if kind == 'zip' and not zipfile.is_zipfile(path):
+        raise SimRegError(f'cannot read checkpoint {path} (a zip-format PyTorch checkpoint without its end): the '
+                          f'file is truncated; download or copy it again')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if 'weights only load failed' in str(exc).lower():
+            reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
+            raise SimRegError(f'refusing to load {path}: unpickling it would run code or build objects other '
+                              f'than tensors and plain data ({reason}); use the official file, or re-save '
+                              f'only its state_dict') from None
+        raise SimRegError(_unreadable(path, kind, exc)) from None
+    except Exception as exc:  # torch.load signals a damaged file with many exception types
+        raise SimRegError(_unreadable(path, kind, exc)) from None
+
+
+def _checkpoint_kind(path, size=4096):
+    """('empty' | 'zip' | 'legacy' | 'pickle' | 'text' | 'other', the first ``size`` bytes) of a file."""
+    with open(path, 'rb') as f:
+        head = f.read(size)
+    if not head:
+        return 'empty', head
+    if head.startswith(ZIP_MAGIC):
+        return 'zip', head
+    if head.startswith(LEGACY_MAGIC):
+        return 'legacy', head
+    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):
+        return 'pickle', head
+    try:
+        head.decode('utf-8')
+        text = True
+    except UnicodeDecodeError as exc:
+        text = exc.start >= len(head) - 3  # only the cut at ``size`` split a character
+    if text and not any(b < 32 and b not in b'\t\n\r\f' for b in head):
+        return 'text', head
+    return 'other', head
+
+
+def _unreadable(path, kind, exc):
+    """The line for a file torch.load failed on."""
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
+    what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
+            'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
+    return f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it again'
