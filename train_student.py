@@ -51,8 +51,8 @@ def get_args_parser():
     p.add_argument('--save_freq', type=int, default=10, help='keep ckpt_epoch_<n>.pth every N epochs')
     p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
     p.add_argument('--bn_batch', type=int, default=64,
-                   help="images per BatchNorm group of the global batch, whatever the number of processes (64: "
-                        "the original's, 256 over 4 GPUs); 0: BatchNorm over each process's share")
+                   help="images per BatchNorm group of the global batch, whatever the number of processes (the "
+                        "paper: 64, 256 over 4 GPUs); 0: BatchNorm over each process's share")
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
     p.add_argument('--epochs', type=int, default=130)
     # optimisation
@@ -72,12 +72,12 @@ def get_args_parser():
     p.add_argument('--linear_pred', action='store_true', help='head = BN + Linear instead of the MLP')
     p.add_argument('--use_cache', action='store_true',
                    help='regress cached teacher features (--teacher_feats) instead of running the teacher')
-    p.add_argument('--teacher_feats', help='teacher feature cache (.npy from cache_teacher_feats.py, or the '
-                                           "original's .pth dict, converted once); with several "
-                                           'teachers a comma-separated list, empty for live ones')
+    p.add_argument('--teacher_feats', help='teacher feature cache (.npy from cache_teacher_feats.py, or a SimReg '
+                                           '.pth dict, converted once); with several teachers a comma-separated '
+                                           'list, empty for live ones')
     p.add_argument('--teacher_fc', action='store_true',
                    help="regress the teacher's pretrained projection (a plain Linear fc) output")
-    # augmentation (original meanings)
+    # augmentation
     p.add_argument('--single_aug', action='store_true', help='one view fed to both nets')
     p.add_argument('--weak_strong', action='store_true', help='teacher weak view, student strong view')
     p.add_argument('--weak_weak', action='store_true', help='weak views for both nets')
@@ -113,11 +113,9 @@ def get_args_parser():
     p.add_argument('--seed', type=int, default=0)
     # online k-NN (evaluation/online_knn.py)
     p.add_argument('--knn_every', type=int, default=0,
-                   help='every N epochs and at the last, 1-NN and 20-NN top-1 of the student backbone on <data>/val against '
-                        '--knn_train_per_class train images per class, logged (and the teacher\'s and the '
-                        'untrained student\'s at the start); 0: off. On ImageNet 10 (run.sh\'s) costs about 0.2%% of the '
-                        'run (50k val + 20k train images through the student, against 12.8M images trained on '
-                        'in 10 epochs)')
+                   help='every N epochs and at the last, log the 1-NN and 20-NN top-1 of the student backbone on '
+                        '<data>/val against --knn_train_per_class train images per class (and the teacher\'s and the '
+                        'untrained student\'s at the start); 0: off')
     p.add_argument('--knn_train_per_class', type=int, default=20,
                    help='train images per class for the online k-NN, chosen once from --seed')
     dist_utils.add_distributed_args(p)
@@ -155,7 +153,7 @@ def main(args):
                   logs=Logs(logs_dir, args.print_freq))
     log = ctx.logs.text
     if args.weak_strong and args.weak_weak:
-        log.warning('note: --weak_strong and --weak_weak: --weak_strong wins, as in the original')
+        log.warning('note: --weak_strong and --weak_weak: --weak_strong wins')
     dist_utils.seed_everything(args.seed, 0, rank)
 
     # ---------------------------------------------------------------- data and teachers
@@ -291,40 +289,6 @@ def make_loader(dataset, args, world_size, rank):
                       collate_fn=encoded_collate if args.gpu_decode else None)
 
 
-def describe_run(args, teachers, loader, ctx, logs_dir):
-    """train_args.json (rank 0) and the log lines that say what this run is."""
-    if dist_utils.is_main_process():
-        with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
-            json.dump({**vars(args), 'world_size': dist_utils.get_world_size(),
-                       'teachers': {name: t.info for name, t in teachers.items()}}, f, indent=2)
-    log, sampler = ctx.logs.text, loader.batch_sampler
-    log.info('%s', json.dumps(vars(args)))
-    described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
-                          for name, t in teachers.items())
-    log.info('==> %d training images, %d processes, %d steps of %d images per epoch (%d per process), '
-             'teachers: %s; student %s', len(loader.dataset), dist_utils.get_world_size(), sampler.steps,
-             args.batch_size, sampler.per_rank, described, args.arch_student)
-    log.info('==> device %s, backend %s, autocast %s, %s', ctx.device, dist_utils.backend_name(),
-             str(ctx.amp_dtype).replace('torch.', '') if ctx.amp_dtype else 'off',
-             'channels_last' if args.channels_last else 'contiguous')
-
-
-def exit_preempted(stopped, log):
-    """After the checkpoint a stop signal asked for: every rank leaves once it is written, rank 0 requeues a
-    SLURM job, exit RESUME_EXIT_CODE."""
-    log.warning('==> %s, checkpoint %s written: exit %d; continue with --resume auto', stopped, stopped.path,
-                RESUME_EXIT_CODE)
-    dist_utils.barrier()
-    if dist_utils.is_main_process():
-        dist_utils.requeue_slurm_job(log)
-    raise SystemExit(RESUME_EXIT_CODE)
-
-
-def cosine_lr(epoch, args):
-    """Cosine over epochs, set once per epoch, epochs counted from 1 (the original's schedule)."""
-    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
-
-
 def build_student(args, teachers):
     """Fresh student with one head per teacher, or the one in --weights."""
     backbone = build_backbone(args.arch_student, args.image_size)
@@ -337,35 +301,6 @@ def build_student(args, teachers):
                                   f'for {", ".join(f"{n} ({t.feat_dim}-d)" for n, t in teachers.items())}',
                     'SimReg student')
     return model.train()
-
-
-def compile_or_eager(model, log):
-    """torch.compile; where dynamo cannot compile (at once or at the first step), train eagerly."""
-    torch._dynamo.config.suppress_errors = True
-    try:
-        return torch.compile(model)
-    except Exception as exc:  # any backend failure: eager training is still correct
-        log.warning('note: torch.compile failed (%s), training without it', str(exc).splitlines()[0])
-        return model
-
-
-def checkpoint_state(model, optimizer, scaler, args, teachers, epoch, meter=None):
-    """``epoch``: the last completed epoch. Inside an epoch (``meter`` given) also ``position``, the epoch in
-    progress and the steps done in it, and ``meter``, its running sums. One teacher: ``teacher`` = its info.
-    Several: ``teachers`` = head name -> info, their heads stored as ``predict_q.<name>.*``."""
-    infos = {name: t.info for name, t in teachers.items()}
-    state = {
-        'epoch': epoch,
-        'state_dict': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'args': vars(args),
-        **({'teacher': next(iter(infos.values()))} if len(infos) == 1 else {'teachers': infos}),
-    }
-    if meter is not None:
-        state['position'] = {'epoch': meter.epoch, 'step': meter.step}
-        state['meter'] = meter.state_dict()
-    return state
 
 
 def resume(args, model, optimizer, scaler, ckpt_dir, log):
@@ -400,6 +335,69 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
              f', then step {position["step"]} of epoch {position["epoch"]}' if 'position' in ckpt else '')
     start = {**position, 'resumed_from': ckpt['epoch']}
     return {**start, 'meter': ckpt['meter']} if 'meter' in ckpt else start
+
+
+def describe_run(args, teachers, loader, ctx, logs_dir):
+    """train_args.json (rank 0) and the log lines that say what this run is."""
+    if dist_utils.is_main_process():
+        with open(os.path.join(logs_dir, 'train_args.json'), 'w') as f:
+            json.dump({**vars(args), 'world_size': dist_utils.get_world_size(),
+                       'teachers': {name: t.info for name, t in teachers.items()}}, f, indent=2)
+    log, sampler = ctx.logs.text, loader.batch_sampler
+    log.info('%s', json.dumps(vars(args)))
+    described = ', '.join(f'{name} ({t.feat_dim}-d{", cached" if not t.needs_view else ""})'
+                          for name, t in teachers.items())
+    log.info('==> %d training images, %d processes, %d steps of %d images per epoch (%d per process), '
+             'teachers: %s; student %s', len(loader.dataset), dist_utils.get_world_size(), sampler.steps,
+             args.batch_size, sampler.per_rank, described, args.arch_student)
+    log.info('==> device %s, backend %s, autocast %s, %s', ctx.device, dist_utils.backend_name(),
+             str(ctx.amp_dtype).replace('torch.', '') if ctx.amp_dtype else 'off',
+             'channels_last' if args.channels_last else 'contiguous')
+
+
+def checkpoint_state(model, optimizer, scaler, args, teachers, epoch, meter=None):
+    """``epoch``: the last completed epoch. Inside an epoch (``meter`` given) also ``position``, the epoch in
+    progress and the steps done in it, and ``meter``, its running sums. One teacher: ``teacher`` = its info.
+    Several: ``teachers`` = head name -> info, their heads stored as ``predict_q.<name>.*``."""
+    infos = {name: t.info for name, t in teachers.items()}
+    state = {
+        'epoch': epoch,
+        'state_dict': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'args': vars(args),
+        **({'teacher': next(iter(infos.values()))} if len(infos) == 1 else {'teachers': infos}),
+    }
+    if meter is not None:
+        state['position'] = {'epoch': meter.epoch, 'step': meter.step}
+        state['meter'] = meter.state_dict()
+    return state
+
+
+def compile_or_eager(model, log):
+    """torch.compile; where dynamo cannot compile (at once or at the first step), train eagerly."""
+    torch._dynamo.config.suppress_errors = True
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # any backend failure: eager training is still correct
+        log.warning('note: torch.compile failed (%s), training without it', str(exc).splitlines()[0])
+        return model
+
+
+def cosine_lr(epoch, args):
+    """The paper's schedule: cosine over epochs, set once per epoch, epochs counted from 1."""
+    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def exit_preempted(stopped, log):
+    """After the checkpoint a stop signal asked for: every rank leaves once it is written, rank 0 requeues a
+    SLURM job, exit RESUME_EXIT_CODE."""
+    log.warning('==> %s, checkpoint %s written: exit %d; continue with --resume auto', stopped, stopped.path,
+                RESUME_EXIT_CODE)
+    dist_utils.barrier()
+    if dist_utils.is_main_process():
+        dist_utils.requeue_slurm_job(log)
+    raise SystemExit(RESUME_EXIT_CODE)
 
 
 if __name__ == '__main__':

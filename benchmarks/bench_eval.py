@@ -1,11 +1,11 @@
-"""Evaluation benchmarks (run by ``benchmarks/run.py``): ours against a plain per-batch / per-query
-reference in the original's style, side by side in one process on the same inputs.
+"""Evaluation benchmarks (run by ``benchmarks/run.py``): ours against the SimReg release's way (the reference),
+side by side in one process on the same inputs.
 
-- probe epoch (cached features): ``evaluation.probe.train_epoch_cached`` (features kept on the device as
-  one float16 tensor, metrics summed on the device) against the original's ``train_cached``
-  (float32 features on the host, each batch copied to the device, loss/accuracy read back each step).
-- k-NN vote: the seeded vectorised majority vote against the original's per-query Counter + shuffle.
-- k-NN step: one faiss search at k=20 serving 1-NN and 20-NN, against the original's search per k.
+- probe epoch (cached features): ``evaluation.probe.train_epoch_cached`` (features on the device as one float16
+  tensor, metrics summed there) against ``train_cached`` (float32 features on the host, each batch copied over,
+  loss/accuracy read back each step).
+- k-NN vote: the seeded vectorised majority vote against a per-query Counter + shuffle.
+- k-NN step: one faiss search at k=20 serving 1-NN and 20-NN, against a search per k.
 """
 import copy
 import random
@@ -19,7 +19,7 @@ from benchmarks.common import best_of, report
 from evaluation import knn, probe
 
 
-# ------------------------------------------------------------------ reference (the original's way)
+# ------------------------------------------------------------------ the reference
 
 def reference_accuracy(output, target, topk=(1, 5)):
     maxk = max(topk)
@@ -49,7 +49,7 @@ def reference_cached_epoch(linear, optimizer, host_feats, host_labels, batch_siz
 
 
 def reference_vote(neighbor_labels, val_labels, num_classes):
-    """The original: Counter of each query's neighbour labels, shuffled, max; plus its confusion matrix."""
+    """Counter of each query's neighbour labels, shuffled, max; plus its confusion matrix."""
     pred = np.zeros(len(neighbor_labels), dtype=np.int64)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for i in range(len(neighbor_labels)):
@@ -61,7 +61,7 @@ def reference_vote(neighbor_labels, val_labels, num_classes):
 
 
 def reference_knn_step(train, train_labels, val, val_labels, num_classes):
-    """The original's faiss_knn for k in (1, 20): an L2 index and a search per k, then the loop vote."""
+    """faiss_knn for k in (1, 20): an L2 index and a search per k, then the loop vote."""
     import faiss
     accuracies = []
     for k in knn.MAJORITY_KS:

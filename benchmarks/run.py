@@ -1,4 +1,4 @@
-"""Benchmarks: ours against a plain reference implementation of the original's way, side by side
+"""Benchmarks: ours against a plain reference implementation of the SimReg release's way, side by side
 in one process on the same inputs. Each prints one line
 
     <name>: ours <x> <unit> | reference <y> <unit> | <ratio>x
@@ -45,8 +45,8 @@ def write_imagenet_like_jpegs(root, count, seed=0):
                                                                    quality=90)
 
 
-def original_train_transform(size):
-    """The original's weak view: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize (float32)."""
+def reference_train_transform(size):
+    """The reference's weak view: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize (float32)."""
     return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.)), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -68,7 +68,7 @@ def bench_input_pipeline(quick):
     with tempfile.TemporaryDirectory() as root:
         write_imagenet_like_jpegs(root, count)
         ours = build_dataset(root, 'train', weak_transform(224))
-        reference = datasets.ImageFolder(os.path.join(root, 'train'), original_train_transform(224))
+        reference = datasets.ImageFolder(os.path.join(root, 'train'), reference_train_transform(224))
         ours_speed = images_per_second(ours, 32, 3)
         reference_speed = images_per_second(reference, 32, 3)
     return report('input_pipeline', ours_speed, reference_speed, 'img/s',
@@ -83,7 +83,7 @@ def rss_bytes():
 
 
 def bench_teacher_cache(quick):
-    """Target gather for a batch of 256: memmap rows by index vs the original's dict of per-image
+    """Target gather for a batch of 256: memmap rows by index vs the reference's dict of per-image
     tensors copied row by row (``current_target[i] = t_feats[name]``)."""
     n, dim, batch = (100_000 if quick else 1_281_167), 2048, 256
     free_bytes = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
@@ -180,7 +180,7 @@ def bench_train_step(quick):
             torch.cuda.synchronize()
 
     ref_teacher, ref_model, ref_optimizer = build(torch.contiguous_format)
-    float_images = normalize(images)  # the original shipped float32 batches from the loader
+    float_images = normalize(images)  # the reference ships float32 batches from the loader
 
     def reference():
         for _ in range(steps):
@@ -192,7 +192,7 @@ def bench_train_step(quick):
             ref_optimizer.zero_grad()
             loss.backward()
             ref_optimizer.step()
-            loss.item()  # the original read the loss every step
+            loss.item()  # the reference reads the loss every step
         if gpu:
             torch.cuda.synchronize()
 

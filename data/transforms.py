@@ -13,7 +13,7 @@ VIEW_COLUMNS = ('top', 'left', 'height', 'width', 'flip')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_SIGMA = (0.1, 2.0)
-# the original blurred with PIL's GaussianBlur(radius=sigma): a kernel reaching 3 sigma covers it
+# MoCo-v2's blur is PIL's GaussianBlur(radius=sigma): a kernel reaching 3 sigma covers it
 BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
 
 
@@ -51,8 +51,7 @@ def replay_weak_view(image, view, size):
 
 
 def strong_transform(size):
-    """The weak view plus MoCo-v2 colour jitter, grayscale and Gaussian blur, in the original's order
-    (the original crashed here: ``random`` and ``ImageFilter`` were not imported)."""
+    """The weak view plus MoCo-v2 colour jitter, grayscale and Gaussian blur, in SimReg's order."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=WEAK_SCALE, antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -71,12 +70,8 @@ def eval_transform(size):
 
 
 class TwoViews:
-    """Student and teacher views, with the original flags' meanings.
-
-    The original built ``TwoCropsTransform(weak, strong)`` with (weak, strong) = (weak, strong)
-    for --weak_strong, (weak, weak) for --weak_weak and (strong, strong) otherwise; the student
-    got the second, the teacher the first; given both flags, --weak_strong won, as it does here.
-    --single_aug returns one view, fed to both nets.
+    """(student view, teacher view): teacher weak and student strong for --weak_strong (which wins when both flags
+    are given), both weak for --weak_weak, both strong otherwise; --single_aug: one student view, fed to both nets.
     """
 
     def __init__(self, size, weak_strong=False, weak_weak=False, single_aug=False):

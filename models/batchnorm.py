@@ -1,21 +1,14 @@
-"""BatchNorm over fixed groups of the global batch (``--bn_batch``): the same statistics whatever the number
-of processes.
+"""BatchNorm over fixed groups of the global batch (``--bn_batch``, the paper's 64): the same statistics whatever
+the number of processes. Each student BatchNorm computes its statistics over consecutive groups of ``bn_batch``
+samples of the global batch:
 
-The original computed every student BatchNorm over 64 images (batch 256 split by DataParallel over 4
-GPUs). Here each BatchNorm of the student (backbone and head) computes its statistics over consecutive
-groups of ``bn_batch`` samples of the global batch:
+- inside a process, when its share is larger (ghost batch norm: one ``F.batch_norm`` per group);
+- across a group of processes, when the share is smaller: per-channel mean and mean square averaged with a
+  differentiable all-reduce, which runs on gloo as well as NCCL (``SyncBatchNorm`` only runs on GPUs);
+- as a plain BatchNorm when they are equal.
 
-- inside a process, when its share of the batch is larger (ghost batch norm: one ``F.batch_norm`` per
-  group, so a group's arithmetic is the one of a plain BatchNorm over it);
-- across a group of processes, when the share is smaller: their per-channel mean and mean square are
-  averaged with a differentiable all-reduce (``torch.distributed.nn.functional.all_reduce``), which runs
-  on gloo as well as NCCL (``SyncBatchNorm`` only runs on GPUs);
-- as a plain BatchNorm when they are equal (the module is left as it is).
-
-Running statistics are updated from the first group of each process, as DataParallel updated them from
-device 0; DDP broadcasts rank 0's buffers, whose first group is the first ``bn_batch`` samples of the
-global batch, so the checkpoint holds what the original kept. ``convert_batchnorm`` swaps the class of
-each BatchNorm in place: the parameters, buffers and checkpoint keys stay torchvision's.
+Running statistics come from each process's first group; DDP broadcasts rank 0's, the first ``bn_batch`` samples
+of the global batch. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
 """
 from dataclasses import dataclass
 
@@ -42,7 +35,7 @@ def bn_groups(bn_batch, batch_size, world_size, rank):
     (``bn_batch`` 0, or equal to the share of a process). Every rank must call it (it makes the process
     groups)."""
     if bn_batch < 0:
-        raise SimRegError(f'--bn_batch {bn_batch}: give the images per BatchNorm group (64, the original\'s), '
+        raise SimRegError(f'--bn_batch {bn_batch}: give the images per BatchNorm group (64, the paper\'s), '
                           f'or 0 for BatchNorm over each process\'s share')
     per_rank = batch_size // world_size
     size = min(bn_batch, batch_size)  # a global batch smaller than bn_batch is one group

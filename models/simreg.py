@@ -11,10 +11,8 @@ AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def default_precision(device):
-    """What --precision means when it is not given, for training and the teacher cache alike: bf16 on GPUs
-    that compute it natively (compute capability 8.0+: A100, H100, RTX 30xx and later); fp16 with the grad
-    scaler on older GPUs (V100, RTX 20xx, the original's), where bf16 is only emulated and slow while
-    fp16 runs on their tensor cores; fp32 on CPUs."""
+    """--precision when not given: bf16 on GPUs that compute it natively (compute capability 8.0+), fp16 with the
+    grad scaler on older GPUs (V100, RTX 20xx: bf16 only emulated), fp32 on CPUs."""
     if device.type != 'cuda':
         return 'fp32'
     return 'bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16'
@@ -23,7 +21,7 @@ def default_precision(device):
 class SimReg(nn.Module):
     """Student backbone ``encoder_q`` followed by the regression head ``predict_q``.
 
-    Only these two are trained and stored, under the original's names, so that
+    Only these two are trained and stored, under the original code's names, so that
     checkpoints keep the ``encoder_q.*`` / ``predict_q.*`` layout. With several teachers,
     ``predict_q`` is a ModuleDict of one head per teacher (``predict_q.<teacher>.*``) and the
     forward returns a dict of predictions. Teachers live outside this module: they are frozen
@@ -63,12 +61,8 @@ def freeze(teacher):
 
 
 def regression_loss(prediction, target, mse_nonorm=False):
-    """Mean over the batch of ``2 - 2 cos(prediction, target)``, the MSE of unit vectors.
-
-    ``mse_nonorm`` regresses the raw (un-normalised) vectors with a summed squared error,
-    as the original's flag help says; the original normalised both sides first, which made
-    the flag a no-op (see README).
-    """
+    """Mean over the batch of ``2 - 2 cos(prediction, target)``, the MSE of unit vectors; ``mse_nonorm``: the summed
+    squared error of the raw vectors, as the flag's help says (docs/differences.md)."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
     prediction, target = prediction.to(dtype), target.to(dtype)
     if mse_nonorm:

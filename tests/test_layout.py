@@ -40,3 +40,38 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     module.write_text('import os\nfrom utils.errors import SimRegError\n\ndef f():\n    from models import teachers\n'
                       '    import train_student\n')
     assert project_imports(str(module)) == {'utils', 'models', 'train_student'}
+
+
+def project_functions():
+    """(path, FunctionDef) of every function in the project's non-test Python files."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in ('tests', '.git') and not d.startswith('.')]
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(folder, name)
+                tree = ast.parse(open(path).read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.FunctionDef):
+                        yield os.path.relpath(path, ROOT), node
+
+
+def test_no_function_is_longer_than_80_lines_but_the_argument_parsers():
+    long = [f'{path}:{node.name} ({node.end_lineno - node.lineno + 1} lines)' for path, node in project_functions()
+            if node.end_lineno - node.lineno + 1 > 80 and node.name != 'get_args_parser']
+    assert not long, long
+
+
+def test_constructors_and_train_one_epoch_take_at_most_6_parameters():
+    many = []
+    for path, node in project_functions():
+        if node.name in ('__init__', 'train_one_epoch') and not path.startswith('benchmarks'):
+            count = len(node.args.posonlyargs + node.args.args + node.args.kwonlyargs) - (node.name == '__init__')
+            if count > 6:
+                many.append(f'{path}:{node.name} ({count})')
+    assert not many, many
+
+
+def test_the_trainer_main_defines_no_function_inside():
+    path = os.path.join(ROOT, 'train_student.py')
+    main = next(n for n in ast.parse(open(path).read()).body if isinstance(n, ast.FunctionDef) and n.name == 'main')
+    assert not [n.name for n in ast.walk(main) if isinstance(n, ast.FunctionDef) and n is not main]

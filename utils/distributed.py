@@ -26,10 +26,8 @@ def add_distributed_args(parser):
 
 
 def expand_hostlist(hostlist):
-    """The host names of a SLURM host list, in order, as ``scontrol show hostnames`` prints them:
-    ``node[01-03,07],gpu-a[1-2],login5`` -> node01 node02 node03 node07 gpu-a1 gpu-a2 login5; several bracket
-    groups in one name give every combination (``rack[1-2]-node[3-4]``), and a range keeps the zero padding of
-    its first bound."""
+    """The host names of a SLURM host list, as ``scontrol show hostnames`` prints them: ``node[01-03,07],login5``
+    -> node01 node02 node03 node07 login5 (several bracket groups in one name: every combination)."""
     hosts = []
     for name in re.findall(r'(?:[^,\[]|\[[^\]]*\])+', hostlist):  # commas outside brackets split names
         parts = re.split(r'\[([^\]]*)\]', name)  # text, group, text, group, ..., text
@@ -53,15 +51,10 @@ def _expand_ranges(group):
 
 
 def slurm_environment(env=os.environ):
-    """The torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a task that
-    ``srun`` started without torchrun, or None when this is not such a task, or the only one.
-
-    Only a task of a job step counts (SLURM_STEP_ID set): the batch script of an ``sbatch --ntasks=8`` job
-    also has SLURM_PROCID=0 and SLURM_NTASKS=8, and a ``python ...`` it runs directly is one process, not
-    rank 0 of 8 waiting for 7 that never come. A step of one task is the plain single-process run as well
-    (no rendezvous, no port), like ``python train_student.py``. The address is the first host of the step
-    (then of the job), where task 0 runs; the port comes from the job id, so that jobs sharing a node
-    differ. MASTER_ADDR and MASTER_PORT from the environment win.
+    """The torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a task of a
+    several-task ``srun`` step, or None. Only a task of a step counts (SLURM_STEP_ID set): the batch script of an
+    ``sbatch --ntasks=8`` job has SLURM_PROCID=0 too, but is one process. The address is the step's first host;
+    the port comes from the job id, so that jobs sharing a node differ; MASTER_ADDR/MASTER_PORT given win.
     """
     if 'SLURM_STEP_ID' not in env or 'SLURM_PROCID' not in env:
         return None
@@ -77,12 +70,9 @@ def slurm_environment(env=os.environ):
 
 
 def init_distributed(timeout_min=DEFAULT_DIST_TIMEOUT_MIN):
-    """Join the process group when launched by torchrun, or by srun alone (see ``slurm_environment``); a
-    plain ``python`` run is rank 0 of 1. ``timeout_min`` bounds the rendezvous and every collective, so a
-    dead or stuck peer ends the run (``exit_on_user_error`` prints it as one line) instead of hanging it.
-
-    Returns the device this process computes on.
-    """
+    """Join the process group when launched by torchrun or srun (a plain ``python`` run is rank 0 of 1); returns
+    this process's device. ``timeout_min`` bounds the rendezvous and every collective: a dead or stuck peer ends the
+    run instead of hanging it."""
     if not ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
         os.environ.update(slurm_environment() or {})  # a task of srun looks like a worker of torchrun from here on
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not dist.is_initialized():
@@ -108,11 +98,9 @@ def init_distributed(timeout_min=DEFAULT_DIST_TIMEOUT_MIN):
 
 
 def requeue_slurm_job(log, timeout_s=60):
-    """Put this SLURM job back in the queue (``scontrol requeue $SLURM_JOB_ID``): rank 0 calls it after
-    the checkpoint that a preemption or the time limit's signal asked for, last before exiting, since
-    SLURM then ends the job's processes; the job starts again later and resumes (``--resume auto``).
-    Outside SLURM, or on another rank, it does nothing. A missing or failing scontrol is logged, not
-    raised. Returns whether the job was requeued."""
+    """``scontrol requeue $SLURM_JOB_ID`` on rank 0, last before exiting after a stop signal's checkpoint: the job
+    starts again later and resumes. Outside SLURM or on another rank it does nothing; a failure is logged. Returns
+    whether the job was requeued."""
     job = os.environ.get('SLURM_JOB_ID')
     if not job or os.environ.get('RANK', '0') != '0':
         return False
@@ -162,11 +150,7 @@ def cleanup():
 
 
 def seed_everything(seed, epoch=0, rank=0):
-    """Seed every RNG from (seed, epoch, rank).
-
-    Re-seeding at each epoch start makes an epoch's randomness a function of these three
-    numbers alone, so a resumed run replays exactly what an uninterrupted one would have.
-    """
+    """Seed Python's, numpy's and torch's RNGs from (seed, epoch, rank)."""
     s = (seed * 1_000_003 + epoch * 1_009 + rank) % (2 ** 31)
     random.seed(s)
     np.random.seed(s)
@@ -184,8 +168,8 @@ def all_reduce_mean(tensor):
 
 
 def run_on_main(fn):
-    """Run ``fn`` on rank 0 and give its (small, picklable) result to every rank; a SimRegError
-    raised there is raised on every rank instead of leaving the others waiting."""
+    """Run ``fn`` on rank 0 and give its (small, picklable) result to every rank; a SimRegError raised there is
+    raised on every rank instead of leaving the others waiting."""
     result, error = None, None
     if is_main_process():
         try:

@@ -1,13 +1,9 @@
-"""SIGTERM and SIGUSR1, what a scheduler sends before it stops a job: finish the step, checkpoint, exit.
+"""SIGTERM and SIGUSR1, what a scheduler sends before it stops a job: finish the step, checkpoint, exit 75.
 
-SLURM sends SIGUSR1 ahead of the time limit (``#SBATCH --signal=USR1@120``) and SIGTERM on preemption or
-``scancel``; torchrun forwards its own copy to its workers, so a process often gets the same signal twice:
-that is one request. ``StopRequest.agreed()``, called by every rank after every step, turns the signals
-that reached any rank into one decision that every rank takes after the same step: each call starts an
-asynchronous all-reduce (MAX, on a gloo group, so it costs the GPU nothing) of the local flag and reads
-the one started a step earlier. After the decision the training loop writes its checkpoint and the process
-exits with ``RESUME_EXIT_CODE`` (75). Should the step and the checkpoint not end within ``deadline_s`` of the
-first signal, a watchdog exits anyway (with the same code: the previous checkpoint is intact).
+A process often gets the same signal twice (SLURM's and torchrun's copy): that is one request.
+``StopRequest.agreed()``, called by every rank after every step, turns the signals that reached any rank into one
+decision taken after the same step: each call starts an asynchronous MAX all-reduce of the local flag on a gloo
+group and reads the one started a step earlier. A watchdog exits anyway ``deadline_s`` after the first signal.
 """
 import os
 import signal
@@ -22,10 +18,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_in_loader_worker(worker_id):
-    """``worker_init_fn`` of the training loader: its workers outlive the stop signals that a scheduler sends
-    to every process of the job (left to torch's worker handler, a worker dies of SIGTERM and the main
-    process raises mid-step), while a SIGTERM from the main process, the loader shutting its worker down,
-    still ends it. Both signals are blocked, and a thread takes them with their sender."""
+    """``worker_init_fn`` of the training loader: its workers outlive the stop signals a scheduler sends to every
+    process of the job (else the main process raises mid-step), while the main process's own SIGTERM, the loader
+    shutting a worker down, still ends it. Both signals are blocked, and a thread takes them with their sender."""
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
