@@ -16,10 +16,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data.folders import build_dataset, encoded_collate
+from data import replay
+from data.folders import add_dataset_arg, build_dataset, encoded_collate
 from data.gpu_views import ViewParams
 from data.sampler import GlobalBatchSampler, SeededSamples
-from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
 from evaluation.online_knn import OnlineKnn, knn_scalars
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
@@ -27,7 +27,7 @@ from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict, read_checkpoint, student_checkpoint
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, regression_loss
-from models.teachers import build_teachers, replayed_boxes
+from models.teachers import build_teachers
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import (Checkpointer, epoch_checkpoint_path, make_folder, remove_stale_temp_files,
@@ -40,8 +40,7 @@ from utils.preemption import StopRequest, ignore_in_loader_worker
 def get_args_parser():
     p = argparse.ArgumentParser('SimReg distillation', add_help=True)
     p.add_argument('data', help='dataset root holding train/<class>/<image>')
-    p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
-                   help="full dataset, or the original's 100-class subset")
+    add_dataset_arg(p)
     p.add_argument('--base_dir', default='./', help='outputs go to <base_dir>/exp/<exp>/')
     p.add_argument('--exp', default='outputs', help='experiment name')
     p.add_argument('--print_freq', type=int, default=100, help='log every N steps')
@@ -144,11 +143,9 @@ def main(args):
     # one view for both nets with --single_aug, or when no teacher looks at its own view
     single_view = args.single_aug or not any(t.needs_view for t in teachers.values())
     view_transform = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
-    boxes = replayed_boxes(teachers, args)
-    if boxes is not None:
-        dataset = ReplayedViews(dataset, boxes, args.image_size)
-        log.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
-                 boxes.shape[1])
+    replayed = replay.student_dataset(dataset, teachers, args, log)  # logs that the student replays the views
+    if replayed is not None:
+        dataset = replayed
     elif not args.gpu_decode:
         dataset.transform = view_transform
     else:  # the workers read the files and draw the views' parameters; the device decodes and makes the views

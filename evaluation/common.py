@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from data.folders import build_dataset
+from data.folders import add_dataset_arg, build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import features
-from evaluation.online_knn import class_balanced_subset
 from utils.checkpoint import writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.logging import setup_logger
@@ -39,8 +38,7 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
     and --dist_timeout."""
     p.add_argument('data', metavar='DIR', help=data_help)
     if dataset:
-        p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
-                       help='full dataset or the original 100-class subset')
+        add_dataset_arg(p)
     p.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
     p.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
     p.add_argument('--image_size', default=224, type=int,
@@ -105,11 +103,11 @@ def open_features(run, splits, name):
                 for split in splits}
     features.check_same_classes(datasets)
     if getattr(args, 'train_per_class', 0):  # eval_knn.py: the online k-NN's train subset
-        class_balanced_subset(datasets['train'], args.train_per_class, args.subset_seed)
+        restrict_folder(datasets['train'], per_class=args.train_per_class, seed=args.subset_seed)
     hint = ('delete those files, pass another --save, or run without --load_cache to recompute them'
             if hasattr(args, 'load_cache') else 'delete those files or pass another --save')
-    cache = features.FeatureCache(run.save, args.weights, run.stage, name, args.image_size, refuse_hint=hint,
-                                  amp=args.amp)
+    recipe = dict(stage=run.stage, dataset=name, image_size=args.image_size, amp=args.amp)
+    cache = features.FeatureCache(run.save, args.weights, recipe, hint)
     return model, datasets, cache
 
 

@@ -11,12 +11,11 @@ gathers them in order) and ``evaluation.knn.evaluate`` (majority votes, seed 0),
 """
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data.folders import build_dataset
+from data.folders import build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import knn
 from evaluation.features import check_same_classes, extract_features
@@ -24,25 +23,6 @@ from utils.distributed import is_distributed, is_main_process
 from utils.errors import SimRegError
 
 KS = (1, 20)
-
-
-def class_balanced_subset(dataset, per_class, seed):
-    """Keep ``per_class`` images of every class of an ImageFolder (all of a class that has fewer), chosen by a
-    numpy permutation seeded with ``seed``, in the dataset's order; in place, like ``data.folders.keep_classes``.
-    The choice depends only on the file list, the count and the seed: every epoch, rank and rerun gets the same
-    images."""
-    if per_class < 1:
-        raise SimRegError(f'--knn_train_per_class / --train_per_class must be at least 1, got {per_class}')
-    targets = np.asarray(dataset.targets)
-    rng = np.random.RandomState(seed)
-    keep = []
-    for label in range(len(dataset.classes)):
-        members = np.flatnonzero(targets == label)
-        keep.extend(members[rng.permutation(len(members))[:per_class]].tolist())
-    dataset.samples = [dataset.samples[i] for i in sorted(keep)]
-    dataset.imgs = dataset.samples
-    dataset.targets = [y for _, y in dataset.samples]
-    return dataset
 
 
 class _EvalInput(nn.Module):
@@ -67,7 +47,7 @@ class OnlineKnn:
     def __init__(self, data, image_size, per_class, seed, batch_size, workers, device, dataset='imagenet',
                  amp_dtype=None):
         transform = eval_transform(image_size)
-        self.train = class_balanced_subset(build_dataset(data, 'train', transform, dataset), per_class, seed)
+        self.train = restrict_folder(build_dataset(data, 'train', transform, dataset), per_class=per_class, seed=seed)
         self.val = build_dataset(data, 'val', transform, dataset)
         check_same_classes({'train': self.train, 'val': self.val})
         self.train_labels = torch.tensor(self.train.targets)
