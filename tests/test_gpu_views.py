@@ -19,7 +19,7 @@ from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, ViewParams, adj
                             size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
 from data.synthetic import SHAPES, render
-from data.replay import draw_weak_view, replay_weak_view
+from data.replay import draw_weak_view
 from data.transforms import BLUR_KERNEL, DeviceInput, TwoViews
 
 F = v2.functional
