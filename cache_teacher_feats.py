@@ -5,13 +5,9 @@
     torchrun --nproc_per_node=8 train_student.py /path/to/imagenet --use_cache \
         --teacher_feats teacher_feats/resnet50_<sha256[:8]>_imagenet_224.npy ...
 
-The teacher sees each image once, on the evaluation view (resize + center crop); its raw (not normalised)
-outputs are stored as fp16 rows in dataset order, with the sidecar that training checks against the dataset
-(``data.teacher_cache``). The work is split into shards of ``--shard_size`` images, each saved when done: a
-rerun of the same command after an interruption computes only the missing shards.
-
-``--cache_views K`` caches K weak views per image instead (``data.replay``): features [N, K, D] and
-``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which training replays for the student.
+The teacher's raw outputs on the evaluation view (or, with ``--cache_views K``, on K weak views per image,
+``data.replay``) are stored as fp16 rows in dataset order (``data.teacher_cache``), in shards of
+``--shard_size`` images: a rerun after an interruption computes only the missing shards.
 """
 import argparse
 import os
@@ -132,21 +128,24 @@ class ShardImages(Dataset):
 
 class ShardStore:
     """``<output>.shards/shard_<k>.npy`` (+ ``.views.npy``) and ``.json``, the finished shards of an unfinished
-    build, each a ``utils.store.Store`` whose sidecar is the recipe plus the shard's rows: a shard of another
-    recipe, e.g. from another teacher, is recomputed."""
+    build, small caches whose sidecar is the recipe plus their rows: a shard of another recipe is recomputed."""
 
-    def __init__(self, output, recipe):
-        self.folder = output + '.shards'
-        self.recipe = recipe
-
-    def array_path(self, k):
-        return os.path.join(self.folder, f'shard_{k:05d}.npy')
+    def __init__(self, output, recipe, ranges):
+        self.output, self.folder, self.recipe, self.ranges = output, output + '.shards', recipe, ranges
 
     def store(self, k):
-        return cache_store(self.array_path(k))
+        return cache_store(os.path.join(self.folder, f'shard_{k:05d}.npy'))
 
-    def is_done(self, k, rows):
-        store, n, views = self.store(k), rows[1] - rows[0], self.recipe.get('views')
+    def todo(self):
+        """The shards still to compute, or None when the output is already this finished cache."""
+        if existing_cache_is_ours(self.output, self.recipe):
+            shutil.rmtree(self.folder, ignore_errors=True)  # a build stopped just before removing them
+            return None
+        return [k for k in range(len(self.ranges)) if not self.is_done(k)]
+
+    def is_done(self, k):
+        store, rows, views = self.store(k), self.ranges[k], self.recipe.get('views')
+        n = rows[1] - rows[0]
         shapes = {'features': ((n, views, None) if views else (n, None), np.float16)}
         if views:
             shapes['views'] = ((n, views, len(VIEW_COLUMNS)), np.int32)
@@ -157,22 +156,22 @@ class ShardStore:
             return False
         return comparable(recorded) == comparable({**self.recipe, 'rows': list(rows)})
 
-    def save(self, k, rows, features, views=None):
-        """The shard's features (and views, for a multi-view cache), then its sidecar: the shard is done."""
+    def save(self, k, features, views=None):
+        """The shard's features (and views), then its sidecar: the shard is done."""
+        rows = self.ranges[k]
         if not np.isfinite(features).all():
             raise SimRegError(f'the teacher gave non-finite features for images {rows[0]}-{rows[1] - 1} (fp16 '
                               f'overflow or broken weights): check --teacher_weights, or use --precision fp32')
         arrays = {'features': features} if views is None else {'features': features, 'views': views}
         self.store(k).write(arrays, {**self.recipe, 'rows': list(rows)})
 
-    def assemble(self, output, count):
-        """Write the cache ``output`` from the ``count`` finished shards and remove them; returns the
-        features' shape per image."""
-        stores = [self.store(k) for k in range(count)]
+    def assemble(self):
+        """Write the cache from the finished shards and remove them; returns the features' shape per image."""
+        stores = [self.store(k) for k in range(len(self.ranges))]
         blocks = [np.load(store.arrays['features'], mmap_mode='r') for store in stores]
         view_blocks = ([np.load(store.arrays['views'], mmap_mode='r') for store in stores]
                        if self.recipe.get('views') else None)
-        write_cache(output, blocks, self.recipe, view_blocks)
+        write_cache(self.output, blocks, self.recipe, view_blocks)
         shutil.rmtree(self.folder)
         return blocks[0].shape[1:]
 
@@ -187,14 +186,6 @@ def existing_cache_is_ours(output, recipe):
         raise SimRegError(f'{output} already holds a teacher cache with another {", ".join(differs)}: pass '
                           f'another --output, or delete {output} and {sidecar_path(output)}')
     return True
-
-
-def shards_to_compute(output, recipe, shards, ranges):
-    """The shards still to compute, or None when ``output`` is already this finished cache."""
-    if existing_cache_is_ours(output, recipe):
-        shutil.rmtree(shards.folder, ignore_errors=True)  # a build stopped just before removing them
-        return None
-    return [k for k, rows in enumerate(ranges) if not shards.is_done(k, rows)]
 
 
 def extract_shard(args, teacher, dataset, rows, device, desc):
@@ -230,25 +221,25 @@ def main(args):
     weights = resolve_weights(args.teacher_weights)
     recipe = run_on_main(lambda: describe(args, dataset, weights))
     output = args.output or default_output(args, recipe['teacher']['sha256'])
-    shards = ShardStore(output, recipe)
-    ranges = shard_ranges(len(dataset), args.shard_size)
-    todo = run_on_main(lambda: shards_to_compute(output, recipe, shards, ranges))
+    shards = ShardStore(output, recipe, shard_ranges(len(dataset), args.shard_size))
+    todo = run_on_main(shards.todo)
     if todo is None:
         log.info(f'{output} is already built for this teacher and dataset: nothing to do')
         cleanup()
         return output
     log.info(f'{args.arch_teacher} teacher {weights} over {len(dataset)} images of {dataset.root} '
              f'({args.dataset}, {recipe["transform"]}, {args.precision}) on {get_world_size()} process(es): '
-             f'{len(todo)} of {len(ranges)} shards to compute, into {output}')
+             f'{len(todo)} of {len(shards.ranges)} shards to compute, into {output}')
     teacher = load_backbone(args.arch_teacher, weights, keep_fc=args.teacher_fc) if todo else None
     for k in todo:
-        features, views = extract_shard(args, teacher, dataset, ranges[k], device, f'shard {k + 1}/{len(ranges)}')
-        run_on_main(lambda: shards.save(k, ranges[k], features, views))
+        desc = f'shard {k + 1}/{len(shards.ranges)}'
+        features, views = extract_shard(args, teacher, dataset, shards.ranges[k], device, desc)
+        run_on_main(lambda: shards.save(k, features, views))
     main_process = is_main_process()
     cleanup()  # rank 0 assembles alone; the others are done
     if not main_process:
         return output
-    shape = ' x '.join(str(n) for n in shards.assemble(output, len(ranges)))
+    shape = ' x '.join(str(n) for n in shards.assemble())
     written = sidecar_path(output) + (f', {views_path(output)}' if args.cache_views else '')
     log.info(f'wrote {output} ({len(dataset)} x {shape} fp16) and {written}; '
              f'train with --use_cache --teacher_feats {output}')

@@ -37,19 +37,15 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def is_jpeg(data):
-    """Whether an encoded image (uint8 tensor) starts like a JPEG: only those go to torchvision's decoders,
-    whose PNG decoder crashes the process (SIGSEGV) on a PNG with fewer rows than its header says."""
+    """Whether an encoded image (uint8 tensor) starts like a JPEG: only those go to torchvision's decoders
+    (its PNG decoder crashes the process on a truncated PNG)."""
     return len(data) >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
 
 
 def decode_bytes(data, name):
-    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W).
-
-    JPEGs (also CMYK and grayscale ones) go to torchvision's fast decoder; everything else (ImageNet has a
-    PNG named .JPEG) and a JPEG torchvision refuses to PIL, which raises on damaged data where the
-    torchvision PNG decoder can crash the process; a PNG is first checked to hold the rows its header
-    promises (PIL fills missing ones with black). A file that cannot be read gets a message naming it.
-    """
+    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W): JPEGs with
+    torchvision, everything else (ImageNet has a PNG named .JPEG, CMYK JPEGs) with PIL, a PNG first checked to
+    hold the rows its header promises. A file that cannot be read gets a SimRegError naming it."""
     if is_jpeg(data):
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -100,10 +96,8 @@ def encoded_collate(batch):
 
 
 class IndexedImageFolder(datasets.ImageFolder):
-    """``(index, image, label)`` samples; the index addresses cached teacher features.
-
-    ``encoded=True`` returns each file's bytes undecoded, for decoding on the GPU (``--gpu_decode``).
-    """
+    """``(index, image, label)`` samples, the index addressing cached teacher features; ``encoded=True`` gives
+    each file's bytes undecoded (``--gpu_decode``)."""
 
     def __init__(self, root, transform=None, encoded=False):
         check_image_root(root)

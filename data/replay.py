@@ -1,10 +1,8 @@
-"""Multi-view cache replay: the teacher's features of K stored weak views per image, and the student trained
-on those very views.
+"""Multi-view cache replay: the student trains on the very weak views whose teacher features were cached.
 
-``cache_teacher_feats.py --cache_views K`` draws view k of image i from the seed (--seed, i, k)
-(``draw_weak_view``), runs the teacher on it (``ShardWeakViews``) and stores each view's crop box and flip
-(``VIEW_COLUMNS``) beside the features. Training picks one stored view per sample and step
-(``ReplayedViews``), crops the same pixels (``replay_weak_view``) and regresses that view's row.
+``cache_teacher_feats.py --cache_views K`` draws view k of image i from the seed (--seed, i, k), runs the
+teacher on it (``ShardWeakViews``) and stores each view's box and flip (``VIEW_COLUMNS``). Training picks one
+stored view per sample and step (``ReplayedViews``), crops the same pixels and regresses that view's row.
 """
 import torch
 from torch.utils.data import Dataset
@@ -24,9 +22,8 @@ def view_spec(size, seed):
 
 
 def draw_weak_view(image, size, seed):
-    """(top, left, height, width, flip) of a weak view of ``image``, drawn by ``weak_transform``'s own crop
-    and flip code from the RNG seeded with ``seed``: ``replay_weak_view`` of it gives the pixels that
-    ``torch.manual_seed(seed)`` then ``weak_transform(size)(image)`` gives."""
+    """(top, left, height, width, flip) of the weak view that ``weak_transform(size)`` draws after
+    ``torch.manual_seed(seed)``: ``replay_weak_view`` of it gives the same pixels."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         box = v2.RandomResizedCrop(size, scale=WEAK_SCALE).make_params([image])
@@ -42,9 +39,8 @@ def replay_weak_view(image, view, size):
 
 
 class ShardWeakViews(Dataset):
-    """The K weak views of each image of rows [start, stop) of a dataset of decoded uint8 images: position p
-    is view p % K of image start + p // K, returned as (p, the view, its box and flip). The K views of an
-    image are cut from one decoding."""
+    """The K weak views of each image of rows [start, stop) of a dataset of uint8 images: position p is view
+    p % K of image start + p // K, as (p, the view, its box and flip); an image is decoded once for its K."""
 
     def __init__(self, dataset, rows, num_views, size, seed):
         self.dataset = dataset
@@ -65,9 +61,8 @@ class ShardWeakViews(Dataset):
 
 
 class ReplayedViews(Dataset):
-    """Training samples of a multi-view cache: each draw picks one of the sample's K stored views with torch's
-    RNG (seeded per sample by ``data.sampler.SeededSamples``) and returns ``((index, view), the replayed view,
-    label)``; the teacher's target is that view's row."""
+    """Training samples of a multi-view cache: ``((index, view), the replayed view, label)`` for one of the
+    sample's K stored views, picked by torch's RNG (seeded per sample by ``data.sampler.SeededSamples``)."""
 
     def __init__(self, dataset, boxes, size):
         self.dataset = dataset
@@ -85,9 +80,8 @@ class ReplayedViews(Dataset):
 
 
 def replayed_boxes(teachers, args):
-    """The view boxes of the multi-view cache(s) among ``teachers`` (each with ``.boxes`` and, for a cached
-    one, ``.cache``), None without one. The student has one view per step, so every teacher must be a cache
-    of the same views, and the run must train on plain weak views."""
+    """The view boxes of the multi-view caches among ``teachers`` (their ``.boxes`` and ``.cache``), None
+    without one. The student has one view per step: every teacher must be a cache of the same weak views."""
     with_views = {name: t.cache for name, t in teachers.items() if t.boxes is not None}
     if not with_views:
         return None
@@ -107,8 +101,7 @@ def replayed_boxes(teachers, args):
 
 
 def student_dataset(dataset, teachers, args, log):
-    """The student's training set when the teachers are multi-view caches (``ReplayedViews`` of ``dataset``),
-    else None."""
+    """The student's training set (``ReplayedViews``) when the teachers are multi-view caches, else None."""
     boxes = replayed_boxes(teachers, args)
     if boxes is None:
         return None

@@ -6,8 +6,7 @@ processes, loader workers or where a run was resumed.
   is the total over all processes); each process takes its contiguous share of it. An epoch has
   floor(N / batch_size) steps (drop_last).
 - Every sample is drawn as ``(epoch, index)``; ``SeededSamples`` seeds torch's random stream from
-  (seed, epoch, index) before making it, so its crop, flip, colour ops and blur (and, for a multi-view
-  cache, the choice of the view) are the same whichever worker, rank or step makes it.
+  (seed, epoch, index) before making it, so its augmentations are the same whichever worker or rank makes it.
 """
 import numpy as np
 import torch
@@ -17,8 +16,8 @@ from utils.errors import SimRegError
 
 
 def derive_seed(*numbers):
-    """A 32-bit seed that is a function of ``numbers`` alone (numpy's SeedSequence): the same in every process,
-    loader worker, shard and rerun. The project's one way to derive seeds."""
+    """A 32-bit seed that is a function of ``numbers`` alone (numpy's SeedSequence): the project's one way to
+    derive seeds, the same in every process, worker and rerun."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 

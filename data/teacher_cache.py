@@ -1,11 +1,8 @@
-"""Teacher features cached on disk: an fp16 ``.npy`` [N, D] in dataset order and its JSON sidecar (a
-``utils.store.Store``), for ``train_student.py --use_cache``.
+"""Teacher features cached on disk for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON
+sidecar (a ``utils.store.Store``). Training memory-maps the array and gathers a batch's rows by sample index.
 
-Training memory-maps the array and gathers a batch's target rows by the sample indices the loader returns,
-one vectorised read per batch. The original code's cache (a torch-saved dict file name -> feature) is
-converted once (``convert_original_cache``). A multi-view cache (``cache_teacher_feats.py --cache_views K``)
-holds [N, K, D] and beside it ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which the student
-replays (``data.replay``).
+A multi-view cache holds [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which
+the student replays (``data.replay``). The original code's cache (a dict file name -> feature) is converted.
 """
 import hashlib
 import os
@@ -22,17 +19,16 @@ FORMAT = 'simreg-teacher-features'
 
 
 def views_path(npy_path):
-    """Where a multi-view cache keeps its views (crop box + flip of each cached view)."""
     return os.path.splitext(npy_path)[0] + '.views.npy'
 
 
 def cache_store(npy_path):
-    """The cache at ``npy_path`` as a store: its features, its views (multi-view caches) and its sidecar."""
+    """The features at ``npy_path``, the views of a multi-view cache beside them, and their sidecar."""
     return Store(sidecar_path(npy_path), {'features': npy_path, 'views': views_path(npy_path)})
 
 
 def dataset_fingerprint(dataset):
-    """What a cache must agree with: sample count and the file list (relative paths, in order)."""
+    """What a cache must agree with: the sample count and the file list (relative paths, in order)."""
     relative = [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
     digest = hashlib.sha256('\n'.join(relative).encode()).hexdigest()
     return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative),
@@ -95,9 +91,8 @@ class TeacherFeatureCache:
                               f"not the same files; rebuild the cache")
 
     def rows(self, indices, pin_memory=False):
-        """fp16 CPU tensor of the rows of these sample indices (one index_select on the memmap); a multi-view
-        cache takes (sample, view) pairs [B, 2]. ``pin_memory=True`` gathers into page-locked memory, so the
-        copy to a GPU is asynchronous."""
+        """fp16 CPU tensor of the rows of these sample indices, or (sample, view) pairs [B, 2] of a multi-view
+        cache; ``pin_memory=True`` gathers into page-locked memory, for an asynchronous copy to a GPU."""
         if (indices.dim() == 2) != bool(self.num_views):
             raise ValueError(f'{self.path}: {indices.dim()}-d indices for a cache of '
                              f'{self.num_views or 1} view(s) per image')
@@ -107,8 +102,8 @@ class TeacherFeatureCache:
 
 
 def write_cache(path, blocks, meta, view_blocks=None):
-    """The fp16 cache ``path`` from ``blocks`` ([n_i, D], or [n_i, K, D] with ``view_blocks`` [n_i, K, 5], in
-    dataset order), one block in memory at a time, then its sidecar, which records the views' sha256."""
+    """The cache ``path`` from ``blocks`` [n_i, D] (or [n_i, K, D] with ``view_blocks`` [n_i, K, 5]) in dataset
+    order, one block in memory at a time, then its sidecar, which records the views' sha256."""
     shapes = {block.shape[1:] for block in blocks}
     if len(shapes) != 1:
         raise ValueError(f'blocks of {sorted(shapes)} trailing shapes: one feature dim (and view count) expected')
@@ -122,22 +117,17 @@ def write_cache(path, blocks, meta, view_blocks=None):
 
 
 def write_sidecar(path, meta):
-    """The sidecar of the fp16 array at ``path``: ``format`` and ``dim`` (read from the array, whose rows must
-    match ``meta['dataset']['num_samples']``), then ``meta``: ``teacher``, ``dataset`` (``dataset_fingerprint``),
-    ``transform``, ``image_size``, any extra keys; a multi-view cache's ``views`` (K), ``view_spec`` and
-    ``views_sha256``."""
-    array = np.load(path, mmap_mode='r')
-    views = (meta['views'],) if meta.get('views') else ()
-    if (array.dtype != np.float16 or array.ndim != 2 + len(views) or array.shape[1:-1] != views
-            or len(array) != meta['dataset']['num_samples']):
-        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected float16 rows of "
-                         f"{views[0] if views else 1} view(s) for {meta['dataset']['num_samples']} images")
-    cache_store(path).write_meta({'format': FORMAT, 'dim': int(array.shape[-1]), **meta})
+    """The sidecar of the fp16 array at ``path``: ``format``, ``dim`` (the array's), then ``meta``: ``teacher``,
+    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size``, any extra keys, and a multi-view
+    cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the array is not [N, (K,) D]."""
+    store, views = cache_store(path), [meta['views']] if meta.get('views') else []
+    array = store.open({'features': ((meta['dataset']['num_samples'], *views, None), np.float16)})['features']
+    store.write_meta({'format': FORMAT, 'dim': int(array.shape[-1]), **meta})
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The original code's cache (a torch-saved dict image file name -> feature) as an ``.npy`` beside it,
-    rows in dataset order. Returns the new path; reused when it exists."""
+    """The original code's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
+    its path (an existing one is reused)."""
     out = os.path.splitext(pth_path)[0] + '.npy'
     if os.path.isfile(out) and cache_store(out).exists():
         return out

@@ -1,5 +1,4 @@
-"""What the evaluation scripts share: their common flags, their start-up, and the extraction of each
-split's features before the evaluation itself.
+"""What the evaluation scripts share: their flags, their start-up, and the extraction of each split's features.
 
     p = argparse.ArgumentParser('...', add_help=True)
     common.add_data_args(p, 'dataset root holding train/ and val/')  # DIR --dataset -j -b --image_size --save
@@ -10,9 +9,8 @@ split's features before the evaluation itself.
     if extracted is None:                           # not rank 0: its share of the extraction is done
         return None
 
-eval_knn.py and eval_transfer.py use all of it; eval_linear.py keeps the processes and the model for
-its probe training, so it takes ``start`` and ``open_features`` and extracts itself; eval_imitation.py
-(no stage, no cache) shares the data flags.
+eval_linear.py keeps the processes and the model for its probe training: it takes ``start`` and
+``open_features`` and extracts itself. eval_imitation.py shares the data flags.
 """
 import logging
 import os
@@ -48,9 +46,20 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
 
 
 def add_feature_args(p, load_cache=True, linear_pred=True):
-    """Which features are evaluated and how they are extracted: the checkpoint flags
-    (``features.add_checkpoint_args``), --load_cache (unless the script always reuses its cache) and --amp."""
-    features.add_checkpoint_args(p, linear_pred=linear_pred)
+    """Which features are evaluated and how they are extracted: the checkpoint and its stage, --linear_pred
+    (unless ``linear_pred`` is False), --load_cache (unless the script always reuses its cache) and --amp."""
+    p.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
+    p.add_argument('-a', '--arch', default=None,
+                   help='architecture of a plain backbone/teacher file; student checkpoints carry their '
+                        'own (if given, it is checked against the student)')
+    p.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
+    p.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
+    p.add_argument('--stage', default=None,
+                   help='where to take features: backbone (default), layer3, layer4, head or head.<i> '
+                        '(output of the head Linear at index i)')
+    if linear_pred:
+        p.add_argument('--linear_pred', action='store_true',
+                       help='check that the student has the linear head (the head is built from the checkpoint)')
     if load_cache:
         p.add_argument('--load_cache', action='store_true',
                        help='reuse the features an earlier run cached in --save (refused unless the same '

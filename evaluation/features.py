@@ -87,22 +87,6 @@ def available_stages(backbone, head):
     return stages
 
 
-def add_checkpoint_args(parser, linear_pred=True):
-    """The flags that say which features an evaluation script reads, the same in every script."""
-    parser.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
-    parser.add_argument('-a', '--arch', default=None,
-                        help='architecture of a plain backbone/teacher file; student checkpoints carry their '
-                             'own (if given, it is checked against the student)')
-    parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
-    parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
-    parser.add_argument('--stage', default=None,
-                        help='where to take features: backbone (default), layer3, layer4, head or head.<i> '
-                             '(output of the head Linear at index i)')
-    if linear_pred:
-        parser.add_argument('--linear_pred', action='store_true',
-                            help='check that the student has the linear head (the head is built from the checkpoint)')
-
-
 def resolve_stage(stage, use_pred):
     """``--stage``, where ``--use_pred`` (the original flag) means ``head``."""
     if use_pred and stage not in (None, 'head'):

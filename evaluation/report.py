@@ -1,39 +1,13 @@
-"""The report of an experiment, from the files that training and the evaluation scripts wrote: a text table on
-stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). The demo ends with it.
+"""The report of an experiment, from the files that training and the evaluation scripts wrote: a table on
+stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). demo/demo.sh ends with it.
 
     python -m evaluation.report EXP_DIR [--wall_time SECONDS] [--log FILE] [--teacher_knn DIR] [--before_knn DIR]
                                 [--after_knn DIR] [--linear DIR] [--imitation DIR]
 
-It works on any experiment directory: a result that is not there is null in report.json and left out of the
-picture and the table (a directory with only training in it gives the loss curve and nulls). What it reads, by
-default relative to EXP_DIR; these are the paths demo.sh writes (the options take others, relative to EXP_DIR
-or absolute):
-
-    logs/log.jsonl                      --log          train_student.py's JSON log: the loss by epoch and by
-                                                       window; the online k-NN where logged ("knn" in "epoch"
-                                                       records, "knn_teacher"/"knn_init" in "start" records)
-    features_teacher/knn_results.json   --teacher_knn  eval_knn.py on the teacher
-    features_init/knn_results.json      --before_knn   eval_knn.py on the untrained student (ckpt_epoch_0.pth)
-    features/knn_results.json           --after_knn    eval_knn.py on the trained student
-    linear/linear_results.json          --linear       eval_linear.py on the trained student
-    imitation/*.json                    --imitation    eval_imitation.py, one file per checkpoint
-
-A log that holds several runs (``--overwrite`` appends to it) is read from the last run that started from
-scratch; an epoch logged twice (a resume that redid it) counts once, as logged last.
-
-report.json (k-NN values are majority-vote top-1 percentages, keyed by k as in knn_results.json):
-
-    teacher_knn, student_knn_before, student_knn_after   {"1": .., "20": ..} from the final k-NN evaluation, or null
-    student_knn_after_epoch   the epoch eval_knn.py was told for the trained student, or null
-    linear_top1, linear_best_epoch   the probe's best validation top-1 (%) and its epoch, or null
-    imitation_cosine          {"<epoch>": mean cos(head, teacher)} over the checkpoints measured, or null
-    imitation_split           the split the cosine was measured on, or null
-    wall_time_s               --wall_time, or null
-    loss_by_epoch             {"epoch": [..], "loss": [..], "lr": [..]} from the log, or null
-    online_knn                {"epoch": [..], "1": [..], "20": [..]} from the epochs that logged one, or null
-    online_knn_teacher, online_knn_init   {"1": .., "20": ..} from the log's start record, or null (several
-                              teachers: online_knn_teacher is {head: {"1": .., "20": ..}})
-    exp_dir                   the directory reported on
+Each source defaults to the path demo/demo.sh writes under EXP_DIR (``SOURCES``); a result that is not there is
+null in report.json and left out of the table and the picture, so any experiment directory works. k-NN values
+are majority-vote top-1 percentages keyed by k, as in knn_results.json. A log of several runs is read from the
+last run that started from scratch, an epoch logged twice as logged last.
 """
 import argparse
 import io
@@ -45,7 +19,7 @@ from utils.checkpoint import write_bytes_atomic, write_text_atomic
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import read_json_log
 
-SOURCES = {  # option -> its default path, relative to EXP_DIR (demo.sh's layout)
+SOURCES = {  # option -> its default path, relative to EXP_DIR (demo/demo.sh's layout)
     'log': os.path.join('logs', 'log.jsonl'),
     'teacher_knn': os.path.join('features_teacher', 'knn_results.json'),
     'before_knn': os.path.join('features_init', 'knn_results.json'),

@@ -1,9 +1,9 @@
 """One checked store: a set of ``.npy`` arrays and the JSON sidecar that describes them.
 
-The arrays are written first, each atomically, and the sidecar last, so arrays without a sidecar are an
-interrupted write and never read. A read checks that the sidecar is there, that the arrays have the shapes and
-dtypes it implies, and that the keys the reader relies on hold the expected values. The teacher feature cache,
-the shards of an unfinished cache build and the evaluation feature cache are such stores.
+The arrays are written first, each atomically, and the sidecar last: arrays without a sidecar are an
+interrupted write. A read checks that the sidecar is there, that the arrays have the shapes and dtypes it
+implies, and that the recorded keys the reader relies on match. The teacher feature cache, the shards of a
+cache build and the evaluation feature cache are such stores.
 """
 import json
 import os
@@ -14,16 +14,15 @@ from utils.checkpoint import _write_atomic, save_npy_atomic, write_text_atomic
 
 
 class StoreMismatch(ValueError):
-    """A store whose arrays are not what its sidecar says (an interrupted or damaged write)."""
+    """Arrays that are not what their sidecar says (an interrupted or damaged write)."""
 
 
 def sidecar_path(npy_path):
-    """``<name>.json`` beside ``<name>.npy``."""
     return os.path.splitext(npy_path)[0] + '.json'
 
 
 def differing(recorded, expected, keys=None):
-    """The keys (default: all of ``expected``) whose value in ``recorded`` is not the expected one."""
+    """The keys (default: all of ``expected``) whose recorded value is not the expected one."""
     return [key for key in (expected if keys is None else keys) if recorded.get(key) != expected[key]]
 
 
@@ -34,7 +33,6 @@ class Store:
         self.sidecar, self.arrays = sidecar, arrays
 
     def exists(self):
-        """Whether the store was written to the end: its sidecar is there."""
         return os.path.isfile(self.sidecar)
 
     def meta(self):
@@ -42,8 +40,8 @@ class Store:
             return json.load(f)
 
     def open(self, shapes, mmap=True):
-        """{name: array}, memory-mapped or read, for each ``name: (shape, dtype)`` of ``shapes`` (None in a
-        shape: any size); StoreMismatch names the first array of another shape or dtype."""
+        """{name: array} (memory-mapped, or read) for each ``name: (shape, dtype)`` of ``shapes``, None in a
+        shape meaning any size; StoreMismatch names the first array of another shape or dtype."""
         arrays = {}
         for name, (shape, dtype) in shapes.items():
             array = np.load(self.arrays[name], mmap_mode='r' if mmap else None)
@@ -55,8 +53,8 @@ class Store:
         return arrays
 
     def write_arrays(self, arrays):
-        """Write ``{name: array, or a list of blocks to concatenate along the first axis}``, each atomically.
-        The sidecar and the store's arrays not written go first: new arrays never meet an old sidecar."""
+        """``{name: array, or a list of blocks to concatenate}``, each atomically, after removing the sidecar
+        and the arrays not written: new arrays never meet an old sidecar."""
         for path in [self.sidecar] + [path for name, path in self.arrays.items() if name not in arrays]:
             if os.path.exists(path):
                 os.remove(path)
@@ -67,7 +65,6 @@ class Store:
                 save_npy_atomic(array, self.arrays[name])
 
     def write_meta(self, meta):
-        """The sidecar, written last: from now on the store exists."""
         write_text_atomic(json.dumps(meta, indent=2) + '\n', self.sidecar)
 
     def write(self, arrays, meta):
@@ -76,8 +73,7 @@ class Store:
 
 
 def save_blocks_atomic(blocks, path):
-    """The ``.npy`` of ``blocks`` concatenated along their first axis, in the first block's dtype, written one
-    block at a time (memory-mapped blocks are never all in memory), atomically."""
+    """The ``.npy`` of ``blocks`` concatenated along their first axis, one block in memory at a time, atomically."""
     dtype = blocks[0].dtype
     header = {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False,
               'shape': (sum(len(block) for block in blocks), *blocks[0].shape[1:])}
