@@ -45,21 +45,18 @@ def get_args_parser():
     p.add_argument('--image_size', type=int, default=224,
                    help='center crop size (resized to size*256/224 first); with --cache_views the views\' size')
     p.add_argument('--cache_views', type=int, metavar='K',
-                   help='cache K weak views per image (random crop + flip, boxes stored beside the cache) '
-                        'instead of the center crop: the student then trains on the very views the teacher saw')
+                   help='cache K weak views per image instead of the center crop: the student then trains on them')
     p.add_argument('--seed', type=int, default=0,
                    help='with --cache_views: view k of image i is drawn from (seed, i, k)')
     p.add_argument('--batch_size', type=int, default=256, help='total batch size over all processes')
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
     p.add_argument('--precision', choices=list(AUTOCAST_DTYPES), default=None,
-                   help='autocast dtype of the teacher forward (default: what training picks for a live '
-                        'teacher, bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU); features '
-                        'are stored as fp16 either way')
+                   help='autocast dtype of the teacher (default: what training picks for a live teacher); '
+                        'features are stored as fp16 either way')
     p.add_argument('--output', help='cache .npy, its .json sidecar beside it (default: '
                                     'teacher_feats/<arch>[_fc]_<sha256[:8]>_<dataset>_<image_size>.npy)')
     p.add_argument('--shard_size', type=int, default=50000,
-                   help='images per shard, the unit that an interrupted run does not redo; rank 0 holds '
-                        'one shard of features in memory (shard_size x dim x 2 bytes, twice while gathering)')
+                   help='images per shard, the unit an interrupted run does not redo (rank 0 holds one in memory)')
     add_distributed_args(p)
     return p
 
@@ -137,11 +134,17 @@ class ShardStore:
         return cache_store(os.path.join(self.folder, f'shard_{k:05d}.npy'))
 
     def todo(self):
-        """The shards still to compute, or None when the output is already this finished cache."""
-        if existing_cache_is_ours(self.output, self.recipe):
-            shutil.rmtree(self.folder, ignore_errors=True)  # a build stopped just before removing them
-            return None
-        return [k for k in range(len(self.ranges)) if not self.is_done(k)]
+        """The shards still to compute, None when the output is already this finished cache; a finished cache
+        of another recipe is refused."""
+        store = cache_store(self.output)
+        if not (os.path.isfile(self.output) and store.exists()):
+            return [k for k in range(len(self.ranges)) if not self.is_done(k)]
+        differs = differing(comparable(store.meta()), comparable(self.recipe))
+        if differs:
+            raise SimRegError(f'{self.output} already holds a teacher cache with another {", ".join(differs)}: '
+                              f'pass another --output, or delete {self.output} and {store.sidecar}')
+        shutil.rmtree(self.folder, ignore_errors=True)  # a build stopped just before removing them
+        return None
 
     def is_done(self, k):
         store, rows, views = self.store(k), self.ranges[k], self.recipe.get('views')
@@ -174,18 +177,6 @@ class ShardStore:
         write_cache(self.output, blocks, self.recipe, view_blocks)
         shutil.rmtree(self.folder)
         return blocks[0].shape[1:]
-
-
-def existing_cache_is_ours(output, recipe):
-    """True when ``output`` is already this cache, finished; an unrelated finished cache is refused."""
-    store = cache_store(output)
-    if not (os.path.isfile(output) and store.exists()):
-        return False
-    differs = differing(comparable(store.meta()), comparable(recipe))
-    if differs:
-        raise SimRegError(f'{output} already holds a teacher cache with another {", ".join(differs)}: pass '
-                          f'another --output, or delete {output} and {sidecar_path(output)}')
-    return True
 
 
 def extract_shard(args, teacher, dataset, rows, device, desc):

@@ -79,9 +79,10 @@ class ReplayedViews(Dataset):
         return torch.tensor([index, view]), image, label
 
 
-def replayed_boxes(teachers, args):
-    """The view boxes of the multi-view caches among ``teachers`` (their ``.boxes`` and ``.cache``), None
-    without one. The student has one view per step: every teacher must be a cache of the same weak views."""
+def student_dataset(dataset, teachers, args, log):
+    """The student's training set (``ReplayedViews``) when the teachers are multi-view caches (their ``.boxes``
+    and ``.cache``), else None. The student has one view per step: every teacher must be a cache of the same
+    weak views."""
     with_views = {name: t.cache for name, t in teachers.items() if t.boxes is not None}
     if not with_views:
         return None
@@ -97,14 +98,6 @@ def replayed_boxes(teachers, args):
     if args.gpu_decode or args.weak_strong or not args.weak_weak:
         raise SimRegError(f'{cache.path} holds weak views that the student replays as they are: train with '
                           f'--weak_weak (without --weak_strong{", --gpu_decode" if args.gpu_decode else ""})')
-    return cache.boxes
-
-
-def student_dataset(dataset, teachers, args, log):
-    """The student's training set (``ReplayedViews``) when the teachers are multi-view caches, else None."""
-    boxes = replayed_boxes(teachers, args)
-    if boxes is None:
-        return None
     log.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
-             boxes.shape[1])
-    return ReplayedViews(dataset, boxes, args.image_size)
+             cache.boxes.shape[1])
+    return ReplayedViews(dataset, cache.boxes, args.image_size)

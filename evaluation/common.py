@@ -31,9 +31,8 @@ OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_
 
 def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
                   save_help='output folder for results, logs and feature caches (default: %(default)s)'):
-    """The images an evaluation reads and where its results go: DIR, --dataset (unless ``dataset`` is
-    False: a transfer dataset has no ImageNet subset), -j/--workers, -b/--batch-size, --image_size, --save;
-    and --dist_timeout."""
+    """DIR, --dataset (unless ``dataset`` is False), -j/--workers, -b/--batch-size, --image_size, --save and
+    --dist_timeout: the images an evaluation reads and where its results go."""
     p.add_argument('data', metavar='DIR', help=data_help)
     if dataset:
         add_dataset_arg(p)
@@ -46,8 +45,8 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
 
 
 def add_feature_args(p, load_cache=True, linear_pred=True):
-    """Which features are evaluated and how they are extracted: the checkpoint and its stage, --linear_pred
-    (unless ``linear_pred`` is False), --load_cache (unless the script always reuses its cache) and --amp."""
+    """The checkpoint and its stage, --linear_pred, --load_cache (unless the script always reuses its cache)
+    and --amp: which features are evaluated and how they are extracted."""
     p.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
     p.add_argument('-a', '--arch', default=None,
                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '
@@ -84,8 +83,8 @@ class Run:
 
 
 def start(args, log_name, save=None):
-    """Join the processes (torchrun, or one), resolve the stage and its output folder under ``save``
-    (default ``args.save``; made by rank 0), log to ``<folder>/<log_name>`` on rank 0, log the flags."""
+    """Join the processes, resolve the stage and its output folder under ``save`` (default ``args.save``), log
+    to ``<folder>/<log_name>`` on rank 0, starting with the flags."""
     device = init_distributed(args.dist_timeout)
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
@@ -98,12 +97,9 @@ def start(args, log_name, save=None):
 
 
 def open_features(run, splits, name):
-    """(FeatureModel, {split: dataset} on the evaluation view, their FeatureCache in ``run.save``).
-
-    ``name`` is the dataset's name in the cache; every split must hold the same classes. Flags that a
-    script leaves out mean: no --linear_pred check, no --dataset subset, and (without --load_cache)
-    a cache that the script always reuses.
-    """
+    """(FeatureModel, {split: dataset} on the evaluation view, their FeatureCache in ``run.save``); ``name``
+    is the dataset's name in the cache. A flag the script lacks means no check, no subset, or a cache always
+    reused."""
     args = run.args
     model = features.load_feature_model(args.weights, args.arch, run.stage, getattr(args, 'linear_pred', False),
                                         head_name=args.head)
@@ -129,10 +125,9 @@ class Extracted:
 
 
 def extract_splits(run, splits, name):
-    """The features of each split: extracted by every rank (or read by rank 0 from the cache with
-    --load_cache), gathered on rank 0. Then the process group ends and the model and its GPU memory are
-    freed, for the k-NN search and the probes that rank 0 runs alone. An ``Extracted`` on rank 0, None
-    on the other ranks."""
+    """The features of each split (extracted by every rank, or read from the cache with --load_cache) as an
+    ``Extracted`` on rank 0, None elsewhere; then the process group ends and the model's memory is freed for
+    what rank 0 runs alone."""
     args = run.args
     model, datasets, cache = open_features(run, splits, name)
     extracted = {split: features.split_features(cache, split, dataset, model, args.load_cache, args.batch_size,

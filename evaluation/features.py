@@ -4,6 +4,7 @@ A checkpoint becomes a ``FeatureModel`` (backbone, cut at an earlier stage or co
 regression head); every rank extracts a contiguous slice of the dataset and rank 0 gathers the slices in
 dataset order. Features are L2-normalised, float16, and cached with a sidecar that says what they are.
 """
+import functools
 import logging
 import os
 import time
@@ -38,12 +39,9 @@ class _StageReached(Exception):
 
 
 class FeatureModel(nn.Module):
-    """The network up to the evaluated stage, in eval mode.
-
-    Stages: ``backbone`` (the pooled feature), ``layer3``/``layer4`` (that ResNet block's output,
-    average-pooled), ``head`` (the regression head's output, what ``--use_pred`` evaluates) and
-    ``head.<i>`` (the output of the head's Linear at index ``i``).
-    """
+    """The network up to the evaluated stage, in eval mode: ``backbone`` (the pooled feature), ``layer3`` or
+    ``layer4`` (that ResNet block's output, average-pooled), ``head`` (the regression head's output) or
+    ``head.<i>`` (the output of the head's Linear at index ``i``)."""
 
     def __init__(self, backbone, head, stage='backbone'):
         super().__init__()
@@ -155,14 +153,9 @@ def shard_bounds(n_samples, world_size):
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
                      amp_dtype=None, l2_normalize=True, with_extras=False):
-    """L2-normalised float16 features of ``dataset`` in dataset order, on rank 0 (None elsewhere).
-
-    Each rank extracts its contiguous slice (``batch_size`` is the total over ranks); rank 0 gathers
-    them. ``amp_dtype``: the autocast dtype (default: the device's); ``l2_normalize=False`` keeps the raw
-    outputs. ``with_extras=True`` returns (features, extras): the third item of every sample in the same
-    order (a class label, or a per-sample tensor such as a cached view's crop box). The sample indices
-    ``dataset`` returns must be its own positions (0..len-1).
-    """
+    """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
+    rank extracts a contiguous slice of ``batch_size`` / ranks batches. ``with_extras=True``: (features, the
+    third item of every sample), a label or e.g. a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
@@ -216,11 +209,9 @@ def gather_in_order(local, bounds, device):
 
 
 class FeatureCache:
-    """The features of each split in ``folder``, a ``utils.store.Store`` each: ``<split>_feats.npy`` (float16,
-    L2-normalised), ``<split>_labels.npy`` and the sidecar ``<split>_feats.json``, whose ``CHECKED`` keys must
-    match for reuse. ``recipe`` is {stage, dataset, image_size, amp}: features of another stage, dataset name,
-    size or precision are refused; ``file_list_sha256`` (``dataset_fingerprint``) keys the rows by the images'
-    relative paths in order, class folder included."""
+    """The features of each split, a ``utils.store.Store`` each: ``<folder>/<split>_feats.npy`` (float16,
+    L2-normalised), ``<split>_labels.npy`` and ``<split>_feats.json``, whose ``CHECKED`` keys must match for
+    reuse: the weights, ``recipe`` ({stage, dataset, image_size, amp}) and the images, by relative path."""
 
     CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'amp', 'split', 'num_samples', 'num_classes',
                'file_list_sha256')
@@ -230,17 +221,10 @@ class FeatureCache:
         self.weights = weights
         self.recipe = {key: recipe[key] for key in ('stage', 'dataset', 'image_size', 'amp')}
         self.refuse_hint = refuse_hint
-        self._sha256 = None
 
-    @property
-    def amp(self):
-        return self.recipe['amp']
-
-    @property
+    @functools.cached_property
     def weights_sha256(self):
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights)
-        return self._sha256
+        return file_sha256(self.weights)
 
     def store(self, split):
         path = lambda suffix: os.path.join(self.folder, f'{split}_{suffix}')
@@ -252,8 +236,7 @@ class FeatureCache:
                 'file_list_sha256': dataset_fingerprint(dataset)['file_list_sha256']}
 
     def load(self, split, dataset):
-        """(features, labels) when a complete cache exists and matches, None when there is none;
-        a cache made from something else is refused."""
+        """(features, labels) of a cache that matches, None without one; a cache of something else is refused."""
         store = self.store(split)
         if not store.exists():
             return None
@@ -278,7 +261,6 @@ class FeatureCache:
         return torch.from_numpy(arrays['features']), torch.from_numpy(arrays['labels'])
 
     def save(self, split, dataset, features, labels):
-        """The arrays, then the sidecar (the folder made as needed)."""
         meta = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
                 'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
                 'created': time.strftime('%Y-%m-%d %H:%M:%S')}
@@ -286,9 +268,8 @@ class FeatureCache:
 
 
 def split_features(cache, split, dataset, model, reuse, batch_size, workers, device):
-    """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when
-    ``reuse`` and it matches, else extracted by all ranks (under autocast if ``cache.amp``) and
-    written to the cache."""
+    """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when ``reuse`` and it
+    matches, else extracted by all ranks and cached."""
     loaded = {}
 
     def load_on_main():
@@ -298,7 +279,8 @@ def split_features(cache, split, dataset, model, reuse, batch_size, workers, dev
     if reuse and run_on_main(load_on_main):
         logging.getLogger('simreg').info(f'{split} features: reusing the cache in {cache.folder}')
         return loaded['cache'] if is_main_process() else (None, None)
-    features = extract_features(model, dataset, batch_size, workers, device, cache.amp, desc=f'{split} features')
+    features = extract_features(model, dataset, batch_size, workers, device, cache.recipe['amp'],
+                                desc=f'{split} features')
     if not is_main_process():
         return None, None
     labels = torch.tensor(dataset.targets, dtype=torch.int64)

@@ -58,13 +58,9 @@ def build_probe(var, mean, num_classes):
 
 
 def train_epoch_cached(probe, optimizer, features, labels, batch_size, cuda_graph=True):
-    """One epoch over features already on the device: a random permutation in batches (the last partial one
-    dropped unless it is the only one); metrics stay on the device until the end.
-
-    On CUDA the step (a dozen small kernels) is captured as a CUDA graph after a few eager warm-up steps and
-    replayed; the learning rate is a constant of the graph, so each epoch captures its own.
-    ``cuda_graph=False`` steps eagerly throughout.
-    """
+    """One epoch over features on the device, in batches of a random permutation (the last partial one dropped
+    unless it is the only one). On CUDA the step is captured as a CUDA graph after a few eager warm-up steps
+    (each epoch captures its own: the learning rate is a constant of the graph) unless ``cuda_graph=False``."""
     probe.train()
     n_batches = max(1, len(features) // batch_size)
     order = torch.randperm(len(features), device=features.device)

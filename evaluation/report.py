@@ -27,8 +27,7 @@ SOURCES = {  # option -> its default path, relative to EXP_DIR (demo/demo.sh's l
     'linear': os.path.join('linear', 'linear_results.json'),
     'imitation': 'imitation',
 }
-RESULT_FILES = {'teacher_knn': 'knn_results.json', 'before_knn': 'knn_results.json',
-                'after_knn': 'knn_results.json', 'linear': 'linear_results.json'}
+RESULT_FILES = {name: os.path.basename(SOURCES[name]) for name in ('teacher_knn', 'before_knn', 'after_knn', 'linear')}
 PANEL_INCHES, DPI = (5.0, 4.0), 120  # each panel of report.png: 600 x 480 pixels
 
 
@@ -48,8 +47,8 @@ def read_result(path, read=read_json):
 
 
 def source_paths(exp_dir, **given):
-    """The path of each source: ``given[name]`` where not None, else its default; relative to ``exp_dir``.
-    A knn/linear option may name the folder the script saved into or the result file itself."""
+    """The path of each source (``given[name]``, else its default) under ``exp_dir``; a knn/linear option may
+    name the script's output folder or the result file."""
     paths = {}
     for name, default in SOURCES.items():
         path = os.path.join(exp_dir, given.get(name) or default)
@@ -125,8 +124,7 @@ def collect(exp_dir, wall_time=None, **sources):
 
 
 def table_rows(report):
-    """Rows of (what, value): k-NN of teacher and student before/after, linear probe, imitation of the teacher
-    on held-out images, wall time; only those the report has."""
+    """(what, value) rows of the table, for the results the report has."""
     rows = []
     for key, what in [('teacher_knn', 'teacher k-NN top-1 (1-NN / 20-NN)'),
                       ('student_knn_before', 'student k-NN before distillation'),
@@ -175,11 +173,9 @@ def teacher_values(values):
 
 
 def plot_knn(ax, report):
-    """The student's online 1-NN by epoch, from the untrained student's at epoch 0, against the teacher's and the
-    untrained student's as horizontal lines: the online values when the log has them (the same train subset as
-    the curve), else the final evaluation's. The final evaluation (all train images) adds markers: the trained
-    student (star) and its linear probe (diamond) at the last epoch, the teacher (triangle) there too and the
-    untrained student (cross) at epoch 0."""
+    """The student's online 1-NN by epoch against the teacher's and the untrained student's (lines: online when
+    logged, else the final evaluation's); the final evaluation's markers: trained student (star), linear probe
+    (diamond), teacher (triangle) at the last epoch, untrained student (cross) at epoch 0."""
     online, epoch = report['online_knn'], last_epoch(report)
     x = epoch if epoch is not None else 0
     if online and online.get('1'):
