@@ -165,8 +165,8 @@ def restrict_folder(dataset, classes=None, per_class=None, seed=0):
 
 
 def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False):
-    """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps the original's
-    100-class subset (chosen from the classes of ``split``, so train and val agree)."""
+    """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps ``imagenet100_classes``
+    of the classes of ``split`` (so train and val agree)."""
     folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform, encoded=encoded)
     if dataset == 'imagenet100':
         if len(folder.classes) < 100:

@@ -159,7 +159,7 @@ def convert_original_cache(pth_path, dataset, log=print):
 
 
 def open_teacher_cache(path, dataset, log=print):
-    """Open ``--teacher_feats`` for ``dataset``: an ``.npy`` cache, or the original format, converted."""
+    """Open ``--teacher_feats`` for ``dataset``: an ``.npy`` cache, or one to convert (``convert_original_cache``)."""
     if not path:
         raise SimRegError('--use_cache needs --teacher_feats PATH (built by cache_teacher_feats.py)')
     if not path.endswith('.npy'):

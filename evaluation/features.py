@@ -86,7 +86,7 @@ def available_stages(backbone, head):
 
 
 def resolve_stage(stage, use_pred):
-    """``--stage``, where ``--use_pred`` (the original flag) means ``head``."""
+    """``--stage``, where ``--use_pred`` means ``head``."""
     if use_pred and stage not in (None, 'head'):
         raise SimRegError(f'--use_pred evaluates the head output but --stage is {stage}: pass only one')
     return 'head' if use_pred else (stage or 'backbone')
@@ -121,7 +121,7 @@ def _is_arch(backbone, arch):
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
     """Any checkpoint the project can load, as a FeatureModel.
 
-    Student checkpoints (this project's and the original code's) carry their architecture and head;
+    Student checkpoints (of every layout ``models.loading`` reads) carry their architecture and head;
     ``arch`` is then only checked. Any other file is a plain backbone (e.g. a teacher) and needs ``arch``.
     ``head_name`` picks the head of a several-teacher student.
     """

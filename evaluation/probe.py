@@ -42,7 +42,7 @@ class L2Normalize(nn.Module):
 
 
 class Standardize(nn.Module):
-    """(x - mean) / sqrt(var + 1e-5) with fixed train statistics (the original code's FullBatchNorm)."""
+    """(x - mean) / sqrt(var + 1e-5) with fixed train statistics."""
 
     def __init__(self, var, mean):
         super().__init__()
