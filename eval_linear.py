@@ -1,9 +1,6 @@
-"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol.
-
-Features are L2-normalised and standardised with the train-set mean/variance (taken once on the evaluation
-view and cached), then one Linear layer is trained with SGD + MultiStep decay on RandomResizedCrop + flip
-views; top-1/top-5 on val, from the val features extracted once (the center crop is deterministic).
-``--use_cache`` trains on the cached center-crop features instead, kept on the device.
+"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol (``evaluation.probe``):
+one Linear trained with SGD + MultiStep decay on RandomResizedCrop + flip views (``--use_cache``: on the cached
+center-crop features, on the device), validated on the val features extracted once.
 
     torchrun --nproc_per_node=<gpus> eval_linear.py --weights ckpt.pth --save out/ /path/to/imagenet
 """

@@ -33,11 +33,8 @@ def epoch_order(num_samples, seed, epoch):
 
 
 class GlobalBatchSampler(Sampler):
-    """This process's share of each global batch, as lists of ``(epoch, index)`` pairs.
-
-    ``set_epoch(epoch, start_step)`` chooses the epoch and the step it starts from (a run resumed in the
-    middle of an epoch skips the steps it has done); ``len`` is the number of steps left.
-    """
+    """This process's share of each global batch, as lists of ``(epoch, index)`` pairs; ``set_epoch(epoch,
+    start_step)`` chooses the epoch and its first step (a resumed run skips those done), ``len`` the steps left."""
 
     def __init__(self, num_samples, batch_size, world_size, rank, seed):
         if batch_size % world_size:

@@ -47,7 +47,8 @@ class TeacherFeatureCache:
         if self.meta.get('format') != FORMAT:
             raise SimRegError(f'{store.sidecar} is not a teacher feature sidecar: rebuild the '
                               f'cache with cache_teacher_feats.py')
-        self.path = path
+        self.path, self.feat_dim = path, self.meta['dim']
+        self.num_views = self.meta.get('views')  # K for a cache of K views per image, None for center crops
         views = (self.num_views,) if self.num_views else ()
         try:
             self.features = store.open({'features': ((self.meta['dataset']['num_samples'], *views, self.feat_dim),
@@ -58,15 +59,6 @@ class TeacherFeatureCache:
         with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read from
             warnings.simplefilter('ignore', UserWarning)
             self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # a row per (sample, view)
-
-    @property
-    def feat_dim(self):
-        return self.meta['dim']
-
-    @property
-    def num_views(self):
-        """K for a cache of K views per image, None for one center crop per image."""
-        return self.meta.get('views')
 
     def open_boxes(self):
         """The [N, K, 5] view boxes, refused unless they are the very file the cache was built with."""

@@ -1,16 +1,11 @@
 """What the evaluation scripts share: their flags, their start-up, and the extraction of each split's features.
 
-    p = argparse.ArgumentParser('...', add_help=True)
     common.add_data_args(p, 'dataset root holding train/ and val/')  # DIR --dataset -j -b --image_size --save
     common.add_feature_args(p)                      # --weights -a --use_pred --head --stage ... --load_cache --amp
-    ...
     run = common.start(args, 'knn_logs')            # processes, stage, output folder, logger
-    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)
-    if extracted is None:                           # not rank 0: its share of the extraction is done
-        return None
+    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)   # None on ranks other than 0
 
-eval_linear.py keeps the processes and the model for its probe training: it takes ``start`` and
-``open_features`` and extracts itself. eval_imitation.py shares the data flags.
+eval_linear.py, which trains its probe on every rank, takes ``start`` and ``open_features`` and extracts itself.
 """
 import logging
 import os
