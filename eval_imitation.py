@@ -1,8 +1,6 @@
-"""How well a student imitates its teacher: the mean cosine between the regression head's output
-and the teacher's feature on held-out images (center crops of ``<data>/val``).
-
-This is what distillation optimises (loss = 2 - 2 cos), measured on images the student never
-trained on; it says whether distillation worked even when the teacher is random and k-NN says little.
+"""How well a student imitates its teacher: the mean cosine between the regression head's output and the
+teacher's feature on held-out images (center crops of ``<data>/val``), what distillation optimises (loss =
+2 - 2 cos), measured where k-NN says little (e.g. a random teacher).
 
     python eval_imitation.py --weights exp/<exp>/checkpoints/ckpt_epoch_130.pth /path/to/imagenet
 """
@@ -49,8 +47,8 @@ def recorded_teacher(ckpt, args):
 
 
 class HeadAndTeacher(nn.Module):
-    """The student head's output and the teacher's feature of the same images, each L2-normalised, side
-    by side: one pass over the images (each decoded once) serves both."""
+    """The student head's output and the teacher's feature of the same images, each L2-normalised, side by
+    side: one pass over the images serves both."""
 
     def __init__(self, student, teacher):
         super().__init__()

@@ -1,8 +1,6 @@
-"""k-NN evaluation of a student (or any backbone) on ImageNet, with the original SimReg protocol.
-
-Majority-vote 1-NN and 20-NN top-1 (the paper's numbers, written to
-``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN (the protocol of later SSL papers),
-all from one exact faiss search over L2-normalised features, collected in ``knn_results.json``.
+"""k-NN evaluation of a student (or any backbone) on ImageNet, with the original SimReg protocol: majority-vote
+1-NN and 20-NN top-1 (the paper's numbers, ``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN, from one
+exact faiss search (``evaluation.knn``), all in ``knn_results.json``.
 
     torchrun --nproc_per_node=<gpus> eval_knn.py --weights ckpt.pth --save out/ /path/to/imagenet
 """
@@ -30,7 +28,7 @@ def get_args_parser():
 
 
 def main(args):
-    """k-NN of the checkpoint's features; returns the knn_results.json report on rank 0, None elsewhere."""
+    """The knn_results.json report on rank 0, None elsewhere."""
     run = common.start(args, 'knn_logs')
     extracted = common.extract_splits(run, ('train', 'val'), args.dataset)
     if extracted is None:

@@ -1,11 +1,6 @@
-"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol.
-
-Features are L2-normalised and standardised with the train-set mean/variance (taken once with the
-evaluation transform and cached), then one Linear layer is trained with SGD + MultiStep decay on
-RandomResizedCrop + flip views; top-1/top-5 on val. ``--use_cache`` trains on the cached
-center-crop features instead, kept on the device as one tensor. Validation reads the val features
-extracted once: the center crop is deterministic, so this equals the original's pass over val/ at
-every evaluation.
+"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol (``evaluation.probe``):
+one Linear trained with SGD + MultiStep decay on RandomResizedCrop + flip views (``--use_cache``: on the cached
+center-crop features, on the device), validated on the val features extracted once.
 
     torchrun --nproc_per_node=<gpus> eval_linear.py --weights ckpt.pth --save out/ /path/to/imagenet
 """
@@ -57,7 +52,7 @@ def main(args):
     """Train the probe (or, with --evaluate, validate one); returns on rank 0 the linear_results.json
     report (with --evaluate, linear_evaluate.json's), None elsewhere."""
     run = common.start(args, 'logs')
-    device, logger, save, stage = run.device, run.logger, run.save, run.stage
+    device, logger, save = run.device, run.logger, run.save
     seed_everything(args.seed, 0, get_rank())
     milestones = parse_milestones(args.lr_schedule)
     probe_path = args.resume or (os.path.join(save, 'model_best.pth.tar') if args.evaluate else '')
@@ -71,15 +66,7 @@ def main(args):
     extract = dict(model=model, reuse=True, batch_size=args.batch_size, workers=args.workers, device=device)
     if args.evaluate:  # the probe checkpoint holds the train statistics: the train split is not needed
         val_feats, val_labels = features.split_features(cache, 'val', datasets['val'], **extract)
-        result = None
-        if is_main_process():
-            dim = val_feats.shape[1]
-            linear = probe.build_probe(torch.ones(dim), torch.zeros(dim), num_classes).to(device)
-            load_probe_checkpoint(probe_path, cache, linear)
-            result = probe.evaluate(linear, val_feats.to(device), val_labels.to(device))
-            logger.info(f'{probe_path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
-            result = {'checkpoint': os.path.abspath(probe_path), **result}
-            write_text_atomic(json.dumps(result, indent=2) + '\n', os.path.join(save, 'linear_evaluate.json'))
+        result = validate_checkpoint(run, probe_path, cache, num_classes, val_feats, val_labels) if run.main else None
         cleanup()
         return result
     train_feats, train_labels = features.split_features(cache, 'train', datasets['train'], **extract)
@@ -94,36 +81,23 @@ def main(args):
         state.update(load_probe_checkpoint(args.resume, cache, linear, optimizer, scheduler))
         logger.info(f'=> resumed from {args.resume} at epoch {state["start_epoch"]}')
 
-    world = run.world_size
-    if args.use_cache:
+    if args.use_cache:  # rank 0 trains alone, on the features in device memory
         cleanup()
         if not run.main:
             return None
-        train_feats, train_labels = train_feats.to(device), train_labels.to(device)
-
-        def run_epoch(epoch):
-            return probe.train_epoch_cached(linear, optimizer, train_feats, train_labels, args.batch_size)
+        train_on = (train_feats.to(device), train_labels.to(device))
     else:
-        train_feats = train_labels = None    # only their statistics are needed from here on
-        train_set = build_dataset(args.data, 'train', probe.probe_train_transform(args.image_size), args.dataset)
-        sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
-        loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world), shuffle=sampler is None,
-                            sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda')
-        trained = DistributedDataParallel(linear) if world > 1 else linear
-
-        def run_epoch(epoch):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            return probe.train_epoch_images(model, trained, loader, optimizer, device, args.amp)
-
-    if is_main_process():
+        train_on = image_loader(args, run.world_size, device)
+    train_feats = train_labels = None  # their statistics are taken: free the memory
+    trained = DistributedDataParallel(linear) if run.world_size > 1 and not args.use_cache else linear
+    if run.main:
         val_feats, val_labels = val_feats.to(device), val_labels.to(device)
     board = TensorBoard(os.path.join(save, 'tb'))
     started, report = time.time(), None
     for epoch in range(state['start_epoch'], args.epochs):
         seed_everything(args.seed, epoch, get_rank())
         lr = optimizer.param_groups[0]['lr']
-        train = run_epoch(epoch)
+        train = train_epoch(args, epoch, train_on, model, trained, optimizer, device)
         scheduler.step()
         if is_main_process():
             record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train['loss'], 'train_acc1': train['acc1']}
@@ -139,21 +113,53 @@ def main(args):
             checkpoint = {'epoch': epoch + 1, 'state_dict': linear.state_dict(), 'best_acc1': state['best_acc1'],
                           'best_epoch': state['best_epoch'], 'optimizer': optimizer.state_dict(),
                           'lr_scheduler': scheduler.state_dict(), 'history': state['history'],
-                          'weights_sha256': cache.weights_sha256, 'stage': stage, 'args': vars(args)}
+                          'weights_sha256': cache.weights_sha256, 'stage': run.stage, 'args': vars(args)}
             save_atomic(checkpoint, os.path.join(save, 'checkpoint.pth.tar'))
             if state['best_epoch'] == epoch + 1:
                 save_atomic(checkpoint, os.path.join(save, 'model_best.pth.tar'))
-            report = write_results(save, state, args, stage, cache, world, time.time() - started)
+            report = write_results(save, state, args, run.stage, cache, run.world_size, time.time() - started)
         barrier()
     board.close()
     cleanup()
     return report
 
 
+def validate_checkpoint(run, path, cache, num_classes, val_feats, val_labels):
+    """--evaluate: the probe of ``path`` on the val features; writes linear_evaluate.json."""
+    dim = val_feats.shape[1]
+    linear = probe.build_probe(torch.ones(dim), torch.zeros(dim), num_classes).to(run.device)
+    load_probe_checkpoint(path, cache, linear)
+    result = probe.evaluate(linear, val_feats.to(run.device), val_labels.to(run.device))
+    run.logger.info(f'{path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
+    result = {'checkpoint': os.path.abspath(path), **result}
+    write_text_atomic(json.dumps(result, indent=2) + '\n', os.path.join(run.save, 'linear_evaluate.json'))
+    return result
+
+
+def image_loader(args, world, device):
+    """(loader, sampler) of the probe's augmented training images; the sampler is None in one process."""
+    train_set = build_dataset(args.data, 'train', probe.probe_train_transform(args.image_size), args.dataset)
+    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
+    loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world), shuffle=sampler is None,
+                        sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda')
+    return loader, sampler
+
+
+def train_epoch(args, epoch, train_on, model, linear, optimizer, device):
+    """One probe epoch: on the cached features (``train_on`` = (features, labels), --use_cache) or on the
+    augmented images through the frozen network (``train_on`` = (loader, sampler))."""
+    if args.use_cache:
+        return probe.train_epoch_cached(linear, optimizer, *train_on, args.batch_size)
+    loader, sampler = train_on
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    return probe.train_epoch_images(model, linear, loader, optimizer, device, args.amp)
+
+
 def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):
     """Restore a probe; refuse one trained on the features of another checkpoint or stage."""
     checkpoint = read_checkpoint(path)
-    if checkpoint.get('weights_sha256') != cache.weights_sha256 or checkpoint.get('stage') != cache.common['stage']:
+    if checkpoint.get('weights_sha256') != cache.weights_sha256 or checkpoint.get('stage') != cache.recipe['stage']:
         raise SimRegError(f'{path} is a probe of other features (weights or --stage differ): '
                           f'pass the probe checkpoint of this run')
     linear.load_state_dict(checkpoint['state_dict'])

@@ -1,10 +1,6 @@
-"""Transfer evaluation of a student or teacher on a dataset laid out as folders.
-
-``<data>/train/<class>/<image>``, ``<data>/val/...`` and/or ``<data>/test/...`` (train and at
-least one of the others). Center-crop features are extracted once (cached in ``--save``), then
-rank 0 fits an L-BFGS logistic-regression probe with the L2 strength chosen on a held-out split
-(the protocol of ``evaluation/transfer.py``) and runs k-NN on the same features. Results go to
-``transfer_results.json`` and ``transfer_results.txt``.
+"""Transfer evaluation of a student or teacher on ``<data>/train/<class>/<image>`` and ``val/`` and/or ``test/``:
+an L-BFGS logistic-regression probe (``evaluation.transfer``) and k-NN on the cached center-crop features,
+in ``transfer_results.json`` and ``transfer_results.txt``.
 
     torchrun --nproc_per_node=<gpus> eval_transfer.py --weights ckpt.pth --save out/ /path/to/dataset
 """
@@ -35,7 +31,7 @@ def get_args_parser():
 
 
 def present_splits(root):
-    """The splits under ``root``: train and at least one of val/test are required."""
+    """The splits under ``root``: train and at least one of val/test."""
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if 'train' not in present or len(present) < 2:
         raise SimRegError(f'{root} needs train/ and val/ and/or test/ (one sub-folder per class in each); '
@@ -44,8 +40,7 @@ def present_splits(root):
 
 
 def main(args):
-    """Linear probe and k-NN on the checkpoint's features; returns the transfer_results.json report on
-    rank 0, None elsewhere."""
+    """The transfer_results.json report on rank 0, None elsewhere."""
     if args.max_iter < 1:
         raise SimRegError(f'--max_iter {args.max_iter}: L-BFGS needs at least one iteration per L2 strength')
     splits = present_splits(args.data)

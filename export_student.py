@@ -1,23 +1,13 @@
-"""Write a distilled student's backbone for downstream use: a plain torchvision state dict, and/or ONNX.
+"""Write a distilled student's backbone for downstream use: a plain torchvision (or timm) state dict, and/or ONNX.
 
     python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth resnet18_simreg.pth
     python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth --onnx resnet18_simreg.onnx
 
-Reads any student checkpoint models.loading accepts (this project's, or the original code's),
-drops the regression head and every prefix; ``torchvision.models.<arch>()`` (``resnet18``,
-``mobilenet_v3_large``, ``efficientnet_b0``, ...; ``mobilenet_v2`` for ``mobilenet``) then loads the
-state dict with ``strict=False``, only the final classification Linear missing (its name is printed).
-With that Linear replaced by ``nn.Identity`` the torchvision model computes the student's feature.
-
-``--onnx`` writes the backbone in eval mode as an ONNX model: input ``images`` (float32 N x 3 x H x W,
-normalised with the ImageNet mean/std as the evaluation scripts do), output ``features`` (N x feat_dim,
-the pooled feature); the batch and spatial axes are dynamic. Before the file is written, onnxruntime runs
-it on a batch of another size than the export's example and must match PyTorch within 1e-4. Only this
-path imports onnx and onnxruntime (``pip install onnx onnxruntime``).
-
-A ViT student (``vit_tiny_patch16``, ``vit_small_patch16``) is written in timm's key names:
-``timm.create_model('vit_small_patch16_224', img_size=S)`` loads it the same way (S: its training
-``--image_size``, which sets its position embedding).
+Any student checkpoint ``models.loading`` accepts loses its regression head and prefixes; the state dict loads
+into ``torchvision.models.<arch>()`` with ``strict=False``, only the classifier missing (a ViT: timm's
+``vit_*_patch16_224`` at the training ``img_size``). ``--onnx`` writes the backbone in eval mode (input
+``images`` N x 3 x H x W, ImageNet-normalised; output ``features``; batch and spatial axes dynamic), once
+onnxruntime matches PyTorch within ``ONNX_TOLERANCE`` on a batch of another size than the export's.
 """
 import argparse
 import io
@@ -32,7 +22,7 @@ from utils.errors import SimRegError, exit_on_user_error
 
 ONNX_TOLERANCE = 1e-4  # max|onnxruntime - PyTorch| <= ONNX_TOLERANCE * max(1, max|PyTorch|)
 EXAMPLE_BATCH, CHECK_BATCH = 2, 3  # the export traces one batch size, the check runs another
-OPSETS = range(9, 21)  # what torch's TorchScript-based ONNX exporter writes with initializers as weights, not inputs
+OPSETS = range(9, 21)  # the opsets torch's TorchScript-based exporter writes
 
 
 def get_args_parser():
@@ -103,8 +93,7 @@ def export_onnx(backbone, path, image_size, opset):
     example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=generator)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        # torch calls the TorchScript-based exporter "legacy"; it needs no onnxscript and exports these
-        # backbones with dynamic batch and spatial axes in about a second (the dynamo exporter: 10-50 s)
+        # torch calls the TorchScript-based exporter "legacy"; unlike the dynamo one it needs no onnxscript
         warnings.filterwarnings('ignore', category=DeprecationWarning)
         try:
             torch.onnx.export(backbone.eval(), (example,), buffer, dynamo=False, opset_version=opset,

@@ -18,10 +18,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data.folders import build_dataset
+from data import replay
+from data.folders import add_dataset_arg, build_dataset
 from data.gpu_views import GpuDecodedInput, ViewParams, encoded_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
-from data.teacher_cache import ReplayedViews
 from data.transforms import DeviceInput, TwoViews
 from evaluation.online_knn import OnlineKnn
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
@@ -30,7 +30,7 @@ from models.head import build_head
 from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64, regression_loss
 from models.student import student_checkpoint
-from models.teachers import build_teachers, replayed_boxes
+from models.teachers import build_teachers
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
 from utils.checkpoint import (Checkpointer, Preempted, make_folder, read_checkpoint, remove_stale_temp_files,
@@ -43,8 +43,7 @@ from utils.preemption import StopRequest, ignore_in_loader_worker
 def get_args_parser():
     p = argparse.ArgumentParser('SimReg distillation', add_help=True)
     p.add_argument('data', help='dataset root holding train/<class>/<image>')
-    p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
-                   help="full dataset, or the original's 100-class subset")
+    add_dataset_arg(p)
     p.add_argument('--base_dir', default='./', help='outputs go to <base_dir>/exp/<exp>/')
     p.add_argument('--exp', default='outputs', help='experiment name')
     p.add_argument('--print_freq', type=int, default=100, help='log every N steps')
@@ -266,11 +265,9 @@ def build_input(args, dataset, teachers, ctx):
     single_view = args.single_aug or not any(t.needs_view for t in teachers.values())  # no teacher view needed
     views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
     to_device = DeviceInput(ctx.device, ctx.memory_format, single_view)
-    boxes = replayed_boxes(teachers, args)
-    if boxes is not None:
-        dataset = ReplayedViews(dataset, boxes, args.image_size)
-        ctx.logs.text.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
-                           boxes.shape[1])
+    replayed = replay.student_dataset(dataset, teachers, args, ctx.logs.text)  # logs that the student replays
+    if replayed is not None:
+        dataset = replayed
     elif args.gpu_decode:  # the workers read the files and draw the views' parameters; the device does the rest
         dataset.transform = ViewParams(views)
         to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed)

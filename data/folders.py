@@ -1,4 +1,5 @@
-"""ImageFolder that returns each sample's index, with checks that fail early and clearly."""
+"""Image folders: ImageFolder with sample indices, image decoding with clear errors, the one subsetter
+(ImageNet-100, the k-NN train subset) and the --dataset flag."""
 import io
 import os
 import struct
@@ -36,19 +37,15 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def is_jpeg(data):
-    """Whether an encoded image (uint8 tensor) starts like a JPEG: only those go to torchvision's decoders,
-    whose PNG decoder crashes the process (SIGSEGV) on a PNG with fewer rows than its header says."""
+    """Whether an encoded image (uint8 tensor) starts like a JPEG: only those go to torchvision's decoders
+    (its PNG decoder crashes the process on a truncated PNG)."""
     return len(data) >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
 
 
 def decode_bytes(data, name):
-    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W).
-
-    JPEGs (also CMYK and grayscale ones) go to torchvision's fast decoder; everything else (ImageNet has a
-    PNG named .JPEG) and a JPEG torchvision refuses to PIL, which raises on damaged data where the
-    torchvision PNG decoder can crash the process; a PNG is first checked to hold the rows its header
-    promises (PIL fills missing ones with black). A file that cannot be read gets a message naming it.
-    """
+    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W): JPEGs with
+    torchvision, everything else (ImageNet has a PNG named .JPEG, CMYK JPEGs) with PIL, a PNG first checked to
+    hold the rows its header promises. A file that cannot be read gets a SimRegError naming it."""
     if is_jpeg(data):
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -93,10 +90,8 @@ def check_png_rows(raw):
 
 
 class IndexedImageFolder(datasets.ImageFolder):
-    """``(index, image, label)`` samples; the index addresses cached teacher features.
-
-    ``encoded=True`` returns each file's bytes undecoded, for decoding on the GPU (``--gpu_decode``).
-    """
+    """``(index, image, label)`` samples, the index addressing cached teacher features; ``encoded=True`` gives
+    each file's bytes undecoded (``--gpu_decode``)."""
 
     def __init__(self, root, transform=None, encoded=False):
         check_image_root(root)
@@ -123,6 +118,15 @@ def check_image_root(root):
                           f'{root}/<class>/<image>')
 
 
+DATASETS = ('imagenet', 'imagenet100')
+
+
+def add_dataset_arg(parser, note=''):
+    """--dataset, the same in every script; ``note`` adds to its help."""
+    parser.add_argument('--dataset', default='imagenet', choices=DATASETS,
+                        help="full dataset, or the original's 100-class subset" + note)
+
+
 def imagenet100_classes(classes, num_classes=100, seed=1234):
     """The original's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
     kept in sorted order."""
@@ -130,30 +134,39 @@ def imagenet100_classes(classes, num_classes=100, seed=1234):
     return [classes[i] for i in sorted(order)]
 
 
-def keep_classes(dataset, keep):
-    """Restrict an ImageFolder to ``keep`` classes, relabelled 0..len(keep)-1 in sorted order.
-
-    The original wrote the new mapping to a misspelt ``classes_to_idx`` and never imported
-    numpy; both are fixed here, and ``targets`` stays consistent with ``samples``.
-    """
-    new_label = {dataset.class_to_idx[c]: i for i, c in enumerate(keep)}
-    dataset.samples = [(p, new_label[y]) for p, y in dataset.samples if y in new_label]
+def restrict_folder(dataset, classes=None, per_class=None, seed=0):
+    """Restrict an ImageFolder in place, its samples, targets and classes kept consistent: to ``classes``
+    (relabelled 0..len(classes)-1 in that order), and/or to ``per_class`` images of every class (all of a
+    smaller one), chosen by a numpy permutation seeded with ``seed``, in the dataset's order."""
+    if classes is not None:
+        new_label = {dataset.class_to_idx[c]: i for i, c in enumerate(classes)}
+        dataset.samples = [(p, new_label[y]) for p, y in dataset.samples if y in new_label]
+        dataset.classes = list(classes)
+        dataset.class_to_idx = {c: i for i, c in enumerate(classes)}
+    if per_class is not None:
+        if per_class < 1:
+            raise SimRegError(f'--knn_train_per_class / --train_per_class must be at least 1, got {per_class}')
+        targets = np.array([y for _, y in dataset.samples])
+        rng = np.random.RandomState(seed)
+        keep = []
+        for label in range(len(dataset.classes)):
+            members = np.flatnonzero(targets == label)
+            keep.extend(members[rng.permutation(len(members))[:per_class]].tolist())
+        dataset.samples = [dataset.samples[i] for i in sorted(keep)]
     dataset.imgs = dataset.samples
     dataset.targets = [y for _, y in dataset.samples]
-    dataset.classes = list(keep)
-    dataset.class_to_idx = {c: i for i, c in enumerate(keep)}
     return dataset
 
 
 def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False):
-    """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps the original's
-    100-class subset (chosen from the classes of ``split``, so train and val agree)."""
+    """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps ``imagenet100_classes``
+    of the classes of ``split`` (so train and val agree)."""
     folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform, encoded=encoded)
     if dataset == 'imagenet100':
         if len(folder.classes) < 100:
             raise SimRegError(f'--dataset imagenet100 needs at least 100 classes, '
                               f'{data_root}/{split} has {len(folder.classes)}')
-        keep_classes(folder, imagenet100_classes(folder.classes))
+        restrict_folder(folder, imagenet100_classes(folder.classes))
     elif dataset != 'imagenet':
         raise SimRegError(f"unknown --dataset '{dataset}': use imagenet or imagenet100")
     return folder

@@ -4,10 +4,9 @@ processes, loader workers or where a run was resumed.
 - The epoch's order is a permutation drawn from (seed, epoch) alone.
 - Step s of an epoch is the slice [s * batch_size, (s + 1) * batch_size) of that order (``batch_size``
   is the total over all processes); each process takes its contiguous share of it. An epoch has
-  floor(N / batch_size) steps, as the original's drop_last.
+  floor(N / batch_size) steps (drop_last).
 - Every sample is drawn as ``(epoch, index)``; ``SeededSamples`` seeds torch's random stream from
-  (seed, epoch, index) before making it, so its crop, flip, colour ops and blur (and, for a multi-view
-  cache, the choice of the view) are the same whichever worker, rank or step makes it.
+  (seed, epoch, index) before making it, so its augmentations are the same whichever worker or rank makes it.
 """
 import numpy as np
 import torch
@@ -16,23 +15,26 @@ from torch.utils.data import Dataset, Sampler
 from utils.errors import SimRegError
 
 
+def derive_seed(*numbers):
+    """A 32-bit seed that is a function of ``numbers`` alone (numpy's SeedSequence): the project's one way to
+    derive seeds, the same in every process, worker and rerun."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
 def sample_seed(seed, epoch, index):
-    """The seed of sample ``index`` in ``epoch``: a function of the three numbers alone."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    """The seed of sample ``index`` in ``epoch``."""
+    return derive_seed(seed, epoch, index)
 
 
 def epoch_order(num_samples, seed, epoch):
     """The epoch's permutation of the sample indices, from (seed, epoch) alone."""
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
 
 class GlobalBatchSampler(Sampler):
-    """This process's share of each global batch, as lists of ``(epoch, index)`` pairs.
-
-    ``set_epoch(epoch, start_step)`` chooses the epoch and the step it starts from (a run resumed in the
-    middle of an epoch skips the steps it has done); ``len`` is the number of steps left.
-    """
+    """This process's share of each global batch, as lists of ``(epoch, index)`` pairs; ``set_epoch(epoch,
+    start_step)`` chooses the epoch and its first step (a resumed run skips those done), ``len`` the steps left."""
 
     def __init__(self, num_samples, batch_size, world_size, rank, seed):
         if batch_size % world_size:

@@ -1,42 +1,34 @@
-"""Teacher features cached on disk: an fp16 ``.npy`` [N, D] in dataset order + a JSON sidecar.
+"""Teacher features cached on disk for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON
+sidecar (a ``utils.store.Store``). Training memory-maps the array and gathers a batch's rows by sample index.
 
-Training memory-maps the array and gathers a batch's target rows by the sample indices the
-loader returns, one vectorised read per batch. The original instead kept a Python dict
-file name -> tensor of every feature in RAM (42 GB for a ResNet-50x4 teacher) and copied rows one
-by one each step; such a file is converted once (``convert_original_cache``).
-
-A multi-view cache (``cache_teacher_feats.py --cache_views K``) holds [N, K, D] features of K weak
-views per image, and beside it ``<name>.views.npy``, each view's crop box and flip [N, K, 5]
-(``data.transforms.VIEW_COLUMNS``): training replays a stored view for the student
-(``ReplayedViews``) and regresses that view's row, so teacher and student see the same pixels.
+A multi-view cache holds [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which
+the student replays (``data.replay``). The original code's cache (a dict file name -> feature) is converted.
 """
 import hashlib
-import json
 import os
 import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from data.transforms import replay_weak_view
-from utils.checkpoint import file_sha256, write_text_atomic
+from utils.checkpoint import file_sha256
 from utils.errors import SimRegError
+from utils.store import Store, StoreMismatch, sidecar_path
 
 FORMAT = 'simreg-teacher-features'
 
 
-def sidecar_path(npy_path):
-    return os.path.splitext(npy_path)[0] + '.json'
-
-
 def views_path(npy_path):
-    """Where a multi-view cache keeps its views (crop box + flip of each cached view)."""
     return os.path.splitext(npy_path)[0] + '.views.npy'
 
 
+def cache_store(npy_path):
+    """The features at ``npy_path``, the views of a multi-view cache beside them, and their sidecar."""
+    return Store(sidecar_path(npy_path), {'features': npy_path, 'views': views_path(npy_path)})
+
+
 def dataset_fingerprint(dataset):
-    """What a cache must agree with: sample count and the file list (relative paths, in order)."""
+    """What a cache must agree with: the sample count and the file list (relative paths, in order)."""
     relative = [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
     digest = hashlib.sha256('\n'.join(relative).encode()).hexdigest()
     return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative),
@@ -47,37 +39,29 @@ class TeacherFeatureCache:
     """Read side: rows of the memory-mapped array, checked against the dataset."""
 
     def __init__(self, path):
-        if not os.path.isfile(path) or not os.path.isfile(sidecar_path(path)):
-            raise SimRegError(f'teacher feature cache {path} (with {sidecar_path(path)}) not found: '
+        store = cache_store(path)
+        if not os.path.isfile(path) or not store.exists():
+            raise SimRegError(f'teacher feature cache {path} (with {store.sidecar}) not found: '
                               f'build it with cache_teacher_feats.py')
-        with open(sidecar_path(path)) as f:
-            self.meta = json.load(f)
+        self.meta = store.meta()
         if self.meta.get('format') != FORMAT:
-            raise SimRegError(f'{sidecar_path(path)} is not a teacher feature sidecar: rebuild the '
+            raise SimRegError(f'{store.sidecar} is not a teacher feature sidecar: rebuild the '
                               f'cache with cache_teacher_feats.py')
-        self.path = path
-        self.features = np.load(path, mmap_mode='r')
+        self.path, self.feat_dim = path, self.meta['dim']
+        self.num_views = self.meta.get('views')  # K for a cache of K views per image, None for center crops
         views = (self.num_views,) if self.num_views else ()
-        expected = (self.meta['dataset']['num_samples'], *views, self.meta['dim'])
-        if self.features.shape != expected or self.features.dtype != np.float16:
-            raise SimRegError(f'{path} holds {self.features.dtype} {self.features.shape}, its sidecar '
-                              f'says float16 {expected}: the file is incomplete; rebuild it')
+        try:
+            self.features = store.open({'features': ((self.meta['dataset']['num_samples'], *views, self.feat_dim),
+                                                     np.float16)})['features']
+        except StoreMismatch as exc:
+            raise SimRegError(f'{exc}: the file is incomplete; rebuild it') from None
         self.boxes = self.open_boxes() if self.num_views else None
         with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read from
             warnings.simplefilter('ignore', UserWarning)
             self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # a row per (sample, view)
 
-    @property
-    def feat_dim(self):
-        return self.meta['dim']
-
-    @property
-    def num_views(self):
-        """K for a cache of K views per image, None for one center crop per image."""
-        return self.meta.get('views')
-
     def open_boxes(self):
-        """The [N, K, 5] view boxes (crop box + flip), refused unless they are the very file the cache was built with."""
+        """The [N, K, 5] view boxes, refused unless they are the very file the cache was built with."""
         path = views_path(self.path)
         if not os.path.isfile(path) or file_sha256(path) != self.meta.get('views_sha256'):
             state = 'is missing' if not os.path.isfile(path) else 'is not the one it was built with'
@@ -99,11 +83,8 @@ class TeacherFeatureCache:
                               f"not the same files; rebuild the cache")
 
     def rows(self, indices, pin_memory=False):
-        """fp16 CPU tensor of the rows for these sample indices (one index_select on the memmap); for a
-        multi-view cache ``indices`` holds (sample, view) pairs [B, 2], as ``ReplayedViews`` returns.
-
-        ``pin_memory=True`` gathers into page-locked memory from torch's caching host allocator, so the
-        copy to a GPU is truly asynchronous, and a buffer is reused only once its copy is done."""
+        """fp16 CPU tensor of the rows of these sample indices, or (sample, view) pairs [B, 2] of a multi-view
+        cache; ``pin_memory=True`` gathers into page-locked memory, for an asynchronous copy to a GPU."""
         if (indices.dim() == 2) != bool(self.num_views):
             raise ValueError(f'{self.path}: {indices.dim()}-d indices for a cache of '
                              f'{self.num_views or 1} view(s) per image')
@@ -112,86 +93,35 @@ class TeacherFeatureCache:
         return torch.index_select(self.table, 0, rows, out=out)
 
 
-class ReplayedViews(Dataset):
-    """Training samples for a multi-view cache: each time a sample is drawn it picks one of its K stored
-    views at random (torch's RNG, which ``data.sampler.SeededSamples`` seeds from (seed, epoch, index) like
-    every augmentation, so any worker, rank or resumed run makes the same choice) and returns ``((index, view), the replayed view, label)``; the teacher's
-    target is that view's row."""
-
-    def __init__(self, dataset, boxes, size):
-        self.dataset = dataset
-        self.boxes = boxes
-        self.size = size
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        path, label = self.dataset.samples[index]
-        view = int(torch.randint(self.boxes.shape[1], ()))
-        image = replay_weak_view(self.dataset.loader(path), self.boxes[index, view], self.size)
-        return torch.tensor([index, view]), image, label
-
-
 def write_cache(path, blocks, meta, view_blocks=None):
-    """Write the arrays ``blocks`` ([n_i, D] each, in dataset order) one after another as the fp16 cache
-    ``path``, then its sidecar. One block at a time is read (memory-mapped blocks are welcome), never
-    all N x D; the array appears atomically and the sidecar last, so a cache without one was interrupted.
-
-    A multi-view cache has blocks [n_i, K, D] and ``view_blocks`` [n_i, K, 5] (``VIEW_COLUMNS``), written
-    to ``views_path(path)`` before the sidecar, which records their sha256 (``meta`` has ``views: K``)."""
+    """The cache ``path`` from ``blocks`` [n_i, D] (or [n_i, K, D] with ``view_blocks`` [n_i, K, 5]) in dataset
+    order, one block in memory at a time, then its sidecar, which records the views' sha256."""
     shapes = {block.shape[1:] for block in blocks}
     if len(shapes) != 1:
         raise ValueError(f'blocks of {sorted(shapes)} trailing shapes: one feature dim (and view count) expected')
-    for stale in (sidecar_path(path), views_path(path)):
-        if os.path.exists(stale):
-            os.remove(stale)  # never pair a new array with an old sidecar or old views
-    write_blocks(path, blocks, np.float16)
+    arrays = {'features': [np.asarray(block, dtype=np.float16) for block in blocks]}
     if view_blocks is not None:
-        write_blocks(views_path(path), view_blocks, np.int32)
+        arrays['views'] = [np.asarray(block, dtype=np.int32) for block in view_blocks]
+    cache_store(path).write_arrays(arrays)
+    if view_blocks is not None:
         meta = {**meta, 'views_sha256': file_sha256(views_path(path))}
     write_sidecar(path, meta)
 
 
-def write_blocks(path, blocks, dtype):
-    """Concatenate ``blocks`` along their first axis into the ``.npy`` at ``path``, one block in memory
-    at a time; the file appears atomically."""
-    tmp = path + '.tmp.npy'
-    try:
-        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype,
-                                        shape=(sum(len(block) for block in blocks), *blocks[0].shape[1:]))
-        row = 0
-        for block in blocks:
-            out[row:row + len(block)] = block
-            row += len(block)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_sidecar(path, meta):
-    """The one writer of the sidecar of the fp16 ``.npy`` at ``path``: ``format`` and ``dim`` (read from
-    the array, whose rows must match ``meta['dataset']['num_samples']``) plus ``meta``: ``teacher``,
-    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size`` and any extra keys; a multi-view
-    cache's ``views`` (K, its array is [N, K, D]), ``view_spec`` and ``views_sha256``."""
-    array = np.load(path, mmap_mode='r')
-    views = (meta['views'],) if meta.get('views') else ()
-    if (array.dtype != np.float16 or array.ndim != 2 + len(views) or array.shape[1:-1] != views
-            or len(array) != meta['dataset']['num_samples']):
-        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected float16 rows of "
-                         f"{views[0] if views else 1} view(s) for {meta['dataset']['num_samples']} images")
-    write_text_atomic(json.dumps({'format': FORMAT, 'dim': int(array.shape[-1]), **meta}, indent=2) + '\n',
-                      sidecar_path(path))
+    """The sidecar of the fp16 array at ``path``: ``format``, ``dim`` (the array's), then ``meta``: ``teacher``,
+    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size``, any extra keys, and a multi-view
+    cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the array is not [N, (K,) D]."""
+    store, views = cache_store(path), [meta['views']] if meta.get('views') else []
+    array = store.open({'features': ((meta['dataset']['num_samples'], *views, None), np.float16)})['features']
+    store.write_meta({'format': FORMAT, 'dim': int(array.shape[-1]), **meta})
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The original's cache (a torch-saved dict image file name -> feature) as an ``.npy`` beside it,
-    rows in dataset order. Returns the new path; reused when it exists and matches."""
+    """The original code's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
+    its path (an existing one is reused)."""
     out = os.path.splitext(pth_path)[0] + '.npy'
-    if os.path.isfile(out) and os.path.isfile(sidecar_path(out)):
+    if os.path.isfile(out) and cache_store(out).exists():
         return out
     try:
         by_name = torch.load(pth_path, map_location='cpu', weights_only=True)
@@ -221,7 +151,7 @@ def convert_original_cache(pth_path, dataset, log=print):
 
 
 def open_teacher_cache(path, dataset, log=print):
-    """Open ``--teacher_feats`` for ``dataset``: an ``.npy`` cache, or the original format, converted."""
+    """Open ``--teacher_feats`` for ``dataset``: an ``.npy`` cache, or one to convert (``convert_original_cache``)."""
     if not path:
         raise SimRegError('--use_cache needs --teacher_feats PATH (built by cache_teacher_feats.py)')
     if not path.endswith('.npy'):

@@ -4,12 +4,10 @@ normalisation on the device (``normalize``, ``DeviceInput``): the values of ``To
 import functools
 import math
 
-import numpy as np
 import torch
 from torchvision.transforms import v2
 
 WEAK_SCALE = (0.2, 1.0)
-VIEW_COLUMNS = ('top', 'left', 'height', 'width', 'flip')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_SIGMA = (0.1, 2.0)
@@ -23,31 +21,6 @@ def weak_transform(size):
         v2.RandomResizedCrop(size, scale=WEAK_SCALE, antialias=True),
         v2.RandomHorizontalFlip(),
     ])
-
-
-def view_seed(seed, index, view):
-    """The seed of view ``view`` of image ``index``: a function of the three numbers alone, so that every
-    process, shard and rerun of a build draws the same views."""
-    return int(np.random.SeedSequence([seed, index, view]).generate_state(1)[0])
-
-
-def draw_weak_view(image, size, seed):
-    """(top, left, height, width, flip) of a weak view of ``image``, drawn by ``weak_transform``'s own
-    crop and flip code from the RNG seeded with ``seed``: ``torch.manual_seed(seed)`` then
-    ``weak_transform(size)(image)`` gives the same pixels as ``replay_weak_view`` of this view."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        box = v2.RandomResizedCrop(size, scale=WEAK_SCALE).make_params([image])
-        flip = torch.rand(1).item() < 0.5  # RandomHorizontalFlip's draw (p = 0.5)
-    return box['top'], box['left'], box['height'], box['width'], int(flip)
-
-
-def replay_weak_view(image, view, size):
-    """The weak view (top, left, height, width, flip) of a uint8 image, resized to ``size``: what
-    ``weak_transform`` makes once it has drawn these parameters."""
-    top, left, height, width, flip = (int(v) for v in view)
-    crop = v2.functional.resized_crop(image, top, left, height, width, [size, size], antialias=True)
-    return v2.functional.horizontal_flip(crop) if flip else crop
 
 
 def strong_transform(size):

@@ -1,18 +1,11 @@
-"""What the evaluation scripts share: their common flags, their start-up, and the extraction of each
-split's features before the evaluation itself.
+"""What the evaluation scripts share: their flags, their start-up, and the extraction of each split's features.
 
-    p = argparse.ArgumentParser('...', add_help=True)
     common.add_data_args(p, 'dataset root holding train/ and val/')  # DIR --dataset -j -b --image_size --save
     common.add_feature_args(p)                      # --weights -a --use_pred --head --stage ... --load_cache --amp
-    ...
     run = common.start(args, 'knn_logs')            # processes, stage, output folder, logger
-    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)
-    if extracted is None:                           # not rank 0: its share of the extraction is done
-        return None
+    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)   # None on ranks other than 0
 
-eval_knn.py and eval_transfer.py use all of it; eval_linear.py keeps the processes and the model for
-its probe training, so it takes ``start`` and ``open_features`` and extracts itself; eval_imitation.py
-(no stage, no cache) shares the data flags.
+eval_linear.py, which trains its probe on every rank, takes ``start`` and ``open_features`` and extracts itself.
 """
 import logging
 import os
@@ -21,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from data.folders import build_dataset
+from data.folders import add_dataset_arg, build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import features
-from evaluation.online_knn import class_balanced_subset
 from utils.checkpoint import writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.logging import setup_logger
@@ -34,13 +26,11 @@ OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_
 
 def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
                   save_help='output folder for results, logs and feature caches (default: %(default)s)'):
-    """The images an evaluation reads and where its results go: DIR, --dataset (unless ``dataset`` is
-    False: a transfer dataset has no ImageNet subset), -j/--workers, -b/--batch-size, --image_size, --save;
-    and --dist_timeout."""
+    """DIR, --dataset (unless ``dataset`` is False), -j/--workers, -b/--batch-size, --image_size, --save and
+    --dist_timeout: the images an evaluation reads and where its results go."""
     p.add_argument('data', metavar='DIR', help=data_help)
     if dataset:
-        p.add_argument('--dataset', default='imagenet', choices=['imagenet', 'imagenet100'],
-                       help='full dataset or the original 100-class subset')
+        add_dataset_arg(p)
     p.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
     p.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
     p.add_argument('--image_size', default=224, type=int,
@@ -50,9 +40,20 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
 
 
 def add_feature_args(p, load_cache=True, linear_pred=True):
-    """Which features are evaluated and how they are extracted: the checkpoint flags
-    (``features.add_checkpoint_args``), --load_cache (unless the script always reuses its cache) and --amp."""
-    features.add_checkpoint_args(p, linear_pred=linear_pred)
+    """The checkpoint and its stage, --linear_pred, --load_cache (unless the script always reuses its cache)
+    and --amp: which features are evaluated and how they are extracted."""
+    p.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
+    p.add_argument('-a', '--arch', default=None,
+                   help='architecture of a plain backbone/teacher file; student checkpoints carry their '
+                        'own (if given, it is checked against the student)')
+    p.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
+    p.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
+    p.add_argument('--stage', default=None,
+                   help='where to take features: backbone (default), layer3, layer4, head or head.<i> '
+                        '(output of the head Linear at index i)')
+    if linear_pred:
+        p.add_argument('--linear_pred', action='store_true',
+                       help='check that the student has the linear head (the head is built from the checkpoint)')
     if load_cache:
         p.add_argument('--load_cache', action='store_true',
                        help='reuse the features an earlier run cached in --save (refused unless the same '
@@ -77,8 +78,8 @@ class Run:
 
 
 def start(args, log_name, save=None):
-    """Join the processes (torchrun, or one), resolve the stage and its output folder under ``save``
-    (default ``args.save``; made by rank 0), log to ``<folder>/<log_name>`` on rank 0, log the flags."""
+    """Join the processes, resolve the stage and its output folder under ``save`` (default ``args.save``), log
+    to ``<folder>/<log_name>`` on rank 0, starting with the flags."""
     device = init_distributed(args.dist_timeout)
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
@@ -91,12 +92,9 @@ def start(args, log_name, save=None):
 
 
 def open_features(run, splits, name):
-    """(FeatureModel, {split: dataset} on the evaluation view, their FeatureCache in ``run.save``).
-
-    ``name`` is the dataset's name in the cache; every split must hold the same classes. Flags that a
-    script leaves out mean: no --linear_pred check, no --dataset subset, and (without --load_cache)
-    a cache that the script always reuses.
-    """
+    """(FeatureModel, {split: dataset} on the evaluation view, their FeatureCache in ``run.save``); ``name``
+    is the dataset's name in the cache. A flag the script lacks means no check, no subset, or a cache always
+    reused."""
     args = run.args
     model = features.load_feature_model(args.weights, args.arch, run.stage, getattr(args, 'linear_pred', False),
                                         head_name=args.head)
@@ -105,11 +103,11 @@ def open_features(run, splits, name):
                 for split in splits}
     features.check_same_classes(datasets)
     if getattr(args, 'train_per_class', 0):  # eval_knn.py: the online k-NN's train subset
-        class_balanced_subset(datasets['train'], args.train_per_class, args.subset_seed)
+        restrict_folder(datasets['train'], per_class=args.train_per_class, seed=args.subset_seed)
     hint = ('delete those files, pass another --save, or run without --load_cache to recompute them'
             if hasattr(args, 'load_cache') else 'delete those files or pass another --save')
-    cache = features.FeatureCache(run.save, args.weights, run.stage, name, args.image_size, refuse_hint=hint,
-                                  amp=args.amp)
+    recipe = dict(stage=run.stage, dataset=name, image_size=args.image_size, amp=args.amp)
+    cache = features.FeatureCache(run.save, args.weights, recipe, hint)
     return model, datasets, cache
 
 
@@ -122,10 +120,9 @@ class Extracted:
 
 
 def extract_splits(run, splits, name):
-    """The features of each split: extracted by every rank (or read by rank 0 from the cache with
-    --load_cache), gathered on rank 0. Then the process group ends and the model and its GPU memory are
-    freed, for the k-NN search and the probes that rank 0 runs alone. An ``Extracted`` on rank 0, None
-    on the other ranks."""
+    """The features of each split (extracted by every rank, or read from the cache with --load_cache) as an
+    ``Extracted`` on rank 0, None elsewhere; then the process group ends and the model's memory is freed for
+    what rank 0 runs alone."""
     args = run.args
     model, datasets, cache = open_features(run, splits, name)
     extracted = {split: features.split_features(cache, split, dataset, model, args.load_cache, args.batch_size,

@@ -1,11 +1,10 @@
 """Extract features once, for k-NN and the linear probe alike.
 
-A checkpoint becomes a ``FeatureModel`` (backbone, optionally cut at an earlier stage or
-continued through the regression head); every rank runs a contiguous slice of the dataset and
-rank 0 gathers the slices back in dataset order. Features are L2-normalised and stored as
-float16 with a JSON sidecar that says what they are, so a later run can reuse them safely.
+A checkpoint becomes a ``FeatureModel`` (backbone, cut at an earlier stage or continued through the
+regression head); every rank extracts a contiguous slice of the dataset and rank 0 gathers the slices in
+dataset order. Features are L2-normalised, float16, and cached with a sidecar that says what they are.
 """
-import json
+import functools
 import logging
 import os
 import time
@@ -23,9 +22,10 @@ from data.transforms import normalize
 from models.backbones import build_backbone
 from models.loading import load_backbone
 from models.student import load_student
-from utils.checkpoint import file_sha256, read_checkpoint, save_npy_atomic, write_text_atomic
+from utils.checkpoint import file_sha256, read_checkpoint
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
+from utils.store import Store, StoreMismatch, differing
 
 GATHER_ROWS = 32768
 BACKBONE_LAYERS = ('layer3', 'layer4')
@@ -40,12 +40,9 @@ class _StageReached(Exception):
 
 
 class FeatureModel(nn.Module):
-    """The network up to the evaluated stage, in eval mode.
-
-    Stages: ``backbone`` (the pooled feature), ``layer3``/``layer4`` (that ResNet block's output,
-    average-pooled), ``head`` (the regression head's output, what ``--use_pred`` evaluates) and
-    ``head.<i>`` (the output of the head's Linear at index ``i``).
-    """
+    """The network up to the evaluated stage, in eval mode: ``backbone`` (the pooled feature), ``layer3`` or
+    ``layer4`` (that ResNet block's output, average-pooled), ``head`` (the regression head's output) or
+    ``head.<i>`` (the output of the head's Linear at index ``i``)."""
 
     def __init__(self, backbone, head, stage='backbone'):
         super().__init__()
@@ -89,33 +86,17 @@ def available_stages(backbone, head):
     return stages
 
 
-def add_checkpoint_args(parser, linear_pred=True):
-    """The flags that say which features an evaluation script reads, the same in every script."""
-    parser.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
-    parser.add_argument('-a', '--arch', default=None,
-                        help='architecture of a plain backbone/teacher file; student checkpoints carry their '
-                             'own (if given, it is checked against the student)')
-    parser.add_argument('--use_pred', action='store_true', help='evaluate the regression head output (= --stage head)')
-    parser.add_argument('--head', help='with --use_pred/--stage head*: which head of a several-teacher student')
-    parser.add_argument('--stage', default=None,
-                        help='where to take features: backbone (default), layer3, layer4, head or head.<i> '
-                             '(output of the head Linear at index i)')
-    if linear_pred:
-        parser.add_argument('--linear_pred', action='store_true',
-                            help='check that the student has the linear head (the head is built from the checkpoint)')
-
-
 def resolve_stage(stage, use_pred):
-    """``--use_pred`` is the original's name for ``--stage head``."""
+    """``--stage``, where ``--use_pred`` means ``head``."""
     if use_pred and stage not in (None, 'head'):
         raise SimRegError(f'--use_pred evaluates the head output but --stage is {stage}: pass only one')
     return 'head' if use_pred else (stage or 'backbone')
 
 
 def stage_output_dir(save, stage, head_name=None):
-    """``<save>`` for the backbone, ``<save>/pred_head`` for the head output (as the original),
-    ``<save>/stage_<name>`` for other stages, so results of different stages never mix; the head
-    stages of a several-teacher student add the head's name."""
+    """``<save>`` for the backbone, ``<save>/pred_head`` for the head output, ``<save>/stage_<name>`` for
+    other stages, so results of different stages never mix; a several-teacher student's head stages add the
+    head's name."""
     if stage == 'backbone':
         return save
     folder = 'pred_head' if stage == 'head' else f'stage_{stage}'
@@ -141,10 +122,9 @@ def _is_arch(backbone, arch):
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
     """Any checkpoint the project can load, as a FeatureModel.
 
-    Student checkpoints (this project's and the original SimReg's) carry their architecture
-    and head; ``arch`` is then only checked. Any other file is a plain backbone (e.g. a
-    teacher, to measure its baseline with the same protocol) and needs ``arch``. A student of
-    several teachers has one head each: ``head_name`` picks it for the head stages.
+    Student checkpoints (of every layout ``models.loading`` reads) carry their architecture and head;
+    ``arch`` is then only checked. Any other file is a plain backbone (e.g. a teacher) and needs ``arch``.
+    ``head_name`` picks the head of a several-teacher student.
     """
     checkpoint = read_checkpoint(weights)
     if _holds_student(checkpoint):
@@ -173,16 +153,10 @@ def shard_bounds(n_samples, world_size):
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
-                     amp_dtype=None, l2_normalize=True, with_labels=False):
-    """L2-normalised float16 features of ``dataset`` in dataset order, on rank 0 (None elsewhere).
-
-    Each rank extracts its contiguous slice; rank 0 gathers the slices. ``batch_size`` is the
-    total over ranks, as in the original. ``amp_dtype`` picks the autocast dtype (default: the
-    device's); ``l2_normalize=False`` keeps the raw outputs (teacher targets for training).
-    ``with_labels=True`` returns (features, labels): the third item of every sample, in the same
-    order (a class label, or any per-sample tensor, e.g. the crop box of a cached teacher view).
-    The sample indices ``dataset`` returns must be its own positions (0..len-1).
-    """
+                     amp_dtype=None, l2_normalize=True, with_extras=False):
+    """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
+    rank extracts a contiguous slice of ``batch_size`` / ranks batches. ``with_extras=True``: (features, the
+    third item of every sample), a label or e.g. a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
@@ -192,8 +166,8 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=max(1, batch_size // world),
                         shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
     model.eval().to(device)
-    local = local_labels = None
-    for indices, images, labels in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
+    local = local_extras = None
+    for indices, images, extras in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
         images = normalize(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             output = model(images).float()
@@ -201,17 +175,17 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
         if local is None:
             local = torch.empty(stop - start, output.shape[1], dtype=torch.float16)
         local[indices - start] = output
-        if with_labels:
-            if local_labels is None:
-                local_labels = torch.empty(stop - start, *labels.shape[1:], dtype=labels.dtype)
-            local_labels[indices - start] = labels
+        if with_extras:
+            if local_extras is None:
+                local_extras = torch.empty(stop - start, *extras.shape[1:], dtype=extras.dtype)
+            local_extras[indices - start] = extras
     features = gather_in_order(local, bounds, device)
-    return (features, gather_in_order(local_labels, bounds, device)) if with_labels else features
+    return (features, gather_in_order(local_extras, bounds, device)) if with_extras else features
 
 
 def gather_in_order(local, bounds, device):
-    """Concatenate every rank's slice on rank 0, in rank order (= dataset order); chunked so that
-    no rank holds more than ``world * GATHER_ROWS`` rows in flight."""
+    """Every rank's slice concatenated on rank 0, in rank order (= dataset order), ``GATHER_ROWS`` rows per
+    rank at a time."""
     if not is_distributed():
         return local
     world, rank = get_world_size(), get_rank()
@@ -236,83 +210,67 @@ def gather_in_order(local, bounds, device):
 
 
 class FeatureCache:
-    """``<folder>/<split>_feats.npy`` (float16, L2-normalised), ``<split>_labels.npy`` and
-    ``<split>_feats.json``, the sidecar whose ``CHECKED`` entries must match for reuse.
-
-    ``amp``: the features are (to be) extracted under autocast; features of the other precision
-    are not reused. ``file_list_sha256`` (``data.teacher_cache.dataset_fingerprint``, as the teacher
-    cache) keys the rows by the images' relative paths in order, class folder included: the same count
-    of other files, or files moved between class folders, are refused."""
+    """The features of each split, a ``utils.store.Store`` each: ``<folder>/<split>_feats.npy`` (float16,
+    L2-normalised), ``<split>_labels.npy`` and ``<split>_feats.json``, whose ``CHECKED`` keys must match for
+    reuse: the weights, ``recipe`` ({stage, dataset, image_size, amp}) and the images, by relative path."""
 
     CHECKED = ('weights_sha256', 'stage', 'dataset', 'image_size', 'amp', 'split', 'num_samples', 'num_classes',
                'file_list_sha256')
 
-    def __init__(self, folder, weights, stage, dataset, image_size, refuse_hint, amp=False):
+    def __init__(self, folder, weights, recipe, refuse_hint):
         self.folder = folder
         self.weights = weights
-        self.common = {'stage': stage, 'dataset': dataset, 'image_size': image_size, 'amp': amp}
+        self.recipe = {key: recipe[key] for key in ('stage', 'dataset', 'image_size', 'amp')}
         self.refuse_hint = refuse_hint
-        self._sha256 = None
 
-    @property
-    def amp(self):
-        return self.common['amp']
-
-    @property
+    @functools.cached_property
     def weights_sha256(self):
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights)
-        return self._sha256
+        return file_sha256(self.weights)
 
-    def path(self, split, suffix):
-        return os.path.join(self.folder, f'{split}_{suffix}')
+    def store(self, split):
+        path = lambda suffix: os.path.join(self.folder, f'{split}_{suffix}')
+        return Store(path('feats.json'), {'features': path('feats.npy'), 'labels': path('labels.npy')})
 
     def expected(self, split, dataset):
-        return {'weights_sha256': self.weights_sha256, **self.common, 'split': split,
+        return {'weights_sha256': self.weights_sha256, **self.recipe, 'split': split,
                 'num_samples': len(dataset), 'num_classes': len(dataset.classes),
                 'file_list_sha256': dataset_fingerprint(dataset)['file_list_sha256']}
 
     def load(self, split, dataset):
-        """(features, labels) when a complete cache exists and matches, None when there is none;
-        a cache made from something else is refused."""
-        sidecar = self.path(split, 'feats.json')
-        if not os.path.exists(sidecar):
+        """(features, labels) of a cache that matches, None without one; a cache of something else is refused."""
+        store = self.store(split)
+        if not store.exists():
             return None
-        with open(sidecar) as f:
-            recorded = json.load(f)
-        expected = self.expected(split, dataset)
-        for key in self.CHECKED:
-            if recorded.get(key) != expected[key]:
-                hint = self.refuse_hint
-                if key == 'amp':
-                    hint = f'{"pass" if recorded.get(key) else "drop"} --amp to reuse them, or {hint}'
-                if key == 'file_list_sha256':
-                    raise SimRegError(f'cached {split} features {sidecar} were made for other files than the '
-                                      f'{expected["num_samples"]} images of {dataset.root} (the same count, not '
-                                      f'the same paths or class folders): {hint}')
-                raise SimRegError(f'cached {split} features {sidecar} were made with {key}={recorded.get(key)}, '
-                                  f'this run has {key}={expected[key]}: {hint}')
-        features = torch.from_numpy(np.load(self.path(split, 'feats.npy')))
-        labels = torch.from_numpy(np.load(self.path(split, 'labels.npy')))
-        if len(features) != expected['num_samples'] or len(labels) != expected['num_samples']:
-            raise SimRegError(f'cached {split} features in {self.folder} are incomplete: {self.refuse_hint}')
-        return features, labels
+        recorded, expected = store.meta(), self.expected(split, dataset)
+        wrong = differing(recorded, expected, self.CHECKED)
+        if wrong:
+            key, hint = wrong[0], self.refuse_hint
+            if key == 'amp':
+                hint = f'{"pass" if recorded.get(key) else "drop"} --amp to reuse them, or {hint}'
+            if key == 'file_list_sha256':
+                raise SimRegError(f'cached {split} features {store.sidecar} were made for other files than the '
+                                  f'{expected["num_samples"]} images of {dataset.root} (the same count, not '
+                                  f'the same paths or class folders): {hint}')
+            raise SimRegError(f'cached {split} features {store.sidecar} were made with {key}={recorded.get(key)}, '
+                              f'this run has {key}={expected[key]}: {hint}')
+        n = expected['num_samples']
+        try:
+            arrays = store.open({'features': ((n, recorded.get('feat_dim')), np.float16),
+                                 'labels': ((n,), np.int64)}, mmap=False)
+        except (StoreMismatch, FileNotFoundError):
+            raise SimRegError(f'cached {split} features in {self.folder} are incomplete: {self.refuse_hint}') from None
+        return torch.from_numpy(arrays['features']), torch.from_numpy(arrays['labels'])
 
     def save(self, split, dataset, features, labels):
-        """Arrays first, sidecar last, each atomically (folder made as needed): a cache without a sidecar does
-        not exist."""
-        save_npy_atomic(features.numpy(), self.path(split, 'feats.npy'))
-        save_npy_atomic(labels.numpy(), self.path(split, 'labels.npy'))
-        sidecar = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
-                   'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
-                   'created': time.strftime('%Y-%m-%d %H:%M:%S')}
-        write_text_atomic(json.dumps(sidecar, indent=2) + '\n', self.path(split, 'feats.json'))
+        meta = {**self.expected(split, dataset), 'weights': os.path.abspath(self.weights),
+                'feat_dim': int(features.shape[1]), 'dtype': 'float16', 'l2_normalized': True,
+                'created': time.strftime('%Y-%m-%d %H:%M:%S')}
+        self.store(split).write({'features': features.numpy(), 'labels': labels.numpy()}, meta)
 
 
 def split_features(cache, split, dataset, model, reuse, batch_size, workers, device):
-    """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when
-    ``reuse`` and it matches, else extracted by all ranks (under autocast if ``cache.amp``) and
-    written to the cache."""
+    """(features, labels) of one split on rank 0, (None, None) elsewhere: from the cache when ``reuse`` and it
+    matches, else extracted by all ranks and cached."""
     loaded = {}
 
     def load_on_main():
@@ -322,7 +280,8 @@ def split_features(cache, split, dataset, model, reuse, batch_size, workers, dev
     if reuse and run_on_main(load_on_main):
         logging.getLogger('simreg').info(f'{split} features: reusing the cache in {cache.folder}')
         return loaded['cache'] if is_main_process() else (None, None)
-    features = extract_features(model, dataset, batch_size, workers, device, cache.amp, desc=f'{split} features')
+    features = extract_features(model, dataset, batch_size, workers, device, cache.recipe['amp'],
+                                desc=f'{split} features')
     if not is_main_process():
         return None, None
     labels = torch.tensor(dataset.targets, dtype=torch.int64)

@@ -1,8 +1,6 @@
-"""k-NN classification of L2-normalised features: one exact faiss search, then votes.
-
-Two families of numbers come out of the same search: the original SimReg protocol
-(majority vote of the k nearest train samples, k = 1 and 20, ties broken at random) and the
-weighted vote most later SSL papers report (k = 20 and 200, weights exp(cos / 0.07)).
+"""k-NN classification of L2-normalised features: one exact faiss search, then votes: the original SimReg
+protocol (majority vote of the k nearest train samples, k = 1 and 20, ties broken at random) and the weighted
+vote later SSL papers report (k = 20 and 200, weights exp(cos / 0.07)).
 """
 import numpy as np
 import torch
@@ -33,11 +31,7 @@ def faiss_device():
 
 def search(train_feats, query_feats, k):
     """Exact top-``k`` cosine neighbours: (similarities [Q, k] float32, indices [Q, k] int64), best first.
-
-    Inner product on unit vectors is cosine similarity, so the ranking equals the original's L2
-    search and the similarities feed the weighted vote directly. Inputs are re-normalised in
-    float32 (cached features are float16).
-    """
+    On unit vectors (re-normalised in float32) the inner product ranks as an L2 search does."""
     faiss = _faiss()
     if k > len(train_feats):
         raise SimRegError(f'k={k} is larger than the {len(train_feats)} train samples: use a smaller k')
@@ -54,11 +48,8 @@ def search(train_feats, query_feats, k):
 
 
 def majority_vote(neighbor_labels, num_classes, generator):
-    """Most frequent label of each row; a tie goes to one of the tied classes uniformly at random.
-
-    Counts are integers, so adding uniform noise in [0, 1) before argmax only reorders tied
-    classes: the same choice the original makes with shuffle + max, but seeded and vectorised.
-    """
+    """Most frequent label of each row; a tie goes to one of the tied classes uniformly at random (noise in
+    [0, 1) added to the integer counts only reorders tied classes)."""
     predictions = []
     for rows in neighbor_labels.split(VOTE_CHUNK):
         counts = torch.zeros(len(rows), num_classes).scatter_add_(1, rows, torch.ones(rows.shape))
@@ -86,10 +77,8 @@ def topk_accuracy(scores, labels, k):
 
 def evaluate(train_feats, train_labels, val_feats, val_labels, num_classes, majority_ks=MAJORITY_KS,
              weighted_ks=WEIGHTED_KS, temperature=TEMPERATURE, seed=0):
-    """All k-NN numbers from one search at the largest k (ks above the train size are clipped).
-
-    Returns {'majority': {k: top1}, 'weighted': {k: {'top1', 'top5'}}} with percentages.
-    """
+    """All k-NN numbers from one search at the largest k (ks above the train size are clipped):
+    {'majority': {k: top1}, 'weighted': {k: {'top1', 'top5'}}}, in percent."""
     n_train = len(train_feats)
     k_of = {k: min(k, n_train) for k in set(majority_ks) | set(weighted_ks)}
     similarities, indices = search(train_feats, val_feats, max(k_of.values()))

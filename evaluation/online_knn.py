@@ -7,12 +7,11 @@ checkpoint of the same epoch.
 import functools
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data.folders import build_dataset
+from data.folders import build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import knn
 from evaluation.features import check_same_classes, extract_features
@@ -20,25 +19,6 @@ from utils.distributed import is_distributed, is_main_process
 from utils.errors import SimRegError
 
 KS = (1, 20)
-
-
-def class_balanced_subset(dataset, per_class, seed):
-    """Keep ``per_class`` images of every class of an ImageFolder (all of a class that has fewer), chosen by a
-    numpy permutation seeded with ``seed``, in the dataset's order; in place, like ``data.folders.keep_classes``.
-    The choice depends only on the file list, the count and the seed: every epoch, rank and rerun gets the same
-    images."""
-    if per_class < 1:
-        raise SimRegError(f'--knn_train_per_class / --train_per_class must be at least 1, got {per_class}')
-    targets = np.asarray(dataset.targets)
-    rng = np.random.RandomState(seed)
-    keep = []
-    for label in range(len(dataset.classes)):
-        members = np.flatnonzero(targets == label)
-        keep.extend(members[rng.permutation(len(members))[:per_class]].tolist())
-    dataset.samples = [dataset.samples[i] for i in sorted(keep)]
-    dataset.imgs = dataset.samples
-    dataset.targets = [y for _, y in dataset.samples]
-    return dataset
 
 
 class _EvalInput(nn.Module):
@@ -65,8 +45,8 @@ class OnlineKnn:
             raise SimRegError(f'--knn_every {args.knn_every} measures k-NN on {args.data}/val, which does not '
                               f'exist: add a val/ split with the train classes, or pass --knn_every 0')
         transform = eval_transform(args.image_size)
-        self.train = class_balanced_subset(build_dataset(args.data, 'train', transform, args.dataset),
-                                           args.knn_train_per_class, args.seed)
+        self.train = restrict_folder(build_dataset(args.data, 'train', transform, args.dataset),
+                                     per_class=args.knn_train_per_class, seed=args.seed)
         self.val = build_dataset(args.data, 'val', transform, args.dataset)
         check_same_classes({'train': self.train, 'val': self.val})
         self.train_labels = torch.tensor(self.train.targets)

@@ -1,9 +1,6 @@
-"""The original's linear probe: L2-normalise, standardise with train statistics, one Linear.
-
-The statistics are the mean and (unbiased) variance of the L2-normalised train features taken
-with the evaluation transform, as the original computes them once and caches them. The probe
-is an ``nn.Sequential`` with the original's module order, so its state-dict keys match
-(``1.inv_std``, ``1.mean``, ``2.weight``, ``2.bias``).
+"""The original linear probe: L2-normalise, standardise with the mean and (unbiased) variance of the
+L2-normalised train features on the evaluation view, one Linear; an ``nn.Sequential`` whose state-dict keys are
+the original code's (``1.inv_std``, ``1.mean``, ``2.weight``, ``2.bias``).
 """
 import torch
 import torch.nn as nn
@@ -19,15 +16,14 @@ GRAPH_WARMUP_STEPS = 3
 
 
 def probe_train_transform(size):
-    """RandomResizedCrop(size) with torchvision's default scale (0.08, 1) + flip, as the original
-    (on the uint8 tensors ``data.folders`` decodes, like ``data.transforms``)."""
+    """RandomResizedCrop(size) with torchvision's default scale (0.08, 1) + flip, on uint8 tensors."""
     return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
 
 @torch.no_grad()
 def feature_stats(features):
-    """(var, mean) over rows of the L2-normalised ``features``, like ``torch.var_mean(x, 0)`` but in
-    float64 chunks, so 1.28M float16 rows need no float32 copy and lose no precision."""
+    """(var, mean) over rows of the L2-normalised ``features``, as ``torch.var_mean(x, 0)``, in float64 chunks
+    (no float32 copy of all rows)."""
     total = torch.zeros(features.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     for chunk in features.split(STATS_CHUNK):
@@ -46,7 +42,7 @@ class L2Normalize(nn.Module):
 
 
 class Standardize(nn.Module):
-    """(x - mean) / sqrt(var + 1e-5) with fixed train statistics (the original's FullBatchNorm)."""
+    """(x - mean) / sqrt(var + 1e-5) with fixed train statistics."""
 
     def __init__(self, var, mean):
         super().__init__()
@@ -62,15 +58,9 @@ def build_probe(var, mean, num_classes):
 
 
 def train_epoch_cached(probe, optimizer, features, labels, batch_size, cuda_graph=True):
-    """One epoch over features already on the device: a random permutation split into batches
-    (the last partial batch dropped, as the original, unless it is the only one). Metrics stay on
-    the device until the end, so no step waits for the host.
-
-    On CUDA the step (a dozen small kernels whose launches cost more than their work) is captured as
-    a CUDA graph after a few eager warm-up steps and replayed for the rest of the epoch; the learning
-    rate is a constant of the graph, so each epoch captures its own. ``cuda_graph=False`` steps
-    eagerly throughout (the same kernels, for comparison).
-    """
+    """One epoch over features on the device, in batches of a random permutation (the last partial one dropped
+    unless it is the only one). On CUDA the step is captured as a CUDA graph after a few eager warm-up steps
+    (each epoch captures its own: the learning rate is a constant of the graph) unless ``cuda_graph=False``."""
     probe.train()
     n_batches = max(1, len(features) // batch_size)
     order = torch.randperm(len(features), device=features.device)

@@ -1,39 +1,13 @@
-"""The report of an experiment, from the files that training and the evaluation scripts wrote: a text table on
-stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). The demo ends with it.
+"""The report of an experiment, from the files that training and the evaluation scripts wrote: a table on
+stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). demo/demo.sh ends with it.
 
     python -m evaluation.report EXP_DIR [--wall_time SECONDS] [--log FILE] [--teacher_knn DIR] [--before_knn DIR]
                                 [--after_knn DIR] [--linear DIR] [--imitation DIR]
 
-It works on any experiment directory: a result that is not there is null in report.json and left out of the
-picture and the table (a directory with only training in it gives the loss curve and nulls). What it reads, by
-default relative to EXP_DIR; these are the paths demo.sh writes (the options take others, relative to EXP_DIR
-or absolute):
-
-    logs/log.jsonl                      --log          train_student.py's JSON log: the loss by epoch and by
-                                                       window; the online k-NN where logged ("knn" in "epoch"
-                                                       records, "knn_teacher"/"knn_init" in "start" records)
-    features_teacher/knn_results.json   --teacher_knn  eval_knn.py on the teacher
-    features_init/knn_results.json      --before_knn   eval_knn.py on the untrained student (ckpt_epoch_0.pth)
-    features/knn_results.json           --after_knn    eval_knn.py on the trained student
-    linear/linear_results.json          --linear       eval_linear.py on the trained student
-    imitation/*.json                    --imitation    eval_imitation.py, one file per checkpoint
-
-A log that holds several runs (``--overwrite`` appends to it) is read from the last run that started from
-scratch; an epoch logged twice (a resume that redid it) counts once, as logged last.
-
-report.json (k-NN values are majority-vote top-1 percentages, keyed by k as in knn_results.json):
-
-    teacher_knn, student_knn_before, student_knn_after   {"1": .., "20": ..} from the final k-NN evaluation, or null
-    student_knn_after_epoch   the epoch eval_knn.py was told for the trained student, or null
-    linear_top1, linear_best_epoch   the probe's best validation top-1 (%) and its epoch, or null
-    imitation_cosine          {"<epoch>": mean cos(head, teacher)} over the checkpoints measured, or null
-    imitation_split           the split the cosine was measured on, or null
-    wall_time_s               --wall_time, or null
-    loss_by_epoch             {"epoch": [..], "loss": [..], "lr": [..]} from the log, or null
-    online_knn                {"epoch": [..], "1": [..], "20": [..]} from the epochs that logged one, or null
-    online_knn_teacher, online_knn_init   {"1": .., "20": ..} from the log's start record, or null (several
-                              teachers: online_knn_teacher is {head: {"1": .., "20": ..}})
-    exp_dir                   the directory reported on
+Each source defaults to the path demo/demo.sh writes under EXP_DIR (``SOURCES``); a result that is not there is
+null in report.json and left out of the table and the picture, so any experiment directory works. k-NN values
+are majority-vote top-1 percentages keyed by k, as in knn_results.json. A log of several runs is read from the
+last run that started from scratch, an epoch logged twice as logged last.
 """
 import argparse
 import io
@@ -45,7 +19,7 @@ from utils.checkpoint import write_bytes_atomic, write_text_atomic
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import read_json_log
 
-SOURCES = {  # option -> its default path, relative to EXP_DIR (demo.sh's layout)
+SOURCES = {  # option -> its default path, relative to EXP_DIR (demo/demo.sh's layout)
     'log': os.path.join('logs', 'log.jsonl'),
     'teacher_knn': os.path.join('features_teacher', 'knn_results.json'),
     'before_knn': os.path.join('features_init', 'knn_results.json'),
@@ -53,8 +27,7 @@ SOURCES = {  # option -> its default path, relative to EXP_DIR (demo.sh's layout
     'linear': os.path.join('linear', 'linear_results.json'),
     'imitation': 'imitation',
 }
-RESULT_FILES = {'teacher_knn': 'knn_results.json', 'before_knn': 'knn_results.json',
-                'after_knn': 'knn_results.json', 'linear': 'linear_results.json'}
+RESULT_FILES = {name: os.path.basename(SOURCES[name]) for name in ('teacher_knn', 'before_knn', 'after_knn', 'linear')}
 PANEL_INCHES, DPI = (5.0, 4.0), 120  # each panel of report.png: 600 x 480 pixels
 
 
@@ -74,8 +47,8 @@ def read_result(path, read=read_json):
 
 
 def source_paths(exp_dir, **given):
-    """The path of each source: ``given[name]`` where not None, else its default; relative to ``exp_dir``.
-    A knn/linear option may name the folder the script saved into or the result file itself."""
+    """The path of each source (``given[name]``, else its default) under ``exp_dir``; a knn/linear option may
+    name the script's output folder or the result file."""
     paths = {}
     for name, default in SOURCES.items():
         path = os.path.join(exp_dir, given.get(name) or default)
@@ -151,8 +124,7 @@ def collect(exp_dir, wall_time=None, **sources):
 
 
 def table_rows(report):
-    """Rows of (what, value): k-NN of teacher and student before/after, linear probe, imitation of the teacher
-    on held-out images, wall time; only those the report has."""
+    """(what, value) rows of the table, for the results the report has."""
     rows = []
     for key, what in [('teacher_knn', 'teacher k-NN top-1 (1-NN / 20-NN)'),
                       ('student_knn_before', 'student k-NN before distillation'),
@@ -201,11 +173,9 @@ def teacher_values(values):
 
 
 def plot_knn(ax, report):
-    """The student's online 1-NN by epoch, from the untrained student's at epoch 0, against the teacher's and the
-    untrained student's as horizontal lines: the online values when the log has them (the same train subset as
-    the curve), else the final evaluation's. The final evaluation (all train images) adds markers: the trained
-    student (star) and its linear probe (diamond) at the last epoch, the teacher (triangle) there too and the
-    untrained student (cross) at epoch 0."""
+    """The student's online 1-NN by epoch against the teacher's and the untrained student's (lines: online when
+    logged, else the final evaluation's); the final evaluation's markers: trained student (star), linear probe
+    (diamond), teacher (triangle) at the last epoch, untrained student (cross) at epoch 0."""
     online, epoch = report['online_knn'], last_epoch(report)
     x = epoch if epoch is not None else 0
     if online and online.get('1'):

@@ -1,31 +1,18 @@
-"""Transfer evaluation: multinomial logistic regression on frozen features, L2 strength chosen on a
-held-out split, in the protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer
-Better?"), which SimCLR and BYOL use for their transfer tables.
+"""Transfer evaluation: multinomial logistic regression on frozen features, the L2 strength chosen on a
+held-out split, in the protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?") that
+SimCLR and BYOL use for their transfer tables.
 
-Protocol, exactly:
-
-1. Features are the cached ones of ``evaluation.features`` (pooled features of Resize(size*256/224) +
-   CenterCrop(size), L2-normalised, float16), then standardised per dimension with the mean and
-   (population) std of the rows the classifier is fitted on. Standardising is the literature's
-   step; the L2 step before it comes with the shared cache and only removes each image's overall
-   scale. It keeps one extraction path and one cache for k-NN (which needs unit vectors) and for
-   the probe, and matches ``eval_linear.py`` (L2-normalise, then standardise).
-2. The classifier minimises ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (bias not
-   penalised). This is scikit-learn's ``LogisticRegression(C=1/l2)`` objective divided by ``n``,
-   so ``l2`` means what it means in the literature's grid and the minimiser is the same.
-3. ``l2`` is searched over ``L2_GRID``: 45 log-spaced values from 1e-6 to 1e5, Kornblith et
-   al.'s grid. Fits run from the strongest to the weakest penalty, each warm-started from the
-   previous solution (the objective is convex: the start changes the time, and the solution only
-   within the stopping tolerance).
-   Each fit is full-batch ``torch.optim.LBFGS`` with a strong-Wolfe line search, at most
-   ``MAX_ITER`` iterations, float64 on the CPU and float32 on GPUs (which run float64 up to 64x
-   slower). Zero-initialised and without randomness, so a search is deterministic.
-4. Selection: with ``val/``, fit on train and score on val; without it, on a stratified 20%
-   holdout of train (seeded). The chosen ``l2`` has the best held-out top-1; ties go to the lower
-   held-out cross-entropy, then to the stronger penalty.
-5. Final: with ``test/``, refit at the chosen ``l2`` on train+val (or all of train) and report
-   test top-1; without ``test/``, report the val top-1 of the train-only fit chosen on that same
-   val split (optimistic, and said so in the results).
+1. Features: the cached ones of ``evaluation.features`` (L2-normalised center crops), standardised per
+   dimension with the mean and (population) std of the rows the classifier is fitted on, as ``eval_linear.py``.
+2. Objective: ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (bias not penalised), scikit-learn's
+   ``LogisticRegression(C=1/l2)`` divided by ``n``: the same minimiser, ``l2`` as in the literature's grid.
+3. Search: ``L2_GRID`` (45 log-spaced values, 1e-6 to 1e5), strongest penalty first, each fit warm-started from
+   the previous one; full-batch ``torch.optim.LBFGS`` (strong Wolfe), at most ``MAX_ITER`` iterations,
+   float64 on the CPU and float32 on GPUs, zero-initialised: deterministic.
+4. Selection: fit on train and score on val, or without val/ on a seeded stratified 20% holdout of train; the
+   best held-out top-1 wins, ties to the lower cross-entropy, then to the stronger penalty.
+5. Final: with test/, refit at the chosen ``l2`` on train+val (or all of train) and report test top-1; without
+   it, the val top-1 of the train-only fit chosen on val (optimistic, and said so in the results).
 """
 import numpy as np
 import torch
@@ -42,9 +29,8 @@ TOLERANCE_CHANGE = 1e-10
 
 
 def stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=0):
-    """(fit_indices, holdout_indices), both sorted: ``round(fraction * n_c)`` images of each class
-    ``c`` held out (at least one when the class has two or more, never all of it), drawn by a
-    permutation seeded with ``seed``."""
+    """(fit_indices, holdout_indices), both sorted: ``round(fraction * n_c)`` images of each class held out
+    (at least one of a class of two or more, never all of it), drawn by a permutation seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels).long()
     held = []
@@ -60,8 +46,8 @@ def stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=0):
 
 
 class Standardizer:
-    """Per-dimension (x - mean) / std with the fit rows' statistics; a constant dimension (std
-    below 10 float64 eps, as scikit-learn's StandardScaler) is only centred."""
+    """Per-dimension (x - mean) / std with the fit rows' statistics; a constant dimension (std below 10 float64
+    eps, as in scikit-learn's StandardScaler) is only centred."""
 
     def __init__(self, features, dtype):
         stats = features.to(torch.float64)
@@ -79,8 +65,8 @@ def solver_dtype(device):
 
 
 def fit_logistic(x, y, num_classes, l2, start=None, max_iter=MAX_ITER):
-    """Minimise the objective of the module docstring on standardised ``x``; ``start`` is a
-    ``(weight, bias)`` warm start (zeros otherwise). Returns (weight, bias, iterations)."""
+    """Minimise the module docstring's objective on standardised ``x`` from ``start`` (weight, bias), zeros by
+    default. Returns (weight, bias, iterations)."""
     if start is None:
         weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
         bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
@@ -116,9 +102,8 @@ def score(weight, bias, x, y):
 
 
 def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
-    """Fit on ``fit`` for every ``l2`` of ``grid`` (strongest first, warm-started) and score on
-    ``held``; both are (features, labels). Returns (rows in ascending ``l2``, the chosen row, its
-    (weight, bias))."""
+    """Fit on ``fit`` for every ``l2`` of ``grid`` (strongest first, warm-started), score on ``held``; both are
+    (features, labels). Returns (rows in ascending ``l2``, the chosen row, its (weight, bias))."""
     dtype = solver_dtype(device)
     standardize = Standardizer(fit[0], dtype)
     fit_x, fit_y = standardize(fit[0]).to(device), fit[1].long().to(device)
@@ -136,9 +121,8 @@ def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
 
 
 def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L2_GRID, max_iter=MAX_ITER):
-    """The whole protocol of the module docstring. ``train``, ``val``, ``test`` are (features,
-    labels) pairs; ``val`` and/or ``test`` may be None, not both. Fits run on ``device`` (default
-    CPU). Returns a JSON-ready dict."""
+    """The module docstring's protocol on (features, labels) pairs; ``val`` or ``test`` may be None, not both.
+    Fits run on ``device`` (default CPU). Returns a JSON-ready dict."""
     device = device or torch.device('cpu')
     if val is None and test is None:
         raise SimRegError('the dataset has only train/: add a val/ or test/ split to report an accuracy on')
@@ -185,8 +169,8 @@ def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L
 
 
 def knn_splits(train, val, test):
-    """k-NN reference and query sets, matching the probe's final fit: train(+val) -> test, or
-    train -> val when there is no test split. Returns (reference, query, description)."""
+    """(reference, query, description) of the k-NN, as the probe's final fit: train(+val) -> test, or
+    train -> val without a test split."""
     if test is None:
         return train, val, 'train -> val'
     if val is None:

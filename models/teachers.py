@@ -130,25 +130,3 @@ def live_teacher(name, arch, weight, count, teacher_fc):
     info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
             'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc}
     return LiveTeacher(network, info)
-
-
-def replayed_boxes(teachers, args):
-    """The view boxes stored with a multi-view cache, which the student replays (None without one).
-    The student has one view per step, so either one multi-view cache is the only teacher, or every
-    teacher is a cache of the same views."""
-    with_views = {name: t.cache for name, t in teachers.items() if t.boxes is not None}
-    if not with_views:
-        return None
-    cache = next(iter(with_views.values()))
-    if len(with_views) < len(teachers):
-        others = ', '.join(name for name in teachers if name not in with_views)
-        raise SimRegError(f'{cache.path} holds {cache.num_views} views per image that the student replays, but '
-                          f'teacher(s) {others} cannot target them: give every teacher a cache built with the same '
-                          f'--cache_views, --seed and --image_size, or use single-view caches')
-    if len({c.meta['views_sha256'] for c in with_views.values()}) > 1:
-        raise SimRegError(f'the multi-view caches {", ".join(c.path for c in with_views.values())} hold different '
-                          f'views: build them with the same --cache_views, --seed and --image_size')
-    if args.gpu_decode or args.weak_strong or not args.weak_weak:
-        raise SimRegError(f'{cache.path} holds weak views that the student replays as they are: train with '
-                          f'--weak_weak (without --weak_strong{", --gpu_decode" if args.gpu_decode else ""})')
-    return cache.boxes

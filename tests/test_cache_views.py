@@ -14,8 +14,10 @@ import cache_teacher_feats
 import train_student
 from conftest import build_cache, cache_workspace, resumed_from, run_command, torchrun, train as run
 from data.folders import build_dataset
-from data.teacher_cache import ReplayedViews, TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
-from data.transforms import normalize, view_seed, weak_transform
+from data.replay import ReplayedViews
+from data.sampler import derive_seed
+from data.teacher_cache import TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
+from data.transforms import normalize, weak_transform
 from models.loading import load_backbone
 from models.teachers import CachedTeacher, LiveTeacher
 from utils.errors import SimRegError
@@ -58,7 +60,7 @@ def test_rows_are_the_live_teacher_on_the_replayed_views(ws):
             view = TF.resized_crop(image, top, left, height, width, [32, 32], antialias=True)
             images.append(TF.horizontal_flip(view) if flip else view)
             # the stored view is the one torchvision's weak view draws from the view's seed
-            torch.manual_seed(view_seed(0, i, k))
+            torch.manual_seed(derive_seed(0, i, k))
             assert torch.equal(weak_transform(32)(image), images[-1])
     assert len({tuple(v) for v in views.reshape(-1, 5).tolist()}) == 21 * VIEWS and 0 < views[..., 4].mean() < 1
     teacher = LiveTeacher(load_backbone('resnet18', str(ws / 'teacher.pth')), {})

@@ -112,6 +112,11 @@ def test_gather_reassembles_chunked_slices(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
+def recipe(**changes):
+    """How the cached features of these tests are made: FeatureCache's ``recipe``."""
+    return {'stage': 'backbone', 'dataset': 'imagenet', 'image_size': 32, 'amp': False, **changes}
+
+
 class _MustNotRun(torch.nn.Module):
     def forward(self, images):
         raise AssertionError('features should have come from the cache')
@@ -119,7 +124,7 @@ class _MustNotRun(torch.nn.Module):
 
 def test_cache_is_reused_and_a_mismatch_is_refused(student, teacher, folder, tmp_path):
     dataset = build_dataset(folder, 'val', eval_transform(32))
-    cache = features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 32, refuse_hint='delete it')
+    cache = features.FeatureCache(str(tmp_path), student, recipe(), 'delete it')
     kwargs = dict(batch_size=8, workers=0, device=torch.device('cpu'))
     model = features.load_feature_model(student)
     first, labels = features.split_features(cache, 'val', dataset, model, reuse=True, **kwargs)
@@ -133,10 +138,10 @@ def test_cache_is_reused_and_a_mismatch_is_refused(student, teacher, folder, tmp
     again, again_labels = features.split_features(cache, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
     assert torch.equal(again, first) and torch.equal(again_labels, labels)
 
-    other_weights = features.FeatureCache(str(tmp_path), teacher, 'backbone', 'imagenet', 32, refuse_hint='delete it')
+    other_weights = features.FeatureCache(str(tmp_path), teacher, recipe(), 'delete it')
     with pytest.raises(SimRegError, match='weights_sha256=.*: delete it'):
         features.split_features(other_weights, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
-    other_size = features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 64, refuse_hint='delete it')
+    other_size = features.FeatureCache(str(tmp_path), student, recipe(image_size=64), 'delete it')
     with pytest.raises(SimRegError, match='image_size=32, this run has image_size=64'):
         features.split_features(other_size, 'val', dataset, _MustNotRun(), reuse=True, **kwargs)
     recomputed, _ = features.split_features(other_size, 'val', dataset, model, reuse=False, **kwargs)
@@ -148,8 +153,7 @@ def test_cache_is_reused_only_at_the_precision_it_was_extracted_at(student, fold
     dataset = build_dataset(folder, 'val', eval_transform(32))
     kwargs = dict(batch_size=8, workers=0, device=torch.device('cpu'))
     model = features.load_feature_model(student)
-    cache = lambda amp: features.FeatureCache(str(tmp_path), student, 'backbone', 'imagenet', 32,
-                                              refuse_hint='delete it', amp=amp)
+    cache = lambda amp: features.FeatureCache(str(tmp_path), student, recipe(amp=amp), 'delete it')
     autocast, _ = features.split_features(cache(True), 'val', dataset, model, reuse=True, **kwargs)
     with open(tmp_path / 'val_feats.json') as f:
         assert json.load(f)['amp'] is True

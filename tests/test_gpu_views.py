@@ -19,7 +19,8 @@ from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, GpuDecodedInput
                             gaussian_blur, resize_weights, size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
 from data.synthetic import SHAPES, render
-from data.transforms import BLUR_KERNEL, TwoViews, draw_weak_view, replay_weak_view
+from data.replay import draw_weak_view
+from data.transforms import BLUR_KERNEL, TwoViews
 
 F = v2.functional
 CONFIGS = {'weak_weak': dict(weak_weak=True), 'weak_strong': dict(weak_strong=True), 'strong_strong': {},

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, make_image_folder, run_command, torchrun, train, train_log, write_teacher_checkpoint
-from data.folders import build_dataset
-from evaluation.online_knn import class_balanced_subset
+from data.folders import build_dataset, restrict_folder
 from utils.errors import SimRegError
 
 PER_CLASS = 5
@@ -16,7 +15,7 @@ PER_CLASS = 5
 
 def test_subset_is_class_balanced_fixed_by_the_seed_and_in_dataset_order(tmp_path):
     root = make_image_folder(tmp_path / 'data', n_classes=3, per_class=9, size=16, splits=('train',))
-    pick = lambda seed, n=4: class_balanced_subset(build_dataset(root, 'train', None), n, seed)
+    pick = lambda seed, n=4: restrict_folder(build_dataset(root, 'train', None), per_class=n, seed=seed)
     first, again, other = pick(0), pick(0), pick(1)
     assert first.samples == again.samples and first.samples != other.samples
     assert first.targets == [0] * 4 + [1] * 4 + [2] * 4 == [y for _, y in first.samples]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT, make_image_folder, resumed_from, run_command, torchrun, train as run, train_log
-from data.folders import imagenet100_classes, keep_classes
+from data.folders import imagenet100_classes, restrict_folder
 from models.backbones import build_backbone
 from models.head import build_head
 from models.simreg import regression_loss
@@ -94,13 +94,13 @@ def test_imagenet100_picks_the_original_classes():
     expected = sorted(np.random.permutation(1000)[:100])
     assert imagenet100_classes(classes) == [classes[i] for i in expected]
 
-    class Folder:  # what keep_classes needs of an ImageFolder
+    class Folder:  # what restrict_folder needs of an ImageFolder
         pass
     folder = Folder()
     folder.classes = classes
     folder.class_to_idx = {c: i for i, c in enumerate(classes)}
     folder.samples = [(f'{c}/img.JPEG', i) for i, c in enumerate(classes)]
-    keep_classes(folder, imagenet100_classes(classes))
+    restrict_folder(folder, imagenet100_classes(classes))
     assert len(folder.samples) == 100 and folder.targets == list(range(100))
     assert [p.split('/')[0] for p, _ in folder.samples] == [classes[i] for i in expected]
 

@@ -17,7 +17,7 @@ from utils.distributed import is_main_process
 from utils.errors import SimRegError
 
 
-def _write_atomic(path, mode, write):
+def write_atomic(path, mode, write):
     """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``:
     a crash never leaves half a file, and a failed write leaves no temp file behind and the file that was
     at ``path`` as it was. A write the disk refuses (full, read-only, no permission) is a SimRegError that
@@ -104,22 +104,22 @@ def writable_folder(folder):
 
 def save_atomic(state, path):
     """torch.save, atomically (checkpoints)."""
-    _write_atomic(path, 'wb', lambda f: torch.save(state, f))
+    write_atomic(path, 'wb', lambda f: torch.save(state, f))
 
 
 def save_npy_atomic(array, path):
     """np.save, atomically (feature caches)."""
-    _write_atomic(path, 'wb', lambda f: np.save(f, array))
+    write_atomic(path, 'wb', lambda f: np.save(f, array))
 
 
 def write_text_atomic(text, path):
     """Small text/JSON result files, atomically."""
-    _write_atomic(path, 'w', lambda f: f.write(text))
+    write_atomic(path, 'w', lambda f: f.write(text))
 
 
 def write_bytes_atomic(data, path):
     """Bytes already serialised (an ONNX model, a PNG), atomically."""
-    _write_atomic(path, 'wb', lambda f: f.write(data))
+    write_atomic(path, 'wb', lambda f: f.write(data))
 
 
 def epoch_checkpoint_path(ckpt_dir, epoch):
@@ -141,7 +141,7 @@ def resume_candidates(ckpt_dir):
 
 
 def remove_stale_temp_files(folder):
-    """Delete the temp files that a process killed while writing left in ``folder`` (``_write_atomic``'s
+    """Delete the temp files that a process killed while writing left in ``folder`` (``write_atomic``'s
     ``.<name>*.tmp``); returns their names."""
     stale = sorted(glob.glob(os.path.join(glob.escape(folder), '.*.tmp')))
     for path in stale:
