@@ -22,7 +22,7 @@
 #
 # SimReg distillation with the paper's settings. Edit the defaults here or override any of them
 # from the environment, e.g.  DATA=/data/imagenet TEACHER_WEIGHTS=moco_v2_800ep.pth NGPUS=4 bash run.sh
-# With DATA unset it runs the demo instead: demo.sh (generated data, a few epochs, k-NN, probe, a table).
+# With DATA unset it runs the demo instead: demo/demo.sh (generated data, a few epochs, k-NN, probe, a table).
 # In a SLURM job (sbatch run.sh, or bash run.sh inside salloc) it starts the processes with srun, one per
 # GPU of every node, instead of torchrun. SIGTERM, SIGINT, SIGHUP and SIGUSR1 sent to run.sh reach every
 # training process; on SIGTERM or SIGUSR1 they checkpoint and exit 75, and so does run.sh: run it again to resume.
@@ -67,9 +67,9 @@ EXTRA_ARGS=${EXTRA_ARGS:-}              # any other train_student.py flags
 
 [ "$NGPUS" -ge 1 ] 2>/dev/null || NGPUS=1
 if [ -z "$DATA" ]; then
-  echo "run.sh: DATA is unset, running the embedded demo, demo.sh (set DATA=/path/to/imagenet and TEACHER_WEIGHTS=... for a real run)"
+  echo "run.sh: DATA is unset, running the embedded demo, demo/demo.sh (set DATA=/path/to/imagenet and TEACHER_WEIGHTS=... for a real run)"
   export NGPUS BASE_DIR N_MLP_LAYERS  # the demo's settings that are run.sh's (its lr is DEMO_LR)
-  exec bash demo.sh
+  exec bash demo/demo.sh
 fi
 
 # shellcheck disable=SC2086  # AUG and EXTRA_ARGS are lists of flags

@@ -18,7 +18,7 @@ from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, ViewParams, adj
                             adjust_hue, adjust_saturation, draw_all_views, gaussian_blur, resize_weights,
                             size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
-from data.synthetic import SHAPES, render
+from demo.synthetic import SHAPES, render
 from data.transforms import BLUR_KERNEL, DeviceInput, TwoViews, draw_weak_view, replay_weak_view
 
 F = v2.functional

@@ -9,7 +9,7 @@ The file is a plain torchvision ResNet state dict (the classifier ``fc`` include
 drops), so ``--arch_teacher resnet18 --teacher_weights FILE`` and ``eval_knn.py --arch resnet18`` read it as
 any other teacher. An existing OUTPUT is reused, not retrained (demo.sh names the file after the recipe).
 
-    python train_demo_teacher.py demo_data/synthetic --output demo_data/teacher_resnet18.pth --image_size 32
+    python -m demo.train_teacher demo_data/synthetic --output demo_data/teacher_resnet18.pth --image_size 32
 """
 import argparse
 import os
@@ -77,7 +77,7 @@ def accuracy(model, loader, device):
 def main(args):
     """Train and write the teacher; returns the output path."""
     if os.path.isfile(args.output):
-        print(f'train_demo_teacher.py: reusing the demo teacher {args.output} (delete it to train it again)')
+        print(f'demo/train_teacher.py: reusing the demo teacher {args.output} (delete it to train it again)')
         return args.output
     if args.epochs < 1:
         raise SimRegError(f'--epochs must be at least 1, got {args.epochs}')
@@ -112,7 +112,7 @@ def main(args):
         top1 = accuracy(model, DataLoader(val_set, batch_size=256, num_workers=args.workers), device)
         note = f', classifier top-1 on val {top1:.1f}%'
     save_atomic({'state_dict': model.net.cpu().state_dict()}, args.output)
-    print(f'train_demo_teacher.py: wrote {args.output}: a {args.arch} trained WITH LABELS for {args.epochs} epochs '
+    print(f'demo/train_teacher.py: wrote {args.output}: a {args.arch} trained WITH LABELS for {args.epochs} epochs '
           f'at {args.image_size}px in {time.time() - started:.0f}s{note}; it stands in for a self-supervised teacher')
     return args.output
 

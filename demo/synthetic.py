@@ -9,7 +9,7 @@ ImageFolder and decoding path as real data.
 Every image has its own RNG seeded by (seed, split, class, index): a file's bytes depend on
 nothing else, so changing counts or the order of generation leaves the other files unchanged.
 
-    python -m data.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50
+    python -m demo.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50
                                   --image_size 64 --seed 0]
 """
 import argparse
