@@ -50,7 +50,7 @@ if [ -z "$DEMO_TEACHER_WEIGHTS" ]; then
     --image_size "$DEMO_IMAGE_SIZE" --epochs "$DEMO_TEACHER_EPOCHS" --workers 2 --seed "$DEMO_SEED"
 fi
 exp_dir=$BASE_DIR/exp/$DEMO_EXP
-launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)  # as knn_eval.sh
+source scripts/launch.sh  # "${launch[@]}": torchrun for NGPUS > 1, else python
 ckpt_dir=$exp_dir/checkpoints
 set -x
 "${launch[@]}" train_student.py "$DEMO_DIR/synthetic" \

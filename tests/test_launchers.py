@@ -104,15 +104,23 @@ def test_run_sh_starts_a_process_per_gpu_torch_sees(node, tmp_path, gpus, env, n
     assert '--resume' in args and 'DATA is unset' not in proc.stdout
 
 
+@pytest.mark.parametrize('script, program', [('knn_eval.sh', 'eval_knn.py'), ('lin_eval.sh', 'eval_linear.py'),
+                                             ('transfer_eval.sh', 'eval_transfer.py')])
+def test_eval_launchers_start_a_process_per_visible_gpu(node, script, program):
+    """scripts/launch.sh, which the evaluation launchers source: torchrun with one process per GPU torch sees."""
+    _, calls = node(os.path.join(ROOT, script), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1')
+    assert called(calls, 'torchrun')[:3] == ['--standalone', '--nproc_per_node=2', os.path.join(ROOT, program)]
+
+
 @pytest.fixture
 def copy_of(tmp_path):
-    """copy_of(script, stub): a folder holding the project's launchers (run.sh and demo/), with a
+    """copy_of(script, stub): a folder holding the project's launchers (run.sh, scripts/ and demo/), with a
     recording stub in place of ``stub``; returns the copied ``script``'s path."""
     def copy(script, stub):
         folder = tmp_path / 'project'
         folder.mkdir()
         shutil.copy(os.path.join(ROOT, 'run.sh'), folder / 'run.sh')
-        for name in ('demo',):
+        for name in ('scripts', 'demo'):
             shutil.copytree(os.path.join(ROOT, name), folder / name, ignore=shutil.ignore_patterns('__pycache__'))
         write_script(folder / stub, RECORDER)
         return folder / script
