@@ -237,6 +237,7 @@ def test_a_signal_to_run_sh_reaches_every_process_and_leaves_none(node, tmp_path
     project = tmp_path / 'project'
     project.mkdir()
     shutil.copy(os.path.join(ROOT, 'run.sh'), project / 'run.sh')
+    shutil.copytree(os.path.join(ROOT, 'scripts'), project / 'scripts')
     (project / 'train_student.py').write_text(FAKE_TRAINING)
     write_script(node.stubs / 'torchrun', f'#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "$@"\n')
     env = node.environ(0, DATA=str(tmp_path / 'imagenet'), NGPUS='2', MASTER_PORT=str(free_port()),
