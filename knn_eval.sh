@@ -12,10 +12,8 @@ WEIGHTS=${WEIGHTS:-$BASE_DIR/exp/$EXP/checkpoints/ckpt_epoch_$EPOCH.pth}
 SAVE=${SAVE:-$BASE_DIR/exp/$EXP/features}              # cached features, logs and results
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
 BATCH_SIZE=${BATCH_SIZE:-512}
-# one process per visible GPU (respects CUDA_VISIBLE_DEVICES); one CPU process without GPUs
-NGPUS=${NGPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-# several processes through torchrun; one is started directly (torchrun would only add ~3 s of start-up)
-launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)
+NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
+source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
 
 "${launch[@]}" "$(dirname "$0")/eval_knn.py" \
     ${ARCH:+--arch "$ARCH"} \

@@ -13,10 +13,8 @@ SAVE=${SAVE:-$BASE_DIR/exp/$EXP/linear}                # feature cache, probe ch
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
 EVAL_FREQ=${EVAL_FREQ:-40}
 USE_CACHE=${USE_CACHE:-0}                              # 1: train on cached center-crop features
-# one process per visible GPU (respects CUDA_VISIBLE_DEVICES); one CPU process without GPUs
-NGPUS=${NGPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-# several processes through torchrun; one is started directly (torchrun would only add ~3 s of start-up)
-launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)
+NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
+source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
 
 CACHE_FLAG=()
 if [ "$USE_CACHE" = 1 ]; then CACHE_FLAG=(--use_cache); fi

@@ -25,10 +25,8 @@ SAVE=${SAVE:-$BASE_DIR/exp/$EXP/transfer/$DATASET_NAME}   # cached features, log
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-512}
-# one process per visible GPU (respects CUDA_VISIBLE_DEVICES); one CPU process without GPUs
-NGPUS=${NGPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
-# several processes through torchrun; one is started directly (torchrun would only add ~3 s of start-up)
-launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)
+NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
+source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
 
 "${launch[@]}" "$(dirname "$0")/eval_transfer.py" \
     ${ARCH:+--arch "$ARCH"} \

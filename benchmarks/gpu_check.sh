@@ -54,7 +54,7 @@ step train_epoch_compile python3 benchmarks/run.py --only train_epoch --compile
 
 if wanted compile_run; then
   work=$(mktemp -d)
-  python3 -m data.synthetic "$work/data" --train_per_class 100 --val_per_class 20 --image_size 128 >/dev/null
+  python3 -m demo.synthetic "$work/data" --train_per_class 100 --val_per_class 20 --image_size 128 >/dev/null
   python3 -c 'import sys, torch; from models.backbones import build_backbone; torch.manual_seed(0);
 torch.save(build_backbone("resnet50").state_dict(), sys.argv[1])' "$work/teacher.pth"
   step compile_run torchrun --standalone --nproc_per_node=1 train_student.py "$work/data" --base_dir "$work" \

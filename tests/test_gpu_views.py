@@ -2,7 +2,7 @@
 drawn from the same seeds; the pixels are within a grey level or two of the CPU pipeline's, each op and
 the whole views; the loader + GpuDecodedInput path trains on the same crops as the CPU loader.
 
-Measured here (data.synthetic's images cut to 40x30 ... 400x300, 64 px views): the batched weak view 60 dB
+Measured here (demo.synthetic's images cut to 40x30 ... 400x300, 64 px views): the batched weak view 60 dB
 PSNR against the CPU pipeline (at most 2 grey levels off), the strong view 55-60 dB; with the GPU's fp16
 products 57-58 dB. On 224 px views of 90x120 ... 640x480 images: 59-69 dB. torchvision.ops.roi_align on
 the same boxes (aligned, sampling_ratio -1, 2 or 4): 44-47 dB at 224 px, median 49 dB at 64 px, being a box
@@ -18,9 +18,9 @@ from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, GpuDecodedInput
                             adjust_contrast, adjust_hue, adjust_saturation, draw_all_views, encoded_collate,
                             gaussian_blur, resize_weights, size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
-from data.synthetic import SHAPES, render
 from data.replay import draw_weak_view
 from data.transforms import BLUR_KERNEL, TwoViews
+from demo.synthetic import SHAPES, render
 
 F = v2.functional
 CONFIGS = {'weak_weak': dict(weak_weak=True), 'weak_strong': dict(weak_strong=True), 'strong_strong': {},
@@ -30,7 +30,7 @@ SHAPES_HW = [(75, 100), (100, 75), (66, 100), (40, 30), (150, 100), (100, 150)]
 
 
 def natural(h, w, seed):
-    """A synthetic photo: a shape on a textured, noisy background (data.synthetic), cut to h x w."""
+    """A synthetic photo: a shape on a textured, noisy background (demo.synthetic), cut to h x w."""
     rng = np.random.default_rng(seed)
     image = render(SHAPES[seed % len(SHAPES)], max(h, w), rng)[:h, :w]
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()

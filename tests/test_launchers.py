@@ -104,21 +104,31 @@ def test_run_sh_starts_a_process_per_gpu_torch_sees(node, tmp_path, gpus, env, n
     assert '--resume' in args and 'DATA is unset' not in proc.stdout
 
 
+@pytest.mark.parametrize('script, program', [('knn_eval.sh', 'eval_knn.py'), ('lin_eval.sh', 'eval_linear.py'),
+                                             ('transfer_eval.sh', 'eval_transfer.py')])
+def test_eval_launchers_start_a_process_per_visible_gpu(node, script, program):
+    """scripts/launch.sh, which the evaluation launchers source: torchrun with one process per GPU torch sees."""
+    _, calls = node(os.path.join(ROOT, script), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1')
+    assert called(calls, 'torchrun')[:3] == ['--standalone', '--nproc_per_node=2', os.path.join(ROOT, program)]
+
+
 @pytest.fixture
 def copy_of(tmp_path):
-    """copy_of(script, stub): a folder holding the project's ``script`` and, beside it, a recording
-    stub named ``stub``; returns the copied script's path."""
+    """copy_of(script, stub): a folder holding the project's launchers (run.sh, scripts/ and demo/), with a
+    recording stub in place of ``stub``; returns the copied ``script``'s path."""
     def copy(script, stub):
         folder = tmp_path / 'project'
         folder.mkdir()
-        shutil.copy(os.path.join(ROOT, script), folder / script)
+        shutil.copy(os.path.join(ROOT, 'run.sh'), folder / 'run.sh')
+        for name in ('scripts', 'demo'):
+            shutil.copytree(os.path.join(ROOT, name), folder / name, ignore=shutil.ignore_patterns('__pycache__'))
         write_script(folder / stub, RECORDER)
         return folder / script
     return copy
 
 
 def test_run_sh_without_data_runs_demo_sh_with_its_settings(node, copy_of):
-    proc, calls = node(copy_of('run.sh', 'demo.sh'), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1', N_MLP_LAYERS='2')
+    proc, calls = node(copy_of('run.sh', 'demo/demo.sh'), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1', N_MLP_LAYERS='2')
     assert 'DATA is unset, running the embedded demo' in proc.stdout
     assert called(calls, 'torchrun') is None  # run.sh handed over to demo.sh (exec) and did not train
     assert called(calls, 'demo.sh') == []
@@ -130,7 +140,7 @@ def test_run_sh_without_data_runs_demo_sh_with_its_settings(node, copy_of):
 
 def test_demo_sh_on_its_own_goes_through_run_sh(node, copy_of):
     """Without run.sh's settings demo.sh starts run.sh, DATA unset so that it comes back to the demo."""
-    proc, calls = node(copy_of('demo.sh', 'run.sh'), NODE_GPUS, DATA='/data/imagenet', NGPUS='2')
+    proc, calls = node(copy_of('demo/demo.sh', 'run.sh'), NODE_GPUS, DATA='/data/imagenet', NGPUS='2')
     assert called(calls, 'run.sh') == [] and 'DATA' not in environment(calls, 'run.sh')
     assert called(calls, 'torchrun') is None
 
@@ -227,6 +237,7 @@ def test_a_signal_to_run_sh_reaches_every_process_and_leaves_none(node, tmp_path
     project = tmp_path / 'project'
     project.mkdir()
     shutil.copy(os.path.join(ROOT, 'run.sh'), project / 'run.sh')
+    shutil.copytree(os.path.join(ROOT, 'scripts'), project / 'scripts')
     (project / 'train_student.py').write_text(FAKE_TRAINING)
     write_script(node.stubs / 'torchrun', f'#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "$@"\n')
     env = node.environ(0, DATA=str(tmp_path / 'imagenet'), NGPUS='2', MASTER_PORT=str(free_port()),

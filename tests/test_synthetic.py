@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from data import synthetic
 from data.folders import IndexedImageFolder
+from demo import synthetic
 from conftest import run_command
 from utils.errors import SimRegError
 
@@ -108,7 +108,7 @@ def test_a_folder_it_did_not_make_is_never_overwritten(tmp_path):
 
 
 def test_command_writes_then_reuses(tmp_path):
-    command = [sys.executable, '-m', 'data.synthetic', str(tmp_path / 'd'), '--num_classes', '3',
+    command = [sys.executable, '-m', 'demo.synthetic', str(tmp_path / 'd'), '--num_classes', '3',
                '--train_per_class', '2', '--val_per_class', '1', '--image_size', '32', '--seed', '5']
     wrote, reused = run_command(command), run_command(command)
     assert wrote.stdout.startswith('wrote 9 images of 3 classes (32px, seed 5)')

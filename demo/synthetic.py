@@ -1,16 +1,10 @@
 """A deterministic, learnable demo dataset: one procedurally drawn shape per image.
 
-The shape's *kind* is the class; its colour, size, position and rotation, the textured
-background and the pixel noise are nuisance variables drawn at random, so a network has to
-learn shape rather than colour or location. Images are written as JPEG files in
-``<out>/train/<class>/`` and ``<out>/val/<class>/`` so that demos and tests go through the same
-ImageFolder and decoding path as real data.
+The shape's kind is the class; colour, size, position, rotation, background and noise are random, so a network
+has to learn shape. Images are JPEG files in ``OUT/{train,val}/<class>/``, read like real data. Each image has
+its own RNG, seeded by (seed, split, class, index): its bytes depend on nothing else.
 
-Every image has its own RNG seeded by (seed, split, class, index): a file's bytes depend on
-nothing else, so changing counts or the order of generation leaves the other files unchanged.
-
-    python -m data.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50
-                                  --image_size 64 --seed 0]
+    python -m demo.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50 --image_size 64]
 """
 import argparse
 import json
@@ -30,8 +24,7 @@ JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, so edges stay clean at 32 px
 GENERATOR_VERSION = 2  # bump when drawing changes, so old datasets are regenerated
 MANIFEST = 'synthetic.json'
-# shapes keep one orientation within +-20 degrees (a star's point, an arrow's head one way), so that a
-# ResNet-18 tells the classes apart at 32 px after a minute of training on a CPU (any rotation: ~45% 1-NN)
+# shapes keep one orientation within +-20 degrees (a star's point, an arrow's head one way): easier to learn at 32 px
 MAX_ROTATION = np.pi / 9
 
 
@@ -65,8 +58,7 @@ def arrow(shaft=0.22, head=0.6, head_length=0.8):
 
 
 def shape_mask(kind, size, rng):
-    """A ``size`` x ``size`` uint8 mask (255 inside) of one randomly placed, sized and rotated
-    shape of ``kind``."""
+    """A ``size`` x ``size`` uint8 mask (255 inside) of one randomly placed, sized and rotated ``kind``."""
     big = size * SUPERSAMPLE
     radius = rng.uniform(0.3, 0.42) * big
     centre = rng.uniform(radius, big - radius, size=2)
@@ -113,11 +105,7 @@ def smooth_noise(size, cells, rng):
 
 
 def background(size, rng):
-    """A float RGB background: a base colour with a gentle linear gradient and faint blotches.
-
-    Kept plain on purpose: the demo must train a teacher in about a minute on a CPU, and a busy
-    texture makes shapes at 32 px slow to learn (version 1 had a grating and strong blotches: a
-    ResNet-18 reached ~30% after 10 epochs)."""
+    """A float RGB background: a base colour, a gentle gradient and faint blotches (plain: quick to learn at 32 px)."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(40, 215, size=3)
     direction = rng.uniform(0, 2 * np.pi)
@@ -152,18 +140,8 @@ def image_rng(seed, split, label, index):
     return np.random.default_rng([seed, SPLITS.index(split), label, index])
 
 
-def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
-    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes,
-            'train_per_class': train_per_class, 'val_per_class': val_per_class,
-            'image_size': image_size, 'seed': seed}
-
-
 def is_complete(out_dir, settings):
-    """Whether ``out_dir`` holds every file of a dataset made with ``settings``.
-
-    The manifest is written last, inside a temporary folder renamed into place, so it exists only
-    for finished datasets; the file counts also catch images deleted afterwards.
-    """
+    """Whether ``out_dir`` holds a finished dataset made with ``settings``: manifest (written last) and all images."""
     try:
         with open(os.path.join(out_dir, MANIFEST)) as f:
             if json.load(f) != settings:
@@ -197,7 +175,8 @@ def write_split(root, split, settings):
                                          quality=JPEG_QUALITY, subsampling=0)
 
 
-def check_settings(num_classes, train_per_class, val_per_class, image_size, seed):
+def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
+    """The settings a dataset's manifest records, once checked (a SimRegError names the bad flag)."""
     if not 2 <= num_classes <= len(SHAPES):
         raise SimRegError(f'--num_classes must be between 2 and {len(SHAPES)}, got {num_classes}')
     if train_per_class < 1 or val_per_class < 1:
@@ -208,22 +187,16 @@ def check_settings(num_classes, train_per_class, val_per_class, image_size, seed
                           f'got {image_size}')
     if seed < 0:
         raise SimRegError(f'--seed must be non-negative, got {seed}')
+    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes,
+            'train_per_class': train_per_class, 'val_per_class': val_per_class,
+            'image_size': image_size, 'seed': seed}
 
 
 def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, image_size=64, seed=0):
-    """Write the dataset to ``out_dir`` (or reuse a complete one with the same settings); returns
-    ``out_dir``.
-
-    The defaults suit a CPU demo that must distil, k-NN and linear-probe in minutes on two cores:
-    1500 training images at 64 px make a distillation epoch take seconds, 150 per class leave a
-    probe enough examples, and 500 validation images measure accuracy to about +-2%.
-    Generation itself takes a few seconds.
-
-    A folder holding anything but a dataset made by this function is never overwritten.
-    """
-    check_settings(num_classes, train_per_class, val_per_class, image_size, seed)
-    out_dir = os.path.abspath(out_dir)
+    """Write the dataset to ``out_dir``, or reuse a complete one with the same settings; returns ``out_dir``.
+    A folder holding anything but a dataset made here is never overwritten."""
     settings = settings_of(num_classes, train_per_class, val_per_class, image_size, seed)
+    out_dir = os.path.abspath(out_dir)
     if is_complete(out_dir, settings):
         return out_dir
     if os.path.exists(out_dir) and not is_replaceable(out_dir):
@@ -256,11 +229,9 @@ def main(argv=None):
     parser.add_argument('--image_size', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    settings = settings_of(args.num_classes, args.train_per_class, args.val_per_class,
-                           args.image_size, args.seed)
-    reused = is_complete(os.path.abspath(args.out), settings)
-    out_dir = generate(args.out, args.num_classes, args.train_per_class, args.val_per_class,
-                       args.image_size, args.seed)
+    options = {name: value for name, value in vars(args).items() if name != 'out'}
+    reused = is_complete(os.path.abspath(args.out), settings_of(**options))
+    out_dir = generate(args.out, **options)
     total = args.num_classes * (args.train_per_class + args.val_per_class)
     print(f"{'reused' if reused else 'wrote'} {total} images of {args.num_classes} classes "
           f"({args.image_size}px, seed {args.seed}) in {out_dir}")

@@ -1,15 +1,9 @@
-"""The demo's teacher: a ResNet-18 trained *with labels* on the generated dataset for about a minute.
+"""The demo's teacher: a ResNet trained *with labels* on the generated dataset, in a short supervised run.
 
-SimReg distils a self-supervised teacher (MoCo-v2, BYOL, ...). Training one takes hundreds of GPU-hours,
-and the demo must not download anything, so the demo makes a teacher worth imitating the quick way: a short
-supervised run on its own training images. It stands in for the self-supervised teacher; what the demo then
-shows, a student that learns the teacher's feature space by regression alone (no labels), is the same.
+It stands in for a self-supervised teacher (MoCo-v2, BYOL, ...), which the demo can neither train nor download.
+OUTPUT is a plain torchvision ResNet state dict (``fc`` too, which the teacher loader drops), reused if it exists.
 
-The file is a plain torchvision ResNet state dict (the classifier ``fc`` included, which the teacher loader
-drops), so ``--arch_teacher resnet18 --teacher_weights FILE`` and ``eval_knn.py --arch resnet18`` read it as
-any other teacher. An existing OUTPUT is reused, not retrained (demo.sh names the file after the recipe).
-
-    python train_demo_teacher.py demo_data/synthetic --output demo_data/teacher_resnet18.pth --image_size 32
+    python -m demo.train_teacher demo_data/synthetic --output demo_data/teacher_resnet18.pth --image_size 32
 """
 import argparse
 import os
@@ -47,16 +41,11 @@ def get_args_parser():
     return p
 
 
-class Classifier(nn.Module):
-    """A backbone whose ``fc`` is put back: a plain torchvision ResNet, so its state dict is the usual layout."""
-
-    def __init__(self, arch, num_classes):
-        super().__init__()
-        self.net = build_backbone(arch)
-        self.net.fc = nn.Linear(self.net.feat_dim, num_classes)
-
-    def forward(self, images):
-        return self.net(images)
+def classifier(arch, num_classes):
+    """The backbone with its ``fc`` put back: a plain torchvision ResNet, so its state dict is the usual layout."""
+    net = build_backbone(arch)
+    net.fc = nn.Linear(net.feat_dim, num_classes)
+    return net
 
 
 def train_transform(size):
@@ -77,7 +66,7 @@ def accuracy(model, loader, device):
 def main(args):
     """Train and write the teacher; returns the output path."""
     if os.path.isfile(args.output):
-        print(f'train_demo_teacher.py: reusing the demo teacher {args.output} (delete it to train it again)')
+        print(f'demo/train_teacher.py: reusing the demo teacher {args.output} (delete it to train it again)')
         return args.output
     if args.epochs < 1:
         raise SimRegError(f'--epochs must be at least 1, got {args.epochs}')
@@ -86,9 +75,8 @@ def main(args):
     train_set = build_dataset(args.data, 'train', train_transform(args.image_size))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.workers, persistent_workers=args.workers > 0)
-    model = Classifier(args.arch, len(train_set.classes)).to(device)
-    # AdamW with a one-cycle schedule: the quickest of the recipes tried for a run of a few hundred steps
-    # (SGD at lr 0.1 diverged at first, and a long warm-up wastes the first epochs)
+    model = classifier(args.arch, len(train_set.classes)).to(device)
+    # AdamW with a one-cycle schedule: a short warm-up, then it converges within a few hundred steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, epochs=args.epochs,
                                                    steps_per_epoch=len(loader), pct_start=0.15)
@@ -111,8 +99,8 @@ def main(args):
         val_set = build_dataset(args.data, 'val', eval_transform(args.image_size))
         top1 = accuracy(model, DataLoader(val_set, batch_size=256, num_workers=args.workers), device)
         note = f', classifier top-1 on val {top1:.1f}%'
-    save_atomic({'state_dict': model.net.cpu().state_dict()}, args.output)
-    print(f'train_demo_teacher.py: wrote {args.output}: a {args.arch} trained WITH LABELS for {args.epochs} epochs '
+    save_atomic({'state_dict': model.cpu().state_dict()}, args.output)
+    print(f'demo/train_teacher.py: wrote {args.output}: a {args.arch} trained WITH LABELS for {args.epochs} epochs '
           f'at {args.image_size}px in {time.time() - started:.0f}s{note}; it stands in for a self-supervised teacher')
     return args.output
 

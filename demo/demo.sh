@@ -1,27 +1,18 @@
 #!/usr/bin/env bash
-# The embedded demo, which `bash run.sh` runs when DATA is unset: a generated 10-class dataset; a ResNet-18
-# teacher trained on it WITH LABELS for about a minute (train_demo_teacher.py; it stands in for a
-# self-supervised teacher, made once and reused; DEMO_TEACHER_WEIGHTS names another checkpoint); a
-# ResNet-10-T student (timm's, 4.9M parameters against the teacher's 11.2M, as the paper's ResNet-18 against
-# ResNet-50) distilled with the paper's recipe at 32 px, its online k-NN logged every epoch; then
-# k-NN, the linear probe and a held-out imitation check, with the same scripts and output layout as a real
-# run, and a report (a table, exp/<exp>/report.json and report.png, by evaluation/report.py).
+# The embedded demo, which `bash run.sh` runs when DATA is unset: a generated 10-class dataset (demo/synthetic.py);
+# a ResNet-18 teacher trained on it WITH LABELS (demo/train_teacher.py: a stand-in for a self-supervised teacher,
+# made once and reused; DEMO_TEACHER_WEIGHTS names another); timm's smaller ResNet-10-T distilled from it with the
+# paper's recipe at 32 px, its online k-NN logged every epoch; then k-NN, the linear probe and a held-out imitation
+# check with the same scripts and output layout as a real run, and a report (a table, report.json, report.png).
 # NGPUS, BASE_DIR and N_MLP_LAYERS are run.sh's; started on its own, demo.sh goes through run.sh.
-#
-# Why these sizes (README, "The demo"; measured on 2 CPU cores, online 1-NN after 10 epochs, teacher 80):
-# a MobileNet-v2 at 32 px does not learn in the few hundred steps a CPU minute allows, even with labels and
-# AdamW (21% top-1 after 10 epochs), nor as a student (12 -> 25); timm's ResNet-10-T does (12 -> 64). SGD
-# at the paper's lr 0.05 (for batches of 256 on ImageNet) is slow at this size: batches of 16 at lr 0.2 give
-# the student 4x the steps of 64 at 0.05 and it learns in them; data loading in the training process itself
-# (no worker processes) is ~25% faster on 2 cores.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the project root, where the scripts below run
 
 DEMO_DIR=${DEMO_DIR:-./demo_data}                 # the generated dataset (and its teacher, in it)
 DEMO_EXP=${DEMO_EXP:-demo}                        # outputs: $BASE_DIR/exp/$DEMO_EXP
 DEMO_TEACHER_ARCH=${DEMO_TEACHER_ARCH:-resnet18}
-DEMO_TEACHER_WEIGHTS=${DEMO_TEACHER_WEIGHTS:-}    # empty: train_demo_teacher.py's supervised teacher
-DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-12}    # its training (~70 s on 2 CPU cores)
+DEMO_TEACHER_WEIGHTS=${DEMO_TEACHER_WEIGHTS:-}    # empty: demo/train_teacher.py's supervised teacher
+DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-12}    # epochs of its supervised training
 DEMO_STUDENT_ARCH=${DEMO_STUDENT_ARCH:-resnet10t} # smaller than the teacher, as in the paper
 DEMO_EPOCHS=${DEMO_EPOCHS:-10}
 DEMO_KNN_PER_CLASS=${DEMO_KNN_PER_CLASS:-50}      # train images per class of the online k-NN (every epoch)
@@ -39,19 +30,22 @@ for setting in NGPUS BASE_DIR N_MLP_LAYERS; do  # run.sh's; not all set: demo.sh
 done
 
 started=$SECONDS
-python -m data.synthetic "$DEMO_DIR/synthetic" --train_per_class "$DEMO_TRAIN_PER_CLASS" \
+# the dataset and the teacher, both reused when they exist
+python -m demo.synthetic "$DEMO_DIR/synthetic" --train_per_class "$DEMO_TRAIN_PER_CLASS" \
   --val_per_class "$DEMO_VAL_PER_CLASS"
 if [ -z "$DEMO_TEACHER_WEIGHTS" ]; then
   seed_suffix=; [ "$DEMO_SEED" = 0 ] || seed_suffix=_seed$DEMO_SEED
   # kept inside the dataset folder, so that a regenerated dataset also gets a new teacher
   DEMO_TEACHER_WEIGHTS=$DEMO_DIR/synthetic/teacher_${DEMO_TEACHER_ARCH}_supervised_${DEMO_IMAGE_SIZE}px_${DEMO_TEACHER_EPOCHS}ep${seed_suffix}.pth
   echo "demo.sh: the demo teacher is a $DEMO_TEACHER_ARCH trained WITH LABELS on the generated data for $DEMO_TEACHER_EPOCHS epochs ($DEMO_TEACHER_WEIGHTS, made once and reused): it stands in for a self-supervised teacher; set DEMO_TEACHER_WEIGHTS to use another"
-  python train_demo_teacher.py "$DEMO_DIR/synthetic" --output "$DEMO_TEACHER_WEIGHTS" --arch "$DEMO_TEACHER_ARCH" \
+  python -m demo.train_teacher "$DEMO_DIR/synthetic" --output "$DEMO_TEACHER_WEIGHTS" --arch "$DEMO_TEACHER_ARCH" \
     --image_size "$DEMO_IMAGE_SIZE" --epochs "$DEMO_TEACHER_EPOCHS" --workers 2 --seed "$DEMO_SEED"
 fi
+
+# the distillation, then the evaluations of the teacher and of the student before and after it
 exp_dir=$BASE_DIR/exp/$DEMO_EXP
-launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] || launch=(python)  # as knn_eval.sh
 ckpt_dir=$exp_dir/checkpoints
+source scripts/launch.sh  # "${launch[@]}": torchrun for NGPUS > 1, else python
 set -x
 "${launch[@]}" train_student.py "$DEMO_DIR/synthetic" \
   --base_dir "$BASE_DIR" --exp "$DEMO_EXP" \
