@@ -1,4 +1,4 @@
-"""k-NN evaluation of a student (or any backbone) on ImageNet, with the original SimReg protocol: majority-vote
+"""k-NN evaluation of a student (or any backbone) on ImageNet, with the SimReg paper's protocol: majority-vote
 1-NN and 20-NN top-1 (the paper's numbers, ``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN, from one
 exact faiss search (``evaluation.knn``), all in ``knn_results.json``.
 

@@ -1,4 +1,4 @@
-"""Linear probe of a student (or any backbone) on ImageNet, with the original SimReg protocol (``evaluation.probe``):
+"""Linear probe of a student (or any backbone) on ImageNet, with the SimReg paper's protocol (``evaluation.probe``):
 one Linear trained with SGD + MultiStep decay on RandomResizedCrop + flip views (``--use_cache``: on the cached
 center-crop features, on the device), validated on the val features extracted once.
 

@@ -124,11 +124,11 @@ DATASETS = ('imagenet', 'imagenet100')
 def add_dataset_arg(parser, note=''):
     """--dataset, the same in every script; ``note`` adds to its help."""
     parser.add_argument('--dataset', default='imagenet', choices=DATASETS,
-                        help="full dataset, or the original's 100-class subset" + note)
+                        help="full dataset, or SimReg's 100-class subset" + note)
 
 
 def imagenet100_classes(classes, num_classes=100, seed=1234):
-    """The original's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
+    """SimReg's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
     kept in sorted order."""
     order = np.random.RandomState(seed).permutation(len(classes))[:num_classes]
     return [classes[i] for i in sorted(order)]

@@ -2,7 +2,7 @@
 sidecar (a ``utils.store.Store``). Training memory-maps the array and gathers a batch's rows by sample index.
 
 A multi-view cache holds [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which
-the student replays (``data.replay``). The original code's cache (a dict file name -> feature) is converted.
+the student replays (``data.replay``). The SimReg release's cache (a dict file name -> feature) is converted.
 """
 import hashlib
 import os
@@ -118,7 +118,7 @@ def write_sidecar(path, meta):
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The original code's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
+    """The SimReg release's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
     its path (an existing one is reused)."""
     out = os.path.splitext(pth_path)[0] + '.npy'
     if os.path.isfile(out) and cache_store(out).exists():
@@ -129,7 +129,7 @@ def convert_original_cache(pth_path, dataset, log=print):
         raise SimRegError(f'cannot read teacher features {pth_path} ({str(exc).splitlines()[0]}): '
                           f'pass a cache built by cache_teacher_feats.py') from None
     if not isinstance(by_name, dict):
-        raise SimRegError(f'{pth_path} is not the original cache format (a dict file name -> feature)')
+        raise SimRegError(f'{pth_path} is not the SimReg release\'s cache format (a dict file name -> feature)')
     names = [os.path.basename(path) for path, _ in dataset.samples]
     if len(set(names)) != len(names):
         raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names '
@@ -145,7 +145,7 @@ def convert_original_cache(pth_path, dataset, log=print):
             'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)',
             'image_size': None}
     write_cache(out, [features], meta)
-    log(f'note: converted the original teacher cache {pth_path} to {out} (+ .json); pass '
+    log(f'note: converted the SimReg release\'s teacher cache {pth_path} to {out} (+ .json); pass '
         f'--teacher_feats {out} from now on')
     return out
 

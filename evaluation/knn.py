@@ -1,4 +1,4 @@
-"""k-NN classification of L2-normalised features: one exact faiss search, then votes: the original SimReg
+"""k-NN classification of L2-normalised features: one exact faiss search, then votes: the SimReg paper's
 protocol (majority vote of the k nearest train samples, k = 1 and 20, ties broken at random) and the weighted
 vote later SSL papers report (k = 20 and 200, weights exp(cos / 0.07)).
 """

@@ -1,6 +1,6 @@
-"""The original linear probe: L2-normalise, standardise with the mean and (unbiased) variance of the
+"""SimReg's linear probe: L2-normalise, standardise with the mean and (unbiased) variance of the
 L2-normalised train features on the evaluation view, one Linear; an ``nn.Sequential`` whose state-dict keys are
-the original code's (``1.inv_std``, ``1.mean``, ``2.weight``, ``2.bias``).
+SimReg's (``1.inv_std``, ``1.mean``, ``2.weight``, ``2.bias``).
 """
 import torch
 import torch.nn as nn

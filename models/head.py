@@ -1,4 +1,4 @@
-"""The regression head, shared by training and evaluation. Its module indices are those of the original
+"""The regression head, shared by training and evaluation. Its module indices are those of the SimReg release
 code's ``mlp_arch.py``, whose checkpoints (``predict_q.module.<i>.*``) thus load unchanged."""
 import torch.nn as nn
 

@@ -21,7 +21,7 @@ def default_precision(device):
 class SimReg(nn.Module):
     """Student backbone ``encoder_q`` followed by the regression head ``predict_q``.
 
-    Only these two are trained and stored, under the original code's names, so that
+    Only these two are trained and stored, under SimReg's names, so that
     checkpoints keep the ``encoder_q.*`` / ``predict_q.*`` layout. With several teachers,
     ``predict_q`` is a ModuleDict of one head per teacher (``predict_q.<teacher>.*``) and the
     forward returns a dict of predictions. Teachers live outside this module: they are frozen

@@ -1,4 +1,4 @@
-"""Student checkpoints (this project's and the original code's), read back into backbone + head."""
+"""Student checkpoints (this project's and the SimReg release's), read back into backbone + head."""
 import argparse
 
 from models.backbones import build_backbone
@@ -10,7 +10,7 @@ from utils.errors import SimRegError
 
 def student_checkpoint(ckpt, path):
     """(training arguments as a dict, ``encoder_q.*``/``predict_q.*`` state) of this project's checkpoint
-    (``args``) or the original code's (``opt``; its ``.module`` wrappers and teacher ``encoder_t`` dropped)."""
+    (``args``) or the SimReg release's (``opt``; its ``.module`` wrappers and teacher ``encoder_t`` dropped)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict):
         if isinstance(ckpt.get('args'), dict):
             return ckpt['args'], ckpt['state_dict']

@@ -227,7 +227,7 @@ LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)  # what the lega
 
 
 def read_checkpoint(path):
-    """torch.load on CPU with weights_only=True (and argparse.Namespace, which the original code saved); a
+    """torch.load on CPU with weights_only=True (and argparse.Namespace, which SimReg's main.py saved); a
     damaged file is one line saying what it is (from its first bytes) and the fix."""
     if not os.path.isfile(path):
         raise SimRegError(f'checkpoint {path} does not exist: check the path')
