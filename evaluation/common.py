@@ -1,12 +1,5 @@
-"""What the evaluation scripts share: their flags, their start-up, and the extraction of each split's features.
-
-    common.add_data_args(p, 'dataset root holding train/ and val/')  # DIR --dataset -j -b --image_size --save
-    common.add_feature_args(p)                      # --weights -a --use_pred --head --stage ... --load_cache --amp
-    run = common.start(args, 'knn_logs')            # processes, stage, output folder, logger
-    extracted = common.extract_splits(run, ('train', 'val'), args.dataset)   # None on ranks other than 0
-
-eval_linear.py, which trains its probe on every rank, takes ``start`` and ``open_features`` and extracts itself.
-"""
+"""What the evaluation scripts share: their flags (``add_data_args``, ``add_feature_args``), their start-up
+(``start``) and the extraction of each split's features (``open_features``, ``extract_splits``)."""
 import logging
 import os
 import time
@@ -26,8 +19,7 @@ OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_
 
 def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
                   save_help='output folder for results, logs and feature caches (default: %(default)s)'):
-    """DIR, --dataset (unless ``dataset`` is False), -j/--workers, -b/--batch-size, --image_size, --save and
-    --dist_timeout: the images an evaluation reads and where its results go."""
+    """DIR, --dataset (unless ``dataset`` is False), -j, -b, --image_size, --save and --dist_timeout."""
     p.add_argument('data', metavar='DIR', help=data_help)
     if dataset:
         add_dataset_arg(p)
@@ -40,8 +32,7 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
 
 
 def add_feature_args(p, load_cache=True, linear_pred=True):
-    """The checkpoint and its stage, --linear_pred, --load_cache (unless the script always reuses its cache)
-    and --amp: which features are evaluated and how they are extracted."""
+    """The checkpoint and its stage, --linear_pred, --load_cache (unless the script always reuses its cache), --amp."""
     p.add_argument('--weights', required=True, help='checkpoint to evaluate (any layout the project loads)')
     p.add_argument('-a', '--arch', default=None,
                    help='architecture of a plain backbone/teacher file; student checkpoints carry their '

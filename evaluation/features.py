@@ -1,8 +1,5 @@
-"""Extract features once, for k-NN and the linear probe alike.
-
-A checkpoint becomes a ``FeatureModel`` (backbone, cut at an earlier stage or continued through the
-regression head); every rank extracts a contiguous slice of the dataset and rank 0 gathers the slices in
-dataset order. Features are L2-normalised, float16, and cached with a sidecar that says what they are.
+"""Features extracted once for k-NN and the linear probe: a checkpoint becomes a ``FeatureModel``, every rank
+extracts a contiguous slice and rank 0 gathers them in dataset order; L2-normalised float16, cached with a sidecar.
 """
 import functools
 import logging
@@ -120,12 +117,8 @@ def _is_arch(backbone, arch):
 
 
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
-    """Any checkpoint the project can load, as a FeatureModel.
-
-    Student checkpoints (of every layout ``models.loading`` reads) carry their architecture and head;
-    ``arch`` is then only checked. Any other file is a plain backbone (e.g. a teacher) and needs ``arch``.
-    ``head_name`` picks the head of a several-teacher student.
-    """
+    """Any checkpoint the project can load, as a FeatureModel. Students carry their architecture and head (``arch``
+    is only checked, ``head_name`` picks a several-teacher student's head); any other file is a plain backbone."""
     checkpoint = read_checkpoint(weights)
     if _holds_student(checkpoint):
         backbone, head = load_student(weights, head=head_name, backbone_only=not stage.startswith('head'))
@@ -146,11 +139,6 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
     return FeatureModel(backbone, head, stage)
 
 
-def shard_bounds(n_samples, world_size):
-    """Contiguous, ordered slices: rank r extracts [bounds[r], bounds[r + 1])."""
-    return [n_samples * r // world_size for r in range(world_size + 1)]
-
-
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
                      amp_dtype=None, l2_normalize=True, with_extras=False):
@@ -161,7 +149,7 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
                           f'use fewer processes (--nproc_per_node)')
-    bounds = shard_bounds(len(dataset), world)
+    bounds = [len(dataset) * r // world for r in range(world + 1)]  # rank r extracts [bounds[r], bounds[r + 1])
     start, stop = bounds[rank], bounds[rank + 1]
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=max(1, batch_size // world),
                         shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
@@ -193,9 +181,8 @@ def gather_in_order(local, bounds, device):
     comm_device = device if dist.get_backend() == 'nccl' else torch.device('cpu')
     pieces = [[] for _ in range(world)]
     for row in range(0, max(counts), GATHER_ROWS):
-        rows = min(GATHER_ROWS, max(counts) - row)
-        piece = torch.zeros(rows, *local.shape[1:], dtype=local.dtype)
-        mine = local[row:row + rows]
+        piece = torch.zeros(min(GATHER_ROWS, max(counts) - row), *local.shape[1:], dtype=local.dtype)
+        mine = local[row:row + len(piece)]
         piece[:len(mine)] = mine
         piece = piece.to(comm_device)
         received = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None

@@ -1,6 +1,5 @@
-"""k-NN classification of L2-normalised features: one exact faiss search, then votes: the SimReg paper's
-protocol (majority vote of the k nearest train samples, k = 1 and 20, ties broken at random) and the weighted
-vote later SSL papers report (k = 20 and 200, weights exp(cos / 0.07)).
+"""k-NN classification of L2-normalised features from one exact faiss search: the SimReg paper's majority vote
+(k = 1 and 20, ties broken at random) and the weighted vote later SSL papers report (k = 20 and 200, exp(cos / 0.07)).
 """
 import numpy as np
 import torch
@@ -65,10 +64,6 @@ def weighted_scores(similarities, neighbor_labels, num_classes, temperature=TEMP
         1, neighbor_labels, weights)
 
 
-def accuracy(predictions, labels):
-    return 100.0 * (predictions == labels).double().mean().item()
-
-
 def topk_accuracy(scores, labels, k):
     k = min(k, scores.shape[1])
     hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
@@ -79,8 +74,7 @@ def evaluate(train_feats, train_labels, val_feats, val_labels, num_classes, majo
              weighted_ks=WEIGHTED_KS, temperature=TEMPERATURE, seed=0):
     """All k-NN numbers from one search at the largest k (ks above the train size are clipped):
     {'majority': {k: top1}, 'weighted': {k: {'top1', 'top5'}}}, in percent."""
-    n_train = len(train_feats)
-    k_of = {k: min(k, n_train) for k in set(majority_ks) | set(weighted_ks)}
+    k_of = {k: min(k, len(train_feats)) for k in set(majority_ks) | set(weighted_ks)}
     similarities, indices = search(train_feats, val_feats, max(k_of.values()))
     neighbor_labels = train_labels.long()[indices]
     val_labels = val_labels.long()
@@ -88,7 +82,7 @@ def evaluate(train_feats, train_labels, val_feats, val_labels, num_classes, majo
     results = {'majority': {}, 'weighted': {}}
     for k in sorted(majority_ks):
         predictions = majority_vote(neighbor_labels[:, :k_of[k]], num_classes, generator)
-        results['majority'][k] = accuracy(predictions, val_labels)
+        results['majority'][k] = 100.0 * (predictions == val_labels).double().mean().item()
     for k in sorted(weighted_ks):
         scores = weighted_scores(similarities[:, :k_of[k]], neighbor_labels[:, :k_of[k]], num_classes,
                                  temperature)

@@ -1,9 +1,6 @@
-"""Online k-NN while training (``train_student.py --knn_every N``): the 1-NN and 20-NN top-1 of the student
-backbone on ``<data>/val`` against a fixed, class-balanced subset of ``<data>/train`` (``--knn_train_per_class``
-images per class, chosen once from ``--seed``). The eval view, ``extract_features`` and ``knn.evaluate`` are the
-full evaluation's, so the logged value equals ``eval_knn.py --train_per_class N --subset_seed SEED`` on the
-checkpoint of the same epoch.
-"""
+"""Online k-NN while training (``train_student.py --knn_every N``): 1-NN and 20-NN top-1 on ``<data>/val`` against
+a fixed class-balanced train subset, the value ``eval_knn.py --train_per_class N --subset_seed SEED`` gives on the
+checkpoint of the same epoch (same view, extraction and vote)."""
 import functools
 import os
 
@@ -51,11 +48,8 @@ class OnlineKnn:
         check_same_classes({'train': self.train, 'val': self.val})
         self.train_labels = torch.tensor(self.train.targets)
         self.val_labels = torch.tensor(self.val.targets)
-        self.batch_size, self.workers, self.device, self.amp_dtype = args.batch_size, args.num_workers, device, amp_dtype
-
-    def describe(self):
-        return (f'{len(self.train)} train images ({len(self.train) // len(self.train.classes)} per class) '
-                f'against {len(self.val)} val images')
+        self.batch_size, self.workers, self.device = args.batch_size, args.num_workers, device
+        self.amp_dtype = amp_dtype
 
     def measure(self, network, memory_format=torch.contiguous_format):
         if is_distributed():
@@ -64,10 +58,9 @@ class OnlineKnn:
                 dist.broadcast(buffer, src=0)
         was_training = network.training
         model = _EvalInput(network, memory_format).eval()
-        amp = self.amp_dtype is not None
         try:
             extract = functools.partial(extract_features, model, batch_size=self.batch_size, workers=self.workers,
-                                        device=self.device, amp=amp, amp_dtype=self.amp_dtype)
+                                        device=self.device, amp=self.amp_dtype is not None, amp_dtype=self.amp_dtype)
             train_feats = extract(self.train, desc='k-NN train subset')
             val_feats = extract(self.val, desc='k-NN val')
         finally:

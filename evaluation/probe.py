@@ -106,9 +106,7 @@ def train_epoch_images(feature_model, probe, loader, optimizer, device, amp=Fals
     """One epoch on augmented images through the frozen network; metrics averaged over ranks."""
     feature_model.eval()
     probe.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = torch.zeros((), device=device)
+    totals = torch.zeros(3, device=device)  # loss sum, correct predictions, images seen
     for _, images, targets in loader:
         images = normalize(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
@@ -119,10 +117,10 @@ def train_epoch_images(feature_model, probe, loader, optimizer, device, amp=Fals
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(targets)
-        correct += (logits.detach().argmax(1) == targets).sum()
-        seen += len(targets)
-    totals = all_reduce_mean(torch.stack([loss_sum, correct, seen]))
+        totals[0] += loss.detach() * len(targets)
+        totals[1] += (logits.detach().argmax(1) == targets).sum()
+        totals[2] += len(targets)
+    totals = all_reduce_mean(totals)
     return {'loss': (totals[0] / totals[2]).item(), 'acc1': (100.0 * totals[1] / totals[2]).item()}
 
 

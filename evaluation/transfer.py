@@ -1,18 +1,6 @@
-"""Transfer evaluation: multinomial logistic regression on frozen features, the L2 strength chosen on a
-held-out split, in the protocol of Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?") that
-SimCLR and BYOL use for their transfer tables.
-
-1. Features: the cached ones of ``evaluation.features`` (L2-normalised center crops), standardised per
-   dimension with the mean and (population) std of the rows the classifier is fitted on, as ``eval_linear.py``.
-2. Objective: ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (bias not penalised), scikit-learn's
-   ``LogisticRegression(C=1/l2)`` divided by ``n``: the same minimiser, ``l2`` as in the literature's grid.
-3. Search: ``L2_GRID`` (45 log-spaced values, 1e-6 to 1e5), strongest penalty first, each fit warm-started from
-   the previous one; full-batch ``torch.optim.LBFGS`` (strong Wolfe), at most ``MAX_ITER`` iterations,
-   float64 on the CPU and float32 on GPUs, zero-initialised: deterministic.
-4. Selection: fit on train and score on val, or without val/ on a seeded stratified 20% holdout of train; the
-   best held-out top-1 wins, ties to the lower cross-entropy, then to the stronger penalty.
-5. Final: with test/, refit at the chosen ``l2`` on train+val (or all of train) and report test top-1; without
-   it, the val top-1 of the train-only fit chosen on val (optimistic, and said so in the results).
+"""Transfer evaluation in the protocol of Kornblith et al. 2019 that SimCLR and BYOL report (docs/evaluation.md):
+multinomial logistic regression on standardised frozen features, its L2 strength chosen on val/ (or a seeded
+stratified holdout of train) from ``L2_GRID``, refit on train(+val) and scored on test/ when there is one.
 """
 import numpy as np
 import torch
@@ -65,8 +53,8 @@ def solver_dtype(device):
 
 
 def fit_logistic(x, y, num_classes, l2, start=None, max_iter=MAX_ITER):
-    """Minimise the module docstring's objective on standardised ``x`` from ``start`` (weight, bias), zeros by
-    default. Returns (weight, bias, iterations)."""
+    """Minimise ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (scikit-learn's C = 1/l2 divided by n, bias
+    not penalised) by full-batch L-BFGS from ``start`` (weight, bias), zeros by default: (weight, bias, iterations)."""
     if start is None:
         weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
         bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
@@ -121,8 +109,9 @@ def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
 
 
 def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L2_GRID, max_iter=MAX_ITER):
-    """The module docstring's protocol on (features, labels) pairs; ``val`` or ``test`` may be None, not both.
-    Fits run on ``device`` (default CPU). Returns a JSON-ready dict."""
+    """The protocol on (features, labels) pairs; ``val`` or ``test`` may be None, not both. The best held-out top-1
+    wins (ties: lower loss, then stronger l2); without test/, the val top-1 of that train-only fit is reported.
+    Fits run on ``device`` (default CPU), float64 on the CPU. Returns a JSON-ready dict."""
     device = device or torch.device('cpu')
     if val is None and test is None:
         raise SimRegError('the dataset has only train/: add a val/ or test/ split to report an accuracy on')
@@ -134,26 +123,21 @@ def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L
         fit, held = (train[0][fit_rows], train[1][fit_rows]), (train[0][held_rows], train[1][held_rows])
         selection = {'fit_on': 'train minus the holdout',
                      'scored_on': f'stratified {HOLDOUT_FRACTION:.0%} holdout of train (seed {seed})'}
-    rows, chosen, solution = search_l2(fit, held, num_classes, device, grid, max_iter)
+    rows, chosen, (weight, bias) = search_l2(fit, held, num_classes, device, grid, max_iter)
     selection.update(num_fit=len(fit[1]), num_scored=len(held[1]), chosen_l2=chosen['l2'],
                      chosen_top1=chosen['top1'], grid=rows)
 
+    final_fit, evaluated, on = knn_splits(train, val, test)  # without test/: fit and held, train -> val
+    fit_on, evaluated_on = on.split(' -> ')
+    final = {'fit_on': fit_on, 'evaluated_on': evaluated_on}
     dtype = solver_dtype(device)
+    standardize = Standardizer(final_fit[0], dtype)
+    iterations = chosen['iterations']
     if test is None:
-        standardize = Standardizer(fit[0], dtype)
-        weight, bias = solution
-        iterations = chosen['iterations']
-        final_fit, evaluated = fit, held
-        final = {'fit_on': 'train', 'evaluated_on': 'val',
-                 'note': 'no test/ split: val top-1 of the train-only fit whose l2 was chosen on val '
-                         '(optimistic)'}
+        final['note'] = 'no test/ split: val top-1 of the train-only fit whose l2 was chosen on val (optimistic)'
     else:
-        final_fit = train if val is None else (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
-        standardize = Standardizer(final_fit[0], dtype)
         fit_x, fit_y = standardize(final_fit[0]).to(device), final_fit[1].long().to(device)
-        weight, bias, iterations = fit_logistic(fit_x, fit_y, num_classes, chosen['l2'], solution, max_iter)
-        evaluated = test
-        final = {'fit_on': 'train' if val is None else 'train+val', 'evaluated_on': 'test'}
+        weight, bias, iterations = fit_logistic(fit_x, fit_y, num_classes, chosen['l2'], (weight, bias), max_iter)
     correct, loss, per_class = score(weight, bias, standardize(evaluated[0]).to(device),
                                      evaluated[1].long().to(device))
     final.update(l2=chosen['l2'], top1=100.0 * correct / len(evaluated[1]), mean_per_class_top1=per_class,
@@ -169,7 +153,7 @@ def evaluate_transfer(train, val, test, num_classes, seed=0, device=None, grid=L
 
 
 def knn_splits(train, val, test):
-    """(reference, query, description) of the k-NN, as the probe's final fit: train(+val) -> test, or
+    """(reference, query, 'reference -> query') of the probe's final fit and of the k-NN: train(+val) -> test, or
     train -> val without a test split."""
     if test is None:
         return train, val, 'train -> val'
