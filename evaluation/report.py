@@ -1,13 +1,6 @@
-"""The report of an experiment, from the files that training and the evaluation scripts wrote: a table on
-stdout, ``EXP_DIR/report.json`` (the numbers) and ``EXP_DIR/report.png`` (the picture). demo/demo.sh ends with it.
-
-    python -m evaluation.report EXP_DIR [--wall_time SECONDS] [--log FILE] [--teacher_knn DIR] [--before_knn DIR]
-                                [--after_knn DIR] [--linear DIR] [--imitation DIR]
-
-Each source defaults to the path demo/demo.sh writes under EXP_DIR (``SOURCES``); a result that is not there is
-null in report.json and left out of the table and the picture, so any experiment directory works. k-NN values
-are majority-vote top-1 percentages keyed by k, as in knn_results.json. A log of several runs is read from the
-last run that started from scratch, an epoch logged twice as logged last.
+"""The report of an experiment from the files training and the evaluation scripts wrote: a table on stdout,
+``EXP_DIR/report.json`` and ``EXP_DIR/report.png``. A result missing from its path (default: ``SOURCES``, demo/demo.sh's
+layout) is null in report.json and left out of the table and picture. k-NN values: majority-vote top-1 % by k.
 """
 import argparse
 import io
@@ -49,25 +42,17 @@ def read_result(path, read=read_json):
 def source_paths(exp_dir, **given):
     """The path of each source (``given[name]``, else its default) under ``exp_dir``; a knn/linear option may
     name the script's output folder or the result file."""
-    paths = {}
-    for name, default in SOURCES.items():
-        path = os.path.join(exp_dir, given.get(name) or default)
-        if name in RESULT_FILES and os.path.isdir(path):
-            path = os.path.join(path, RESULT_FILES[name])
-        paths[name] = path
-    return paths
-
-
-def current_run(records):
-    """The records of the log's last run that started from scratch (all of them if no start is logged)."""
-    fresh = [i for i, r in enumerate(records) if r['event'] == 'start' and r.get('resumed_from') is None
-             and r.get('start_epoch', 1) == 1 and r.get('start_step', 0) == 0]
-    return records[fresh[-1]:] if fresh else records
+    paths = {name: os.path.join(exp_dir, given.get(name) or default) for name, default in SOURCES.items()}
+    return {name: os.path.join(path, RESULT_FILES[name]) if name in RESULT_FILES and os.path.isdir(path) else path
+            for name, path in paths.items()}
 
 
 def training_curves(records):
-    """(report entries from the log, the loss by window as [(epoch - 1 + step / steps, loss)])."""
-    records = current_run(records)
+    """(report entries from the log, the loss by window as [(epoch - 1 + step / steps, loss)]), from the records
+    of the last run that started from scratch (all of them if no start is logged); a step logged twice counts last."""
+    fresh = [i for i, r in enumerate(records) if r['event'] == 'start' and r.get('resumed_from') is None
+             and r.get('start_epoch', 1) == 1 and r.get('start_step', 0) == 0]
+    records = records[fresh[-1]:] if fresh else records
     epochs = sorted({r['epoch']: r for r in records if r['event'] == 'epoch'}.items())
     windows = sorted({(r['epoch'], r['step']): r for r in records if r['event'] == 'window'}.items())
     starts = [r for r in records if r['event'] == 'start']
@@ -103,9 +88,7 @@ def collect(exp_dir, wall_time=None, **sources):
     paths = source_paths(exp_dir, **sources)
     knn = {name: read_result(paths[name]) for name in ('teacher_knn', 'before_knn', 'after_knn')}
     linear = read_result(paths['linear'])
-    records = read_result(paths['log'], read_json_log)
-    entries, windows = training_curves(records) if records else (dict.fromkeys(
-        ('loss_by_epoch', 'online_knn', 'online_knn_teacher', 'online_knn_init')), [])
+    entries, windows = training_curves(read_result(paths['log'], read_json_log) or [])
     cosine, split = read_imitation(paths['imitation'])
     report = {
         'teacher_knn': knn['teacher_knn'] and knn['teacher_knn']['majority_top1'],
@@ -143,18 +126,6 @@ def table_rows(report):
     return rows
 
 
-def last_epoch(report):
-    """The last epoch trained, from the log, else the one the final k-NN was told; None if neither."""
-    if report['loss_by_epoch']:
-        return report['loss_by_epoch']['epoch'][-1]
-    return report['student_knn_after_epoch']
-
-
-def has_knn(report):
-    return any(report[key] for key in ('teacher_knn', 'student_knn_before', 'student_knn_after', 'online_knn',
-                                       'online_knn_teacher', 'online_knn_init')) or report['linear_top1'] is not None
-
-
 def plot_loss(ax, report, windows):
     if windows:
         ax.plot(*zip(*windows), color='C0', alpha=0.35, linewidth=1, label='per window')
@@ -165,19 +136,17 @@ def plot_loss(ax, report, windows):
 
 def teacher_values(values):
     """[(label suffix, {"1", "20"})]: one teacher's k-NN, or each of several teachers' ({head: {"1", "20"}})."""
-    if not values:
-        return []
-    if '1' in values:
-        return [('', values)]
-    return [(f' {name}', value) for name, value in values.items()]
+    if values and '1' not in values:
+        return [(f' {name}', value) for name, value in values.items()]
+    return [('', values)] if values else []
 
 
 def plot_knn(ax, report):
     """The student's online 1-NN by epoch against the teacher's and the untrained student's (lines: online when
     logged, else the final evaluation's); the final evaluation's markers: trained student (star), linear probe
     (diamond), teacher (triangle) at the last epoch, untrained student (cross) at epoch 0."""
-    online, epoch = report['online_knn'], last_epoch(report)
-    x = epoch if epoch is not None else 0
+    online, curve = report['online_knn'], report['loss_by_epoch']
+    x = (curve['epoch'][-1] if curve else report['student_knn_after_epoch']) or 0  # the last epoch trained
     if online and online.get('1'):
         start = [(0, report['online_knn_init']['1'])] if report['online_knn_init'] else []
         ax.plot(*zip(*start, *zip(online['epoch'], online['1'])), 'o-', color='C0', label='student, online k-NN')
@@ -216,7 +185,9 @@ def plot_imitation(ax, report):
 
 def panels(report):
     """The names of the panels the report has data for, in their order."""
-    return [name for name, present in [('loss', report['loss_by_epoch']), ('knn', has_knn(report)),
+    knn = any(report[key] for key in ('teacher_knn', 'student_knn_before', 'student_knn_after', 'online_knn',
+                                      'online_knn_teacher', 'online_knn_init')) or report['linear_top1'] is not None
+    return [name for name, present in [('loss', report['loss_by_epoch']), ('knn', knn),
                                        ('imitation', report['imitation_cosine'])] if present]
 
 
@@ -249,14 +220,6 @@ def render_png(report, windows):
     return buffer.getvalue()
 
 
-def write_report(report, windows, exp_dir):
-    """report.json and report.png in ``exp_dir``, each written atomically; returns their paths."""
-    json_path, png_path = os.path.join(exp_dir, 'report.json'), os.path.join(exp_dir, 'report.png')
-    write_text_atomic(json.dumps(report, indent=2) + '\n', json_path)
-    write_bytes_atomic(render_png(report, windows), png_path)
-    return json_path, png_path
-
-
 def print_table(rows):
     if not rows:
         print('\n(no evaluation results to tabulate)')
@@ -283,7 +246,9 @@ def main(args):
         raise SimRegError(f'--wall_time {args.wall_time}: give the seconds as a finite number')
     report, windows = collect(args.exp_dir, args.wall_time, **{name: getattr(args, name) for name in SOURCES})
     print_table(table_rows(report))
-    json_path, png_path = write_report(report, windows, args.exp_dir)
+    json_path, png_path = os.path.join(args.exp_dir, 'report.json'), os.path.join(args.exp_dir, 'report.png')
+    write_text_atomic(json.dumps(report, indent=2) + '\n', json_path)
+    write_bytes_atomic(render_png(report, windows), png_path)
     print(f'report: {json_path}, {png_path}')
     return report
 
