@@ -1,6 +1,6 @@
-"""How well a student imitates its teacher: the mean cosine between the regression head's output and the
-teacher's feature on held-out images (center crops of ``<data>/val``), what distillation optimises (loss =
-2 - 2 cos), measured where k-NN says little (e.g. a random teacher).
+"""How well a student imitates its teacher: the mean cosine between the head's output and the teacher's feature
+on held-out center crops (``<data>/val``), what distillation optimises (loss = 2 - 2 cos): telling where k-NN
+cannot (e.g. a random teacher).
 
     python eval_imitation.py --weights exp/<exp>/checkpoints/ckpt_epoch_130.pth /path/to/imagenet
 """

@@ -1,6 +1,5 @@
-"""k-NN evaluation of a student (or any backbone) on ImageNet, with the SimReg paper's protocol: majority-vote
-1-NN and 20-NN top-1 (the paper's numbers, ``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN, from one
-exact faiss search (``evaluation.knn``), all in ``knn_results.json``.
+"""k-NN evaluation of a student or any backbone (``evaluation.knn``): the SimReg paper's majority-vote 1/20-NN
+top-1 (``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN, in ``knn_results.json``.
 
     torchrun --nproc_per_node=<gpus> eval_knn.py --weights ckpt.pth --save out/ /path/to/imagenet
 """

@@ -1,6 +1,5 @@
-"""Linear probe of a student (or any backbone) on ImageNet, with the SimReg paper's protocol (``evaluation.probe``):
-one Linear trained with SGD + MultiStep decay on RandomResizedCrop + flip views (``--use_cache``: on the cached
-center-crop features, on the device), validated on the val features extracted once.
+"""Linear probe of a student or any backbone (``evaluation.probe``, the SimReg paper's protocol): SGD on
+RandomResizedCrop + flip views (``--use_cache``: on the cached center-crop features), validated on val features.
 
     torchrun --nproc_per_node=<gpus> eval_linear.py --weights ckpt.pth --save out/ /path/to/imagenet
 """
@@ -85,11 +84,11 @@ def main(args):
         cleanup()
         if not run.main:
             return None
-        train_on = (train_feats.to(device), train_labels.to(device))
+        cached = (train_feats.to(device), train_labels.to(device))
+        train_epoch = lambda epoch: probe.train_epoch_cached(linear, optimizer, *cached, args.batch_size)
     else:
-        train_on = image_loader(args, run.world_size, device)
+        train_epoch = image_epochs(args, run.world_size, model, linear, optimizer, device)
     train_feats = train_labels = None  # their statistics are taken: free the memory
-    trained = DistributedDataParallel(linear) if run.world_size > 1 and not args.use_cache else linear
     if run.main:
         val_feats, val_labels = val_feats.to(device), val_labels.to(device)
     board = TensorBoard(os.path.join(save, 'tb'))
@@ -97,7 +96,7 @@ def main(args):
     for epoch in range(state['start_epoch'], args.epochs):
         seed_everything(args.seed, epoch, get_rank())
         lr = optimizer.param_groups[0]['lr']
-        train = train_epoch(args, epoch, train_on, model, trained, optimizer, device)
+        train = train_epoch(epoch)
         scheduler.step()
         if is_main_process():
             record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train['loss'], 'train_acc1': train['acc1']}
@@ -136,24 +135,19 @@ def validate_checkpoint(run, path, cache, num_classes, val_feats, val_labels):
     return result
 
 
-def image_loader(args, world, device):
-    """(loader, sampler) of the probe's augmented training images; the sampler is None in one process."""
+def image_epochs(args, world, model, linear, optimizer, device):
+    """``train_epoch(epoch)``: one probe epoch on the augmented training images through the frozen network."""
     train_set = build_dataset(args.data, 'train', probe.probe_train_transform(args.image_size), args.dataset)
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world), shuffle=sampler is None,
                         sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda')
-    return loader, sampler
+    trained = DistributedDataParallel(linear) if world > 1 else linear
 
-
-def train_epoch(args, epoch, train_on, model, linear, optimizer, device):
-    """One probe epoch: on the cached features (``train_on`` = (features, labels), --use_cache) or on the
-    augmented images through the frozen network (``train_on`` = (loader, sampler))."""
-    if args.use_cache:
-        return probe.train_epoch_cached(linear, optimizer, *train_on, args.batch_size)
-    loader, sampler = train_on
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-    return probe.train_epoch_images(model, linear, loader, optimizer, device, args.amp)
+    def train_epoch(epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return probe.train_epoch_images(model, trained, loader, optimizer, device, args.amp)
+    return train_epoch
 
 
 def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):

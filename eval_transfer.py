@@ -1,6 +1,5 @@
-"""Transfer evaluation of a student or teacher on ``<data>/train/<class>/<image>`` and ``val/`` and/or ``test/``:
-an L-BFGS logistic-regression probe (``evaluation.transfer``) and k-NN on the cached center-crop features,
-in ``transfer_results.json`` and ``transfer_results.txt``.
+"""Transfer evaluation on ``<data>/train/<class>/<image>`` and ``val/`` and/or ``test/``: the L-BFGS logistic
+regression of ``evaluation.transfer`` and k-NN on the cached features, in ``transfer_results.{json,txt}``.
 
     torchrun --nproc_per_node=<gpus> eval_transfer.py --weights ckpt.pth --save out/ /path/to/dataset
 """

@@ -1,13 +1,7 @@
-"""Write a distilled student's backbone for downstream use: a plain torchvision (or timm) state dict, and/or ONNX.
+"""Write a distilled student's backbone for downstream use: a torchvision (or timm) state dict, and/or ONNX that
+onnxruntime matches within ``ONNX_TOLERANCE`` on a batch of another size than the export's.
 
-    python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth resnet18_simreg.pth
-    python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth --onnx resnet18_simreg.onnx
-
-Any student checkpoint ``models.loading`` accepts loses its regression head and prefixes; the state dict loads
-into ``torchvision.models.<arch>()`` with ``strict=False``, only the classifier missing (a ViT: timm's
-``vit_*_patch16_224`` at the training ``img_size``). ``--onnx`` writes the backbone in eval mode (input
-``images`` N x 3 x H x W, ImageNet-normalised; output ``features``; batch and spatial axes dynamic), once
-onnxruntime matches PyTorch within ``ONNX_TOLERANCE`` on a batch of another size than the export's.
+    python export_student.py exp/outputs/checkpoints/ckpt_epoch_130.pth resnet18_simreg.pth [--onnx resnet18.onnx]
 """
 import argparse
 import io
@@ -88,7 +82,7 @@ def import_onnx():
 def export_onnx(backbone, path, image_size, opset):
     """Export ``backbone`` (eval mode) to ONNX, check it with onnxruntime against PyTorch, then write ``path``
     atomically; a model that does not match is not written."""
-    onnx, _ = import_onnx()
+    onnx, onnxruntime = import_onnx()
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=generator)
     buffer = io.BytesIO()
@@ -107,7 +101,12 @@ def export_onnx(backbone, path, image_size, opset):
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_model_from_string(data))
     batch = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=generator)
-    err, scale = onnx_difference(data, backbone, batch)
+    session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
+    (out,) = session.run(['features'], {'images': batch.numpy()})
+    with torch.no_grad():
+        ref = backbone.eval()(batch).numpy()
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(out - ref).max()) if out.shape == ref.shape else float('inf')
     check = (f'onnxruntime vs PyTorch on a batch of {CHECK_BATCH} at {image_size}x{image_size} (exported with '
              f'{EXAMPLE_BATCH}): max abs difference {err:.2g}, relative {err / max(scale, 1e-30):.2g}')
     if not err <= ONNX_TOLERANCE * max(1.0, scale):
@@ -116,18 +115,6 @@ def export_onnx(backbone, path, image_size, opset):
     write_bytes_atomic(data, path)
     print(f'wrote {path} (opset {opset}; images N x 3 x H x W -> features N x {backbone.feat_dim}): {check}, '
           f'within {ONNX_TOLERANCE}')
-
-
-def onnx_difference(model_bytes, backbone, batch):
-    """(max|onnxruntime - PyTorch|, max|PyTorch|) of the serialised model and ``backbone`` on ``batch``."""
-    import onnxruntime
-    session = onnxruntime.InferenceSession(model_bytes, providers=['CPUExecutionProvider'])
-    (out,) = session.run(['features'], {'images': batch.numpy()})
-    with torch.no_grad():
-        ref = backbone.eval()(batch).numpy()
-    if out.shape != ref.shape:
-        return float('inf'), float(np.abs(ref).max())
-    return float(np.abs(out - ref).max()), float(np.abs(ref).max())
 
 
 if __name__ == '__main__':

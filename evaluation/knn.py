@@ -71,7 +71,7 @@ def topk_accuracy(scores, labels, k):
 
 
 def evaluate(train_feats, train_labels, val_feats, val_labels, num_classes, majority_ks=MAJORITY_KS,
-             weighted_ks=WEIGHTED_KS, temperature=TEMPERATURE, seed=0):
+             weighted_ks=WEIGHTED_KS, seed=0):
     """All k-NN numbers from one search at the largest k (ks above the train size are clipped):
     {'majority': {k: top1}, 'weighted': {k: {'top1', 'top5'}}}, in percent."""
     k_of = {k: min(k, len(train_feats)) for k in set(majority_ks) | set(weighted_ks)}
@@ -84,8 +84,7 @@ def evaluate(train_feats, train_labels, val_feats, val_labels, num_classes, majo
         predictions = majority_vote(neighbor_labels[:, :k_of[k]], num_classes, generator)
         results['majority'][k] = 100.0 * (predictions == val_labels).double().mean().item()
     for k in sorted(weighted_ks):
-        scores = weighted_scores(similarities[:, :k_of[k]], neighbor_labels[:, :k_of[k]], num_classes,
-                                 temperature)
+        scores = weighted_scores(similarities[:, :k_of[k]], neighbor_labels[:, :k_of[k]], num_classes)
         results['weighted'][k] = {'top1': topk_accuracy(scores, val_labels, 1),
                                   'top5': topk_accuracy(scores, val_labels, 5)}
     return results
