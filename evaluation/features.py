@@ -154,21 +154,18 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=max(1, batch_size // world),
                         shuffle=False, num_workers=workers, pin_memory=device.type == 'cuda')
     model.eval().to(device)
-    local = local_extras = None
+    local = {}  # 'features' (and 'extras') of this rank's slice
     for indices, images, extras in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
         images = normalize(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             output = model(images).float()
         output = (F.normalize(output, dim=1) if l2_normalize else output).half().cpu()
-        if local is None:
-            local = torch.empty(stop - start, output.shape[1], dtype=torch.float16)
-        local[indices - start] = output
-        if with_extras:
-            if local_extras is None:
-                local_extras = torch.empty(stop - start, *extras.shape[1:], dtype=extras.dtype)
-            local_extras[indices - start] = extras
-    features = gather_in_order(local, bounds, device)
-    return (features, gather_in_order(local_extras, bounds, device)) if with_extras else features
+        for name, values in [('features', output), ('extras', extras)][:1 + with_extras]:
+            if name not in local:
+                local[name] = torch.empty(stop - start, *values.shape[1:], dtype=values.dtype)
+            local[name][indices - start] = values
+    features = gather_in_order(local['features'], bounds, device)
+    return (features, gather_in_order(local['extras'], bounds, device)) if with_extras else features
 
 
 def gather_in_order(local, bounds, device):

@@ -30,12 +30,8 @@ class _EvalInput(nn.Module):
 
 
 class OnlineKnn:
-    """The fixed train subset and val set of a training run (its data, --image_size, --knn_train_per_class,
-    --seed, --batch_size, --num_workers, --dataset), and ``measure(network)`` on them.
-
-    ``measure`` is collective (every rank extracts its shard); it returns {"1": top1, "20": top1} on rank 0,
-    None elsewhere, and leaves the network in the train/eval mode it found it in.
-    """
+    """A training run's fixed train subset and val set, and ``measure(network)`` on them: collective, {"1": top1,
+    "20": top1} on rank 0 and None elsewhere, the network left in the train/eval mode it was found in."""
 
     def __init__(self, args, device, amp_dtype):
         if not os.path.isdir(os.path.join(args.data, 'val')):
@@ -48,8 +44,8 @@ class OnlineKnn:
         check_same_classes({'train': self.train, 'val': self.val})
         self.train_labels = torch.tensor(self.train.targets)
         self.val_labels = torch.tensor(self.val.targets)
-        self.batch_size, self.workers, self.device = args.batch_size, args.num_workers, device
-        self.amp_dtype = amp_dtype
+        self.extract = functools.partial(extract_features, batch_size=args.batch_size, workers=args.num_workers,
+                                         device=device, amp=amp_dtype is not None, amp_dtype=amp_dtype)
 
     def measure(self, network, memory_format=torch.contiguous_format):
         if is_distributed():
@@ -59,10 +55,8 @@ class OnlineKnn:
         was_training = network.training
         model = _EvalInput(network, memory_format).eval()
         try:
-            extract = functools.partial(extract_features, model, batch_size=self.batch_size, workers=self.workers,
-                                        device=self.device, amp=self.amp_dtype is not None, amp_dtype=self.amp_dtype)
-            train_feats = extract(self.train, desc='k-NN train subset')
-            val_feats = extract(self.val, desc='k-NN val')
+            train_feats = self.extract(model, self.train, desc='k-NN train subset')
+            val_feats = self.extract(model, self.val, desc='k-NN val')
         finally:
             network.train(was_training)
         if not is_main_process():

@@ -80,6 +80,7 @@ def train_epoch_cached(probe, optimizer, features, labels, batch_size, cuda_grap
         totals[0] += loss.detach() * len(rows)
         totals[1] += (logits.detach().argmax(1) == targets).sum()
 
+    one_step, first = step, 0
     if cuda_graph and features.is_cuda and n_batches > GRAPH_WARMUP_STEPS:
         side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture requires
         side.wait_stream(torch.cuda.current_stream())
@@ -91,13 +92,10 @@ def train_epoch_cached(probe, optimizer, features, labels, batch_size, cuda_grap
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        for batch in range(GRAPH_WARMUP_STEPS, n_batches):
-            load(batch)
-            graph.replay()
-    else:
-        for batch in range(n_batches):
-            load(batch)
-            step()
+        one_step, first = graph.replay, GRAPH_WARMUP_STEPS
+    for batch in range(first, n_batches):
+        load(batch)
+        one_step()
     seen = n_batches * len(rows)
     return {'loss': totals[0].item() / seen, 'acc1': 100.0 * totals[1].item() / seen}
 

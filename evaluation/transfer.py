@@ -28,9 +28,8 @@ def stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=0):
         count = min(n - 1, max(1, round(fraction * n))) if n > 1 else 0
         held.append(members[torch.randperm(n, generator=generator)[:count]])
     held = torch.cat(held).sort().values
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[held] = False
-    return mask.nonzero().flatten(), held
+    rows = torch.arange(len(labels))
+    return rows[~torch.isin(rows, held)], held
 
 
 class Standardizer:
@@ -56,12 +55,9 @@ def fit_logistic(x, y, num_classes, l2, start=None, max_iter=MAX_ITER):
     """Minimise ``mean_i CE(W x_i + b, y_i) + l2 / (2 n) * ||W||^2`` (scikit-learn's C = 1/l2 divided by n, bias
     not penalised) by full-batch L-BFGS from ``start`` (weight, bias), zeros by default: (weight, bias, iterations)."""
     if start is None:
-        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
-        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
-    else:
-        weight, bias = (t.detach().clone() for t in start)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
+        start = (torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device),
+                 torch.zeros(num_classes, dtype=x.dtype, device=x.device))
+    weight, bias = (t.detach().clone().requires_grad_(True) for t in start)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=HISTORY_SIZE,
                                   tolerance_grad=TOLERANCE_GRAD, tolerance_change=TOLERANCE_CHANGE,
                                   line_search_fn='strong_wolfe')
@@ -74,8 +70,7 @@ def fit_logistic(x, y, num_classes, l2, start=None, max_iter=MAX_ITER):
         return loss
 
     optimizer.step(closure)
-    iterations = optimizer.state[weight].get('n_iter', 0)
-    return weight.detach(), bias.detach(), iterations
+    return weight.detach(), bias.detach(), optimizer.state[weight].get('n_iter', 0)
 
 
 @torch.no_grad()
