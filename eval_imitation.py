@@ -70,9 +70,8 @@ def main(args):
     student = features.load_feature_model(args.weights, stage='head', head_name=args.head)
     teacher = features.FeatureModel(load_backbone(arch, teacher_path, keep_fc=teacher_fc), None)
     dataset = build_dataset(args.data, args.split, eval_transform(args.image_size), args.dataset)
-    extract = dict(dataset=dataset, batch_size=args.batch_size, workers=args.workers, device=device)
-    both = features.extract_features(HeadAndTeacher(student, teacher), desc='student head and teacher',
-                                     l2_normalize=False, **extract)
+    both = features.extract_features(HeadAndTeacher(student, teacher), dataset, args.batch_size, args.workers, device,
+                                     desc='student head and teacher', l2_normalize=False)
     main_process = is_main_process()
     cleanup()
     if not main_process:

@@ -166,8 +166,7 @@ def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):
 
 def write_results(save, state, args, stage, cache, world, seconds):
     """linear_results.txt (one line per epoch, then the best) and linear_results.json."""
-    validated = [r for r in state['history'] if 'val_acc1' in r]
-    last = validated[-1] if validated else {}
+    last = next((r for r in reversed(state['history']) if 'val_acc1' in r), {})  # the last validated epoch
     lines = [' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items())
              for r in state['history']]
     lines.append(f'best val top-1 {state["best_acc1"]:.3f} (epoch {state["best_epoch"]}); last validated '

@@ -29,11 +29,7 @@ BACKBONE_LAYERS = ('layer3', 'layer4')
 
 
 class _StageReached(Exception):
-    """Carries a block's output out of the backbone, so later blocks are not computed."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
+    """Carries a block's output (``args[0]``) out of the backbone, so later blocks are not computed."""
 
 
 class FeatureModel(nn.Module):
@@ -66,7 +62,7 @@ class FeatureModel(nn.Module):
             try:
                 self.backbone(images)
             except _StageReached as reached:
-                return F.adaptive_avg_pool2d(reached.output, 1).flatten(1)
+                return F.adaptive_avg_pool2d(reached.args[0], 1).flatten(1)
             finally:
                 hook.remove()
             raise RuntimeError(f'{self.stage} was never reached in the backbone forward')
@@ -91,9 +87,8 @@ def resolve_stage(stage, use_pred):
 
 
 def stage_output_dir(save, stage, head_name=None):
-    """``<save>`` for the backbone, ``<save>/pred_head`` for the head output, ``<save>/stage_<name>`` for
-    other stages, so results of different stages never mix; a several-teacher student's head stages add the
-    head's name."""
+    """``<save>`` for the backbone, ``<save>/pred_head`` for the head output, ``<save>/stage_<name>`` for others, so
+    stages never mix; a several-teacher student's head stages add the head's name."""
     if stage == 'backbone':
         return save
     folder = 'pred_head' if stage == 'head' else f'stage_{stage}'
@@ -176,7 +171,7 @@ def gather_in_order(local, bounds, device):
     world, rank = get_world_size(), get_rank()
     counts = [bounds[r + 1] - bounds[r] for r in range(world)]
     comm_device = device if dist.get_backend() == 'nccl' else torch.device('cpu')
-    pieces = [[] for _ in range(world)]
+    pieces = []  # rank 0: the pieces received from every rank, per step
     for row in range(0, max(counts), GATHER_ROWS):
         piece = torch.zeros(min(GATHER_ROWS, max(counts) - row), *local.shape[1:], dtype=local.dtype)
         mine = local[row:row + len(piece)]
@@ -185,12 +180,11 @@ def gather_in_order(local, bounds, device):
         received = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
         dist.gather(piece, received, dst=0)
         if rank == 0:
-            for r in range(world):
-                pieces[r].append(received[r].cpu())
+            pieces.append([t.cpu() for t in received])
     dist.barrier()
     if rank != 0:
         return None
-    return torch.cat([torch.cat(pieces[r])[:counts[r]] for r in range(world)])
+    return torch.cat([torch.cat([step[r] for step in pieces])[:counts[r]] for r in range(world)])
 
 
 class FeatureCache:

@@ -66,9 +66,8 @@ class OnlineKnn:
         return {str(k): results['majority'][k] for k in KS}
 
     def at_start(self, teachers, student_backbone, memory_format):
-        """The start record's values: ``knn_teacher`` (one live teacher: {"1", "20"}; several: {head name:
-        {"1", "20"}} for each live one; cached teachers have no network to measure) and ``knn_init``, the
-        untrained student's. Collective; {} on ranks other than 0."""
+        """Collective: the start record's ``knn_init`` (the untrained student's) and ``knn_teacher`` (one live teacher's
+        {"1", "20"}, or {head: {"1", "20"}} of several; cached ones have no network), {} on ranks other than 0."""
         live = {name: t for name, t in teachers.items() if getattr(t, 'network', None) is not None}
         measured = {name: self.measure(t.network, memory_format) for name, t in live.items()}
         init = self.measure(student_backbone, memory_format)
