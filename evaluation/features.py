@@ -136,10 +136,11 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
-                     amp_dtype=None, l2_normalize=True, with_extras=False):
+                     amp_dtype=None, l2_normalize=True, with_extras=False, memory_format=torch.contiguous_format):
     """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
-    rank extracts a contiguous slice of ``batch_size`` / ranks batches. ``with_extras=True``: (features, the
-    third item of every sample), a label or e.g. a view's crop box. Samples are indexed by their position."""
+    rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images in ``memory_format`` (a
+    channels_last network's). ``with_extras=True``: (features, the third item of every sample), a label or e.g.
+    a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
@@ -151,7 +152,7 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     model.eval().to(device)
     local = {}  # 'features' (and 'extras') of this rank's slice
     for indices, images, extras in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
-        images = normalize(images.to(device, non_blocking=True))
+        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             output = model(images).float()
         output = (F.normalize(output, dim=1) if l2_normalize else output).half().cpu()

@@ -6,7 +6,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from data.folders import build_dataset, restrict_folder
 from data.transforms import eval_transform
@@ -16,17 +15,6 @@ from utils.distributed import is_distributed, is_main_process
 from utils.errors import SimRegError
 
 KS = (1, 20)
-
-
-class _EvalInput(nn.Module):
-    """The network on the extraction's images in its own memory format (a channels_last student), in eval mode."""
-
-    def __init__(self, network, memory_format):
-        super().__init__()
-        self.network, self.memory_format = network, memory_format
-
-    def forward(self, images):
-        return self.network(images.contiguous(memory_format=self.memory_format))
 
 
 class OnlineKnn:
@@ -53,10 +41,10 @@ class OnlineKnn:
             for buffer in network.buffers():
                 dist.broadcast(buffer, src=0)
         was_training = network.training
-        model = _EvalInput(network, memory_format).eval()
+        network.eval()
         try:
-            train_feats = self.extract(model, self.train, desc='k-NN train subset')
-            val_feats = self.extract(model, self.val, desc='k-NN val')
+            train_feats = self.extract(network, self.train, desc='k-NN train subset', memory_format=memory_format)
+            val_feats = self.extract(network, self.val, desc='k-NN val', memory_format=memory_format)
         finally:
             network.train(was_training)
         if not is_main_process():

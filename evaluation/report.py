@@ -106,26 +106,6 @@ def collect(exp_dir, wall_time=None, **sources):
     return report, windows
 
 
-def table_rows(report):
-    """(what, value) rows of the table, for the results the report has."""
-    rows = []
-    for key, what in [('teacher_knn', 'teacher k-NN top-1 (1-NN / 20-NN)'),
-                      ('student_knn_before', 'student k-NN before distillation'),
-                      ('student_knn_after', 'student k-NN after distillation')]:
-        if report[key]:
-            rows.append((what, f"{report[key]['1']:.1f} / {report[key]['20']:.1f}"))
-    if report['linear_top1'] is not None:
-        rows.append(('student linear probe top-1', f"{report['linear_top1']:.1f}"))
-    if report['imitation_cosine']:
-        cosine = report['imitation_cosine']
-        first, last = min(cosine, key=int), max(cosine, key=int)
-        rows.append((f"cos(head, teacher) on {report['imitation_split']}, epoch {first} -> {last}",
-                     f'{cosine[first]:.3f} -> {cosine[last]:.3f}'))
-    if report['wall_time_s'] is not None:
-        rows.append(('wall time', f"{report['wall_time_s'] / 60:.1f} min"))
-    return rows
-
-
 def plot_loss(ax, report, windows):
     if windows:
         ax.plot(*zip(*windows), color='C0', alpha=0.35, linewidth=1, label='per window')
@@ -220,7 +200,23 @@ def render_png(report, windows):
     return buffer.getvalue()
 
 
-def print_table(rows):
+def print_table(report):
+    """The table of the results the report has."""
+    rows = []
+    for key, what in [('teacher_knn', 'teacher k-NN top-1 (1-NN / 20-NN)'),
+                      ('student_knn_before', 'student k-NN before distillation'),
+                      ('student_knn_after', 'student k-NN after distillation')]:
+        if report[key]:
+            rows.append((what, f"{report[key]['1']:.1f} / {report[key]['20']:.1f}"))
+    if report['linear_top1'] is not None:
+        rows.append(('student linear probe top-1', f"{report['linear_top1']:.1f}"))
+    if report['imitation_cosine']:
+        cosine = report['imitation_cosine']
+        first, last = min(cosine, key=int), max(cosine, key=int)
+        rows.append((f"cos(head, teacher) on {report['imitation_split']}, epoch {first} -> {last}",
+                     f'{cosine[first]:.3f} -> {cosine[last]:.3f}'))
+    if report['wall_time_s'] is not None:
+        rows.append(('wall time', f"{report['wall_time_s'] / 60:.1f} min"))
     if not rows:
         print('\n(no evaluation results to tabulate)')
         return
@@ -245,7 +241,7 @@ def main(args):
     if args.wall_time is not None and not math.isfinite(args.wall_time):
         raise SimRegError(f'--wall_time {args.wall_time}: give the seconds as a finite number')
     report, windows = collect(args.exp_dir, args.wall_time, **{name: getattr(args, name) for name in SOURCES})
-    print_table(table_rows(report))
+    print_table(report)
     json_path, png_path = os.path.join(args.exp_dir, 'report.json'), os.path.join(args.exp_dir, 'report.png')
     write_text_atomic(json.dumps(report, indent=2) + '\n', json_path)
     write_bytes_atomic(render_png(report, windows), png_path)
