@@ -77,8 +77,7 @@ def main(args):
     if not main_process:
         return None
     predicted, target = both.float().chunk(2, dim=1)
-    # both are L2-normalised: the row-wise dot product is the cosine
-    cosine = (predicted * target).sum(dim=1)
+    cosine = (predicted * target).sum(dim=1)  # both are L2-normalised: the row-wise dot product is the cosine
     result = {'mean_cosine': cosine.mean().item(), 'loss_2_minus_2cos': (2 - 2 * cosine).mean().item(),
               'epoch': ckpt.get('epoch'), 'weights': os.path.abspath(args.weights), 'teacher_arch': arch,
               'teacher_weights': os.path.abspath(teacher_path), 'split': args.split, 'images': len(dataset),

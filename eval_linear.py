@@ -160,8 +160,7 @@ def load_probe_checkpoint(path, cache, linear, optimizer=None, scheduler=None):
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    return {'start_epoch': checkpoint['epoch'], 'best_acc1': checkpoint['best_acc1'],
-            'best_epoch': checkpoint['best_epoch'], 'history': checkpoint['history']}
+    return {'start_epoch': checkpoint['epoch'], **{k: checkpoint[k] for k in ('best_acc1', 'best_epoch', 'history')}}
 
 
 def write_results(save, state, args, stage, cache, world, seconds):

@@ -114,13 +114,6 @@ def plot_loss(ax, report, windows):
     ax.set(title='Training loss', xlabel='epoch', ylabel='regression loss')
 
 
-def teacher_values(values):
-    """[(label suffix, {"1", "20"})]: one teacher's k-NN, or each of several teachers' ({head: {"1", "20"}})."""
-    if values and '1' not in values:
-        return [(f' {name}', value) for name, value in values.items()]
-    return [('', values)] if values else []
-
-
 def plot_knn(ax, report):
     """The student's online 1-NN by epoch against the teacher's and the untrained student's (lines: online when
     logged, else the final evaluation's); the final evaluation's markers: trained student (star), linear probe
@@ -135,7 +128,9 @@ def plot_knn(ax, report):
     for number, (online_key, final_key, what, style) in enumerate(lines):
         use_online = bool(report[online_key]) and bool(online)
         source = 'online' if use_online else 'final eval'
-        for suffix, value in teacher_values(report[online_key] if use_online else report[final_key]):
+        values = (report[online_key] if use_online else report[final_key]) or {}
+        # one teacher's {"1", "20"}, or several teachers' {head: {"1", "20"}} (a line each)
+        for suffix, value in [('', values)] if '1' in values else [(f' {name}', v) for name, v in values.items()]:
             ax.axhline(value['1'], linewidth=1.5, label=f"{what}{suffix} ({source}): {value['1']:.1f}", **style)
         if use_online and report[final_key]:
             value = report[final_key]['1']
