@@ -34,11 +34,10 @@ def main(args):
         return None
     (train_feats, train_labels), (val_feats, val_labels) = extracted.splits['train'], extracted.splits['val']
     logger, save, stage = run.logger, run.save, run.stage
-    majority_ks = sorted(set(knn.MAJORITY_KS) | {args.k})
     logger.info(f'k-NN on {knn.faiss_device()}: {len(train_feats)} train, {len(val_feats)} val, '
                 f'{train_feats.shape[1]}-d {stage} features')
     results = knn.evaluate(train_feats, train_labels, val_feats, val_labels, extracted.num_classes,
-                           majority_ks=majority_ks, seed=args.seed)
+                           majority_ks=set(knn.MAJORITY_KS) | {args.k}, seed=args.seed)
     for k, acc in results['majority'].items():
         write_text_atomic('%.18e\n' % acc, os.path.join(save, 'nn_%d_acc_epoch_%03d.txt' % (k, args.epoch)))
         logger.info(f'{k}-NN (majority) * Acc {acc:.2f}')

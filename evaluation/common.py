@@ -89,9 +89,8 @@ def open_features(run, splits, name):
     args = run.args
     model = features.load_feature_model(args.weights, args.arch, run.stage, getattr(args, 'linear_pred', False),
                                         head_name=args.head)
-    transform = eval_transform(args.image_size)
-    datasets = {split: build_dataset(args.data, split, transform, getattr(args, 'dataset', 'imagenet'))
-                for split in splits}
+    datasets = {split: build_dataset(args.data, split, eval_transform(args.image_size),
+                                     getattr(args, 'dataset', 'imagenet')) for split in splits}
     features.check_same_classes(datasets)
     if getattr(args, 'train_per_class', 0):  # eval_knn.py: the online k-NN's train subset
         restrict_folder(datasets['train'], per_class=args.train_per_class, seed=args.subset_seed)

@@ -87,8 +87,7 @@ def score(weight, bias, x, y):
 def search_l2(fit, held, num_classes, device, grid=L2_GRID, max_iter=MAX_ITER):
     """Fit on ``fit`` for every ``l2`` of ``grid`` (strongest first, warm-started), score on ``held``; both are
     (features, labels). Returns (rows in ascending ``l2``, the chosen row, its (weight, bias))."""
-    dtype = solver_dtype(device)
-    standardize = Standardizer(fit[0], dtype)
+    standardize = Standardizer(fit[0], solver_dtype(device))
     fit_x, fit_y = standardize(fit[0]).to(device), fit[1].long().to(device)
     held_x, held_y = standardize(held[0]).to(device), held[1].long().to(device)
     rows, solution, best = [], None, None
