@@ -1,9 +1,6 @@
-"""Teacher features cached on disk for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON
-sidecar (a ``utils.store.Store``). Training memory-maps the array and gathers a batch's rows by sample index.
-
-A multi-view cache holds [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which
-the student replays (``data.replay``). The SimReg release's cache (a dict file name -> feature) is converted.
-"""
+"""Teacher features cached for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON sidecar, or
+[N, K, D] with ``<name>.views.npy`` [N, K, 5] (each view's box and flip, ``data.replay``). Training memory-maps it
+and gathers rows by sample index. The SimReg release's cache (a dict file name -> feature) is converted."""
 import hashlib
 import os
 import warnings

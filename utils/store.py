@@ -1,10 +1,6 @@
-"""One checked store: a set of ``.npy`` arrays and the JSON sidecar that describes them.
-
-The arrays are written first, each atomically, and the sidecar last: arrays without a sidecar are an
-interrupted write. A read checks that the sidecar is there, that the arrays have the shapes and dtypes it
-implies, and that the recorded keys the reader relies on match. The teacher feature cache, the shards of a
-cache build and the evaluation feature cache are such stores.
-"""
+"""One checked store (the teacher feature cache, a cache build's shards, the evaluation feature cache): ``.npy``
+arrays, each written atomically, then the JSON sidecar that describes them (arrays without one are an interrupted
+write); a read checks the sidecar is there and the arrays' shapes and dtypes."""
 import json
 import os
 
