@@ -123,8 +123,8 @@ class ShardImages(Dataset):
 
 
 class ShardStore:
-    """``<output>.shards/shard_<k>.npy`` (+ ``.views.npy``, ``.json``), the finished shards of a build: small caches whose
-    sidecar is the recipe plus their rows (a shard of another recipe is recomputed)."""
+    """``<output>.shards/shard_<k>.npy`` (+ ``.views.npy``, ``.json``), the finished shards of a build: small caches
+    whose sidecar is the recipe plus their rows (a shard of another recipe is recomputed)."""
 
     def __init__(self, output, recipe, ranges):
         self.output, self.folder, self.recipe, self.ranges = output, output + '.shards', recipe, ranges
@@ -133,8 +133,7 @@ class ShardStore:
         return cache_store(os.path.join(self.folder, f'shard_{k:05d}.npy'))
 
     def todo(self):
-        """The shards still to compute, None when the output is already this finished cache (one of another recipe is
-        refused)."""
+        """The shards still to compute; None when the output is this finished cache (one of another recipe: refused)."""
         store = cache_store(self.output)
         if not (os.path.isfile(self.output) and store.exists()):
             return [k for k in range(len(self.ranges)) if not self.is_done(k)]
@@ -179,8 +178,7 @@ class ShardStore:
 
 
 def extract_shard(args, teacher, dataset, rows, device, desc):
-    """The shard's features [n, D], or with --cache_views [n, K, D] and the views [n, K, 5]; (None, None) on
-    ranks other than 0."""
+    """The shard's features [n, D], or with --cache_views [n, K, D] and the views [n, K, 5]; rank > 0: (None, None)."""
     amp_dtype = AUTOCAST_DTYPES[args.precision]
     extract = dict(amp=amp_dtype is not None, amp_dtype=amp_dtype, l2_normalize=False, desc=desc)
     if not args.cache_views:

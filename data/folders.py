@@ -66,8 +66,7 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 
 
 def check_png_rows(raw):
-    """Raise ValueError when the PNG ``raw`` inflates to fewer bytes than its header's size needs (a file
-    that is no PNG passes: PIL judges it)."""
+    """ValueError when the PNG ``raw`` inflates to fewer bytes than its header's size needs (a non-PNG passes)."""
     if not raw.startswith(PNG_MAGIC) or raw[12:16] != b'IHDR' or len(raw) < 33:
         return
     width, height, depth, colour, _, _, interlace = struct.unpack('>IIBBBBB', raw[16:29])
@@ -115,8 +114,7 @@ def add_dataset_arg(parser, note=''):
 
 
 def imagenet100_classes(classes, num_classes=100, seed=1234):
-    """SimReg's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
-    kept in sorted order."""
+    """SimReg's ImageNet-100: the first 100 of a numpy seed-1234 permutation of the sorted classes, in sorted order."""
     order = np.random.RandomState(seed).permutation(len(classes))[:num_classes]
     return [classes[i] for i in sorted(order)]
 

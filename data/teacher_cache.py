@@ -71,13 +71,11 @@ class TeacherFeatureCache:
         """Refuse a cache made for other images: the rows would be other images' targets."""
         ours, theirs = dataset_fingerprint(dataset), self.meta['dataset']
         if ours['num_samples'] != theirs['num_samples']:
-            raise SimRegError(f"teacher cache {self.path} has {theirs['num_samples']} rows, "
-                              f"{ours['root']} has {ours['num_samples']} images: build the cache for "
-                              f"this dataset (and --dataset)")
+            raise SimRegError(f"teacher cache {self.path} has {theirs['num_samples']} rows, {ours['root']} has "
+                              f"{ours['num_samples']} images: build the cache for this dataset (and --dataset)")
         if ours['file_list_sha256'] != theirs['file_list_sha256']:
-            raise SimRegError(f"teacher cache {self.path} was built for another file list "
-                              f"({theirs['root']}) than {ours['root']}: the same number of images but "
-                              f"not the same files; rebuild the cache")
+            raise SimRegError(f"teacher cache {self.path} was built for another file list ({theirs['root']}) than "
+                              f"{ours['root']}: the same number of images but not the same files; rebuild the cache")
 
     def rows(self, indices, pin_memory=False):
         """fp16 CPU tensor of the rows of these sample indices, or (sample, view) pairs [B, 2] of a multi-view
@@ -115,8 +113,8 @@ def write_sidecar(path, meta):
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The SimReg release's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
-    its path (an existing one is reused)."""
+    """The SimReg release's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it (reused); returns
+    its path."""
     out = os.path.splitext(pth_path)[0] + '.npy'
     if os.path.isfile(out) and cache_store(out).exists():
         return out
@@ -129,9 +127,8 @@ def convert_original_cache(pth_path, dataset, log=print):
         raise SimRegError(f'{pth_path} is not the SimReg release\'s cache format (a dict file name -> feature)')
     names = [os.path.basename(path) for path, _ in dataset.samples]
     if len(set(names)) != len(names):
-        raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names '
-                          f'repeat across class folders of {dataset.root}: rebuild the cache with '
-                          f'cache_teacher_feats.py')
+        raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names repeat '
+                          f'across class folders of {dataset.root}: rebuild the cache with cache_teacher_feats.py')
     missing = [n for n in names if n not in by_name]
     if missing:
         raise SimRegError(f'{pth_path} has no feature for {len(missing)} of {len(names)} images '

@@ -84,8 +84,7 @@ def make_folder(folder):
 
 
 def writable_folder(folder):
-    """``make_folder``, then a temp file made and dropped in it: refuse an unwritable folder at start-up, not
-    after hours of work."""
+    """``make_folder``, then a temp file made and dropped in it: refuse an unwritable folder before hours of work."""
     make_folder(folder)
     try:
         tempfile.TemporaryFile(dir=folder).close()
@@ -178,7 +177,7 @@ class Checkpointer:
         stop = self.stop.agreed()
         due = (self.every_steps and self.steps >= self.every_steps) or \
               (self.every_s and time.monotonic() - self.since >= self.every_s)
-        if stop or (due and not meter.epoch_done):
+        if stop or (due and meter.step < meter.steps):
             if self.writer:
                 save_atomic(self.state_fn(meter.epoch - 1, meter), self.path)
             self.wrote()
@@ -226,15 +225,17 @@ def read_checkpoint(path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if 'weights only load failed' in str(exc).lower():
+    except Exception as exc:  # torch.load signals a damaged file with many exception types
+        if isinstance(exc, pickle.UnpicklingError) and 'weights only load failed' in str(exc).lower():
             reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
             raise SimRegError(f'refusing to load {path}: unpickling it would run code or build objects other '
                               f'than tensors and plain data ({reason}); use the official file, or re-save '
                               f'only its state_dict') from None
-        raise SimRegError(_unreadable(path, kind, exc)) from None
-    except Exception as exc:  # torch.load signals a damaged file with many exception types
-        raise SimRegError(_unreadable(path, kind, exc)) from None
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
+        what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
+                'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
+        raise SimRegError(f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it '
+                          'again') from None
 
 
 def _checkpoint_kind(path, size=4096):
@@ -257,11 +258,3 @@ def _checkpoint_kind(path, size=4096):
     if text and not any(b < 32 and b not in b'\t\n\r\f' for b in head):
         return 'text', head
     return 'other', head
-
-
-def _unreadable(path, kind, exc):
-    """The line for a file torch.load failed on."""
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
-    what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
-            'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
-    return f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it again'

@@ -21,8 +21,7 @@ class DistributedError(Exception):
 
 
 def one_line(exc):
-    """The user-facing line of a SimRegError, also when a DataLoader worker re-raised it
-    with the worker's traceback folded into the message."""
+    """The user-facing line of a SimRegError, also when a DataLoader worker folded its traceback into the message."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     for ln in reversed(lines):
         if 'SimRegError: ' in ln:

@@ -163,10 +163,6 @@ class MetricLogger:
         if self.step % self.logs.print_freq == 0 or self.step == self.steps:
             self.report_window()
 
-    @property
-    def epoch_done(self):
-        return self.step == self.steps
-
     def speed(self):
         """Images per second over all processes, and the data-wait share, since ``log_every`` started."""
         elapsed = time.perf_counter() - self.start
@@ -198,8 +194,7 @@ class MetricLogger:
         self.window_start = self.step
 
     def summary(self):
-        """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; to the text
-        log and TensorBoard (at step = epoch). ``Logs.epoch`` writes them to the JSON log."""
+        """The epoch's mean loss (and per head), lr, img/s and data-wait share over ranks; logged and to TensorBoard."""
         loss, heads = self.mean_losses(self.epoch_sum, self.steps)
         lr = self.optimizer.param_groups[0]['lr']
         stats = {'loss': loss, 'lr': lr, **self.speed()}

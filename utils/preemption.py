@@ -35,9 +35,8 @@ class StopRequest:
 
     def __init__(self, log, deadline_s=60.0):
         self.log, self.deadline_s = log, deadline_s
-        self.signal, self.pid, self.done = None, os.getpid(), threading.Event()
+        self.signal, self.pending, self.pid, self.done = None, None, os.getpid(), threading.Event()
         self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
-        self.pending = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, frame):

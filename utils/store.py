@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from utils.checkpoint import write_atomic, save_npy_atomic, write_text_atomic
+from utils.checkpoint import write_atomic, write_text_atomic
 
 
 class StoreMismatch(ValueError):
@@ -55,10 +55,7 @@ class Store:
             if os.path.exists(path):
                 os.remove(path)
         for name, array in arrays.items():
-            if isinstance(array, list):
-                save_blocks_atomic(array, self.arrays[name])
-            else:
-                save_npy_atomic(array, self.arrays[name])
+            save_blocks_atomic(array if isinstance(array, list) else [array], self.arrays[name])
 
     def write_meta(self, meta):
         write_text_atomic(json.dumps(meta, indent=2) + '\n', self.sidecar)
