@@ -96,8 +96,7 @@ class IndexedImageFolder(datasets.ImageFolder):
             raise SimRegError(f'data folder {root} does not exist: pass the dataset root that holds '
                               f'train/ (and val/) with one sub-folder per class')
         if not any(e.is_dir() for e in os.scandir(root)):
-            raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as '
-                              f'{root}/<class>/<image>')
+            raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as {root}/<class>/<image>')
         try:
             super().__init__(root, transform=transform, loader=read_bytes if encoded else decode_rgb)
         except FileNotFoundError as exc:

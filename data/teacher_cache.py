@@ -28,8 +28,7 @@ def dataset_fingerprint(dataset):
     """What a cache must agree with: the sample count and the file list (relative paths, in order)."""
     relative = [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
     digest = hashlib.sha256('\n'.join(relative).encode()).hexdigest()
-    return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative),
-            'file_list_sha256': digest}
+    return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative), 'file_list_sha256': digest}
 
 
 class TeacherFeatureCache:
@@ -113,8 +112,7 @@ def write_sidecar(path, meta):
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The SimReg release's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it (reused); returns
-    its path."""
+    """The SimReg release's cache (a dict file name -> feature) as an ``.npy`` beside it, reused if there; its path."""
     out = os.path.splitext(pth_path)[0] + '.npy'
     if os.path.isfile(out) and cache_store(out).exists():
         return out
@@ -136,8 +134,7 @@ def convert_original_cache(pth_path, dataset, log=print):
     features = torch.stack([torch.as_tensor(by_name[n]).flatten() for n in names]).half().numpy()
     meta = {'teacher': {'arch': None, 'weights': None, 'source': 'original SimReg cache',
                         'converted_from': os.path.abspath(pth_path)},
-            'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)',
-            'image_size': None}
+            'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)', 'image_size': None}
     write_cache(out, [features], meta)
     log(f'note: converted the SimReg release\'s teacher cache {pth_path} to {out} (+ .json); pass '
         f'--teacher_feats {out} from now on')

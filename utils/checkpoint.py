@@ -11,7 +11,6 @@ import tempfile
 import time
 import zipfile
 
-import numpy as np
 import torch
 
 from utils.distributed import is_main_process
@@ -95,11 +94,6 @@ def writable_folder(folder):
 def save_atomic(state, path):
     """torch.save, atomically (checkpoints)."""
     write_atomic(path, 'wb', lambda f: torch.save(state, f))
-
-
-def save_npy_atomic(array, path):
-    """np.save, atomically (feature caches)."""
-    write_atomic(path, 'wb', lambda f: np.save(f, array))
 
 
 def write_text_atomic(text, path):

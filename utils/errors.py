@@ -43,8 +43,7 @@ def is_lost_peer(exc):
     dist = sys.modules.get('torch.distributed')  # not imported: not a torch error
     if dist is None:
         return False
-    return isinstance(exc, getattr(dist, 'DistError', ())) or \
-        (isinstance(exc, RuntimeError) and '/gloo/' in str(exc))
+    return isinstance(exc, getattr(dist, 'DistError', ())) or (isinstance(exc, RuntimeError) and '/gloo/' in str(exc))
 
 
 def exit_on_user_error(main):
