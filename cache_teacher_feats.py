@@ -5,9 +5,8 @@
     torchrun --nproc_per_node=8 train_student.py /path/to/imagenet --use_cache \
         --teacher_feats teacher_feats/resnet50_<sha256[:8]>_imagenet_224.npy ...
 
-The teacher's raw outputs on the evaluation view (or, with ``--cache_views K``, on K weak views per image,
-``data.replay``) are stored as fp16 rows in dataset order (``data.teacher_cache``), in shards of
-``--shard_size`` images: a rerun after an interruption computes only the missing shards.
+The raw outputs on the evaluation view (or K weak views per image, ``--cache_views``) become fp16 rows in dataset
+order, built in shards of ``--shard_size`` images: a rerun after an interruption computes only the missing ones.
 """
 import argparse
 import os
@@ -113,8 +112,7 @@ class ShardImages(Dataset):
     ``extract_features`` orders its output by (a Subset would pass the dataset's index through)."""
 
     def __init__(self, dataset, rows):
-        self.dataset = dataset
-        self.start, self.stop = rows
+        self.dataset, (self.start, self.stop) = dataset, rows
 
     def __len__(self):
         return self.stop - self.start
@@ -125,8 +123,8 @@ class ShardImages(Dataset):
 
 
 class ShardStore:
-    """``<output>.shards/shard_<k>.npy`` (+ ``.views.npy``) and ``.json``, the finished shards of an unfinished
-    build, small caches whose sidecar is the recipe plus their rows: a shard of another recipe is recomputed."""
+    """``<output>.shards/shard_<k>.npy`` (+ ``.views.npy``, ``.json``), the finished shards of a build: small caches
+    whose sidecar is the recipe plus their rows (a shard of another recipe is recomputed)."""
 
     def __init__(self, output, recipe, ranges):
         self.output, self.folder, self.recipe, self.ranges = output, output + '.shards', recipe, ranges
@@ -135,8 +133,7 @@ class ShardStore:
         return cache_store(os.path.join(self.folder, f'shard_{k:05d}.npy'))
 
     def todo(self):
-        """The shards still to compute, None when the output is already this finished cache; a finished cache
-        of another recipe is refused."""
+        """The shards still to compute; None when the output is this finished cache (one of another recipe: refused)."""
         store = cache_store(self.output)
         if not (os.path.isfile(self.output) and store.exists()):
             return [k for k in range(len(self.ranges)) if not self.is_done(k)]
@@ -181,8 +178,7 @@ class ShardStore:
 
 
 def extract_shard(args, teacher, dataset, rows, device, desc):
-    """The shard's features [n, D], or with --cache_views [n, K, D] and the views [n, K, 5]; (None, None) on
-    ranks other than 0."""
+    """The shard's features [n, D], or with --cache_views [n, K, D] and the views [n, K, 5]; rank > 0: (None, None)."""
     amp_dtype = AUTOCAST_DTYPES[args.precision]
     extract = dict(amp=amp_dtype is not None, amp_dtype=amp_dtype, l2_normalize=False, desc=desc)
     if not args.cache_views:

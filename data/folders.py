@@ -43,9 +43,8 @@ def is_jpeg(data):
 
 
 def decode_bytes(data, name):
-    """Decode an encoded image (uint8 tensor of the file's bytes) to a uint8 RGB tensor (C, H, W): JPEGs with
-    torchvision, everything else (ImageNet has a PNG named .JPEG, CMYK JPEGs) with PIL, a PNG first checked to
-    hold the rows its header promises. A file that cannot be read gets a SimRegError naming it."""
+    """Decode a file's bytes (uint8 tensor) to a uint8 RGB tensor (C, H, W): JPEGs with torchvision, the rest (ImageNet
+    has a PNG named .JPEG, CMYK JPEGs) with PIL, a PNG checked for truncation first; unreadable: SimRegError."""
     if is_jpeg(data):
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -67,8 +66,7 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 
 
 def check_png_rows(raw):
-    """Raise ValueError when the PNG ``raw`` inflates to fewer bytes than its header's size needs (a file
-    that is no PNG passes: PIL judges it)."""
+    """ValueError when the PNG ``raw`` inflates to fewer bytes than its header's size needs (a non-PNG passes)."""
     if not raw.startswith(PNG_MAGIC) or raw[12:16] != b'IHDR' or len(raw) < 33:
         return
     width, height, depth, colour, _, _, interlace = struct.unpack('>IIBBBBB', raw[16:29])
@@ -94,42 +92,28 @@ class IndexedImageFolder(datasets.ImageFolder):
     each file's bytes undecoded (``--gpu_decode``)."""
 
     def __init__(self, root, transform=None, encoded=False):
-        check_image_root(root)
+        if not os.path.isdir(root):
+            raise SimRegError(f'data folder {root} does not exist: pass the dataset root that holds '
+                              f'train/ (and val/) with one sub-folder per class')
+        if not any(e.is_dir() for e in os.scandir(root)):
+            raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as {root}/<class>/<image>')
         try:
             super().__init__(root, transform=transform, loader=read_bytes if encoded else decode_rgb)
         except FileNotFoundError as exc:
             raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        image = self.loader(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return index, image, label
-
-
-def check_image_root(root):
-    """A split folder must exist and hold class sub-folders."""
-    if not os.path.isdir(root):
-        raise SimRegError(f'data folder {root} does not exist: pass the dataset root that holds '
-                          f'train/ (and val/) with one sub-folder per class')
-    if not any(e.is_dir() for e in os.scandir(root)):
-        raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as '
-                          f'{root}/<class>/<image>')
-
-
-DATASETS = ('imagenet', 'imagenet100')
+        return index, *super().__getitem__(index)
 
 
 def add_dataset_arg(parser, note=''):
     """--dataset, the same in every script; ``note`` adds to its help."""
-    parser.add_argument('--dataset', default='imagenet', choices=DATASETS,
+    parser.add_argument('--dataset', default='imagenet', choices=('imagenet', 'imagenet100'),
                         help="full dataset, or SimReg's 100-class subset" + note)
 
 
 def imagenet100_classes(classes, num_classes=100, seed=1234):
-    """SimReg's ImageNet-100: a numpy seed-1234 permutation of the sorted classes, first 100,
-    kept in sorted order."""
+    """SimReg's ImageNet-100: the first 100 of a numpy seed-1234 permutation of the sorted classes, in sorted order."""
     order = np.random.RandomState(seed).permutation(len(classes))[:num_classes]
     return [classes[i] for i in sorted(order)]
 
@@ -167,6 +151,4 @@ def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False
             raise SimRegError(f'--dataset imagenet100 needs at least 100 classes, '
                               f'{data_root}/{split} has {len(folder.classes)}')
         restrict_folder(folder, imagenet100_classes(folder.classes))
-    elif dataset != 'imagenet':
-        raise SimRegError(f"unknown --dataset '{dataset}': use imagenet or imagenet100")
     return folder

@@ -1,9 +1,6 @@
-"""Multi-view cache replay: the student trains on the very weak views whose teacher features were cached.
-
-``cache_teacher_feats.py --cache_views K`` draws view k of image i from the seed (--seed, i, k), runs the
-teacher on it (``ShardWeakViews``) and stores each view's box and flip (``VIEW_COLUMNS``). Training picks one
-stored view per sample and step (``ReplayedViews``), crops the same pixels and regresses that view's row.
-"""
+"""Multi-view cache replay: ``cache_teacher_feats.py --cache_views K`` caches the teacher on view k of image i, drawn
+from (--seed, i, k), with its box and flip (``ShardWeakViews``); training replays one stored view per sample and step
+(``ReplayedViews``) and regresses that view's row."""
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -43,8 +40,7 @@ class ShardWeakViews(Dataset):
     p % K of image start + p // K, as (p, the view, its box and flip); an image is decoded once for its K."""
 
     def __init__(self, dataset, rows, num_views, size, seed):
-        self.dataset = dataset
-        self.start, self.stop = rows
+        self.dataset, (self.start, self.stop) = dataset, rows
         self.num_views, self.size, self.seed = num_views, size, seed
         self.decoded = (None, None)
 
@@ -65,9 +61,7 @@ class ReplayedViews(Dataset):
     sample's K stored views, picked by torch's RNG (seeded per sample by ``data.sampler.SeededSamples``)."""
 
     def __init__(self, dataset, boxes, size):
-        self.dataset = dataset
-        self.boxes = boxes
-        self.size = size
+        self.dataset, self.boxes, self.size = dataset, boxes, size
 
     def __len__(self):
         return len(self.dataset)
@@ -80,9 +74,8 @@ class ReplayedViews(Dataset):
 
 
 def student_dataset(dataset, teachers, args, log):
-    """The student's training set (``ReplayedViews``) when the teachers are multi-view caches (their ``.boxes``
-    and ``.cache``), else None. The student has one view per step: every teacher must be a cache of the same
-    weak views."""
+    """The student's training set (``ReplayedViews``) when the teachers are multi-view caches, else None; the student
+    sees one view per step, so every teacher must be a cache of the same weak views."""
     with_views = {name: t.cache for name, t in teachers.items() if t.boxes is not None}
     if not with_views:
         return None

@@ -1,9 +1,6 @@
-"""Teacher features cached on disk for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON
-sidecar (a ``utils.store.Store``). Training memory-maps the array and gathers a batch's rows by sample index.
-
-A multi-view cache holds [N, K, D] and ``<name>.views.npy`` [N, K, 5], each view's crop box and flip, which
-the student replays (``data.replay``). The SimReg release's cache (a dict file name -> feature) is converted.
-"""
+"""Teacher features cached for ``--use_cache``: an fp16 ``.npy`` [N, D] in dataset order and its JSON sidecar, or
+[N, K, D] with ``<name>.views.npy`` [N, K, 5] (each view's box and flip, ``data.replay``). Training memory-maps it
+and gathers rows by sample index. The SimReg release's cache (a dict file name -> feature) is converted."""
 import hashlib
 import os
 import warnings
@@ -31,8 +28,7 @@ def dataset_fingerprint(dataset):
     """What a cache must agree with: the sample count and the file list (relative paths, in order)."""
     relative = [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
     digest = hashlib.sha256('\n'.join(relative).encode()).hexdigest()
-    return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative),
-            'file_list_sha256': digest}
+    return {'root': os.path.abspath(dataset.root), 'num_samples': len(relative), 'file_list_sha256': digest}
 
 
 class TeacherFeatureCache:
@@ -74,13 +70,11 @@ class TeacherFeatureCache:
         """Refuse a cache made for other images: the rows would be other images' targets."""
         ours, theirs = dataset_fingerprint(dataset), self.meta['dataset']
         if ours['num_samples'] != theirs['num_samples']:
-            raise SimRegError(f"teacher cache {self.path} has {theirs['num_samples']} rows, "
-                              f"{ours['root']} has {ours['num_samples']} images: build the cache for "
-                              f"this dataset (and --dataset)")
+            raise SimRegError(f"teacher cache {self.path} has {theirs['num_samples']} rows, {ours['root']} has "
+                              f"{ours['num_samples']} images: build the cache for this dataset (and --dataset)")
         if ours['file_list_sha256'] != theirs['file_list_sha256']:
-            raise SimRegError(f"teacher cache {self.path} was built for another file list "
-                              f"({theirs['root']}) than {ours['root']}: the same number of images but "
-                              f"not the same files; rebuild the cache")
+            raise SimRegError(f"teacher cache {self.path} was built for another file list ({theirs['root']}) than "
+                              f"{ours['root']}: the same number of images but not the same files; rebuild the cache")
 
     def rows(self, indices, pin_memory=False):
         """fp16 CPU tensor of the rows of these sample indices, or (sample, view) pairs [B, 2] of a multi-view
@@ -118,8 +112,7 @@ def write_sidecar(path, meta):
 
 
 def convert_original_cache(pth_path, dataset, log=print):
-    """The SimReg release's cache (a torch-saved dict file name -> feature) as an ``.npy`` beside it; returns
-    its path (an existing one is reused)."""
+    """The SimReg release's cache (a dict file name -> feature) as an ``.npy`` beside it, reused if there; its path."""
     out = os.path.splitext(pth_path)[0] + '.npy'
     if os.path.isfile(out) and cache_store(out).exists():
         return out
@@ -132,9 +125,8 @@ def convert_original_cache(pth_path, dataset, log=print):
         raise SimRegError(f'{pth_path} is not the SimReg release\'s cache format (a dict file name -> feature)')
     names = [os.path.basename(path) for path, _ in dataset.samples]
     if len(set(names)) != len(names):
-        raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names '
-                          f'repeat across class folders of {dataset.root}: rebuild the cache with '
-                          f'cache_teacher_feats.py')
+        raise SimRegError(f'{pth_path} is keyed by file name, but {len(names) - len(set(names))} file names repeat '
+                          f'across class folders of {dataset.root}: rebuild the cache with cache_teacher_feats.py')
     missing = [n for n in names if n not in by_name]
     if missing:
         raise SimRegError(f'{pth_path} has no feature for {len(missing)} of {len(names)} images '
@@ -142,8 +134,7 @@ def convert_original_cache(pth_path, dataset, log=print):
     features = torch.stack([torch.as_tensor(by_name[n]).flatten() for n in names]).half().numpy()
     meta = {'teacher': {'arch': None, 'weights': None, 'source': 'original SimReg cache',
                         'converted_from': os.path.abspath(pth_path)},
-            'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)',
-            'image_size': None}
+            'dataset': dataset_fingerprint(dataset), 'transform': 'unknown (original cache)', 'image_size': None}
     write_cache(out, [features], meta)
     log(f'note: converted the SimReg release\'s teacher cache {pth_path} to {out} (+ .json); pass '
         f'--teacher_feats {out} from now on')

@@ -21,6 +21,7 @@ from benchmarks.reference import decode_views_on
 from utils import checkpoint
 from utils.checkpoint import read_checkpoint
 from utils.errors import SimRegError
+from utils.store import save_blocks_atomic
 
 
 def snapshot(root):
@@ -222,7 +223,7 @@ def test_text_file_as_weights_says_so(ws, tmp_path):
 # 5. a full or read-only disk --------------------------------------------------------------------------
 
 WRITERS = {'torch': (checkpoint.save_atomic, {'w': torch.ones(300, 300)}),
-           'npy': (checkpoint.save_npy_atomic, np.ones((300, 300), np.float32)),
+           'npy': (lambda array, path: save_blocks_atomic([array], path), np.ones((300, 300), np.float32)),
            'text': (checkpoint.write_text_atomic, 'x' * 100)}
 
 
@@ -271,9 +272,11 @@ import os, subprocess, sys
 import numpy as np, torch
 from utils import checkpoint
 from utils.errors import SimRegError, exit_on_user_error
+from utils.store import save_blocks_atomic
 mnt = sys.argv[1]
 big = {'torch': {'w': torch.ones(600, 600)}, 'npy': np.ones((600, 600), np.float32), 'text': 'x' * 2000000}
-writers = {'torch': checkpoint.save_atomic, 'npy': checkpoint.save_npy_atomic, 'text': checkpoint.write_text_atomic}
+writers = {'torch': checkpoint.save_atomic, 'npy': lambda array, path: save_blocks_atomic([array], path),
+           'text': checkpoint.write_text_atomic}
 for name, write in writers.items():
     write({'torch': {'w': torch.ones(3)}, 'npy': np.ones(3), 'text': 'old'}[name], os.path.join(mnt, name))
 old = {name: open(os.path.join(mnt, name), 'rb').read() for name in writers}

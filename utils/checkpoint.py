@@ -1,5 +1,6 @@
 """Atomic checkpoint writes, when to write inside an epoch, and which checkpoint to resume from."""
 import argparse
+import contextlib
 import errno
 import glob
 import hashlib
@@ -10,7 +11,6 @@ import tempfile
 import time
 import zipfile
 
-import numpy as np
 import torch
 
 from utils.distributed import is_main_process
@@ -18,10 +18,8 @@ from utils.errors import SimRegError
 
 
 def write_atomic(path, mode, write):
-    """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``:
-    a crash never leaves half a file, and a failed write leaves no temp file behind and the file that was
-    at ``path`` as it was. A write the disk refuses (full, read-only, no permission) is a SimRegError that
-    names the folder and the fix."""
+    """``write(file)`` into a temp file beside ``path``, fsynced, then renamed over it: a crash or failed write never
+    leaves half a file; a write the disk refuses is a SimRegError naming the folder and the fix."""
     folder = os.path.dirname(os.path.abspath(path))
     make_folder(folder)
     tmp = None
@@ -38,11 +36,12 @@ def write_atomic(path, mode, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise SimRegError(_write_error(f'write {path}', folder, exc)) from None
-    except BaseException:
-        _remove_quietly(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise SimRegError(_write_error(f'write {path}', folder, exc)) from None
         raise
 
 
@@ -61,15 +60,6 @@ class _WriteErrors:
 
     def __getattr__(self, name):
         return getattr(self.file, name)
-
-
-def _remove_quietly(tmp):
-    """Remove this write's own temp file (None: none was made yet)."""
-    if tmp is not None and os.path.exists(tmp):
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def _write_error(what, folder, exc):
@@ -93,8 +83,7 @@ def make_folder(folder):
 
 
 def writable_folder(folder):
-    """``make_folder``, then a temp file made and dropped in it: a script's start-up refuses a folder it could
-    not write its results to (read-only, no permission) before it works for hours."""
+    """``make_folder``, then a temp file made and dropped in it: refuse an unwritable folder before hours of work."""
     make_folder(folder)
     try:
         tempfile.TemporaryFile(dir=folder).close()
@@ -107,11 +96,6 @@ def save_atomic(state, path):
     write_atomic(path, 'wb', lambda f: torch.save(state, f))
 
 
-def save_npy_atomic(array, path):
-    """np.save, atomically (feature caches)."""
-    write_atomic(path, 'wb', lambda f: np.save(f, array))
-
-
 def write_text_atomic(text, path):
     """Small text/JSON result files, atomically."""
     write_atomic(path, 'w', lambda f: f.write(text))
@@ -122,27 +106,17 @@ def write_bytes_atomic(data, path):
     write_atomic(path, 'wb', lambda f: f.write(data))
 
 
-def epoch_checkpoint_path(ckpt_dir, epoch):
-    return os.path.join(ckpt_dir, f'ckpt_epoch_{epoch}.pth')
-
-
 def resume_candidates(ckpt_dir):
-    """The experiment's checkpoints, newest first: ``last.pth`` (written at every epoch end and inside
-    epochs), then ``ckpt_epoch_<n>.pth`` by n, highest first. Only complete files exist under these names
-    (writes are atomic), but a file can still be damaged afterwards: the caller takes the first that
-    loads."""
-    epochs = []
-    for path in glob.glob(os.path.join(ckpt_dir, 'ckpt_epoch_*.pth')):
-        m = re.search(r'ckpt_epoch_(\d+)\.pth$', path)
-        if m:
-            epochs.append((int(m.group(1)), path))
+    """The experiment's checkpoints, newest first: ``last.pth``, then ``ckpt_epoch_<n>.pth`` by n, highest first.
+    A file can be damaged after its atomic write: the caller takes the first that loads."""
+    epochs = [(int(m.group(1)), path) for path in glob.glob(os.path.join(ckpt_dir, 'ckpt_epoch_*.pth'))
+              if (m := re.search(r'ckpt_epoch_(\d+)\.pth$', path))]
     last = os.path.join(ckpt_dir, 'last.pth')
     return ([last] if os.path.exists(last) else []) + [path for _, path in sorted(epochs, reverse=True)]
 
 
 def remove_stale_temp_files(folder):
-    """Delete the temp files that a process killed while writing left in ``folder`` (``write_atomic``'s
-    ``.<name>*.tmp``); returns their names."""
+    """Delete the ``.<name>*.tmp`` files of writes killed midway in ``folder``; returns their names."""
     stale = sorted(glob.glob(os.path.join(glob.escape(folder), '.*.tmp')))
     for path in stale:
         os.remove(path)
@@ -160,13 +134,11 @@ class Preempted(Exception):
 class Checkpointer:
     """The one writer of a run's checkpoints (only rank 0 writes; every rank calls).
 
-    ``save(epoch)`` after an epoch (and epoch 0, the untrained student): ``ckpt_epoch_<n>.pth`` every
-    ``--save_freq`` epochs, at the last and at 0, and ``last.pth``. ``after_step(meter)`` inside an epoch: ``last.pth``
-    every ``--ckpt_every_steps`` steps or ``--ckpt_every_min`` minutes, and after the step at which ``stop`` (a
-    ``utils.preemption.StopRequest``) ends the run, then ``Preempted``. ``state_fn(epoch, meter)`` makes the state:
-    ``epoch`` the last completed, ``meter`` the epoch's ``MetricLogger`` inside an epoch. ``start`` is where the run
-    started (``{'epoch', 'step'}``, with ``meter`` when it resumed inside an epoch).
-    """
+    ``save(epoch)`` after an epoch (and at 0, the untrained student): ``ckpt_epoch_<n>.pth`` every ``--save_freq``
+    epochs, at 0 and the last, and ``last.pth``. ``after_step(meter)``: ``last.pth`` every ``--ckpt_every_steps``
+    steps or ``--ckpt_every_min`` minutes, and when ``stop`` (``StopRequest``) ends the run, then ``Preempted``.
+    ``state_fn(epoch, meter)``: the state after ``epoch`` completed epochs (and the ``MetricLogger`` inside one).
+    ``start``: where the run started (``{'epoch', 'step'}``, and ``meter`` when it resumed inside an epoch)."""
 
     def __init__(self, ckpt_dir, state_fn, args, stop, start):
         self.ckpt_dir, self.path, self.state_fn = ckpt_dir, os.path.join(ckpt_dir, 'last.pth'), state_fn
@@ -187,7 +159,7 @@ class Checkpointer:
         if self.writer:
             state = self.state_fn(epoch)
             if epoch == 0 or epoch % self.save_freq == 0 or epoch == self.epochs:
-                save_atomic(state, epoch_checkpoint_path(self.ckpt_dir, epoch))
+                save_atomic(state, os.path.join(self.ckpt_dir, f'ckpt_epoch_{epoch}.pth'))
             if epoch > 0:
                 save_atomic(state, self.path)
         self.wrote()
@@ -199,7 +171,7 @@ class Checkpointer:
         stop = self.stop.agreed()
         due = (self.every_steps and self.steps >= self.every_steps) or \
               (self.every_s and time.monotonic() - self.since >= self.every_s)
-        if stop or (due and not meter.epoch_done):
+        if stop or (due and meter.step < meter.steps):
             if self.writer:
                 save_atomic(self.state_fn(meter.epoch - 1, meter), self.path)
             self.wrote()
@@ -208,18 +180,18 @@ class Checkpointer:
                             self.path)
 
 
-def file_digest(path, algorithm='sha256', chunk=1 << 22):
+def file_digest(path, algorithm='sha256'):
     """Hex digest of a file, read in chunks (``algorithm``: any name ``hashlib.new`` takes)."""
     h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
+        for block in iter(lambda: f.read(1 << 22), b''):
             h.update(block)
     return h.hexdigest()
 
 
 def file_sha256(path):
     """Hex digest that identifies a weights file (recorded instead of storing the teacher)."""
-    return file_digest(path, 'sha256')
+    return file_digest(path)
 
 
 ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6
@@ -247,15 +219,17 @@ def read_checkpoint(path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if 'weights only load failed' in str(exc).lower():
+    except Exception as exc:  # torch.load signals a damaged file with many exception types
+        if isinstance(exc, pickle.UnpicklingError) and 'weights only load failed' in str(exc).lower():
             reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
             raise SimRegError(f'refusing to load {path}: unpickling it would run code or build objects other '
                               f'than tensors and plain data ({reason}); use the official file, or re-save '
                               f'only its state_dict') from None
-        raise SimRegError(_unreadable(path, kind, exc)) from None
-    except Exception as exc:  # torch.load signals a damaged file with many exception types
-        raise SimRegError(_unreadable(path, kind, exc)) from None
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
+        what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
+                'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
+        raise SimRegError(f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it '
+                          'again') from None
 
 
 def _checkpoint_kind(path, size=4096):
@@ -278,11 +252,3 @@ def _checkpoint_kind(path, size=4096):
     if text and not any(b < 32 and b not in b'\t\n\r\f' for b in head):
         return 'text', head
     return 'other', head
-
-
-def _unreadable(path, kind, exc):
-    """The line for a file torch.load failed on."""
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split('. ')[0]
-    what = {'zip': 'a damaged zip-format PyTorch checkpoint', 'legacy': 'a legacy-format PyTorch checkpoint, '
-            'truncated or damaged', 'pickle': 'a pickle but not a PyTorch checkpoint, or one cut short'}[kind]
-    return f'cannot read checkpoint {path} ({detail}): the file is {what}; download or copy it again'

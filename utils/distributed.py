@@ -51,11 +51,9 @@ def _expand_ranges(group):
 
 
 def slurm_environment(env=os.environ):
-    """The torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a task of a
-    several-task ``srun`` step, or None. Only a task of a step counts (SLURM_STEP_ID set): the batch script of an
-    ``sbatch --ntasks=8`` job has SLURM_PROCID=0 too, but is one process. The address is the step's first host;
-    the port comes from the job id, so that jobs sharing a node differ; MASTER_ADDR/MASTER_PORT given win.
-    """
+    """The torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) of a task of a several-task
+    ``srun`` step, else None (an sbatch script has SLURM_PROCID but no SLURM_STEP_ID). The address is the step's first
+    host, the port comes from the job id so that jobs sharing a node differ; MASTER_ADDR/MASTER_PORT given win."""
     if 'SLURM_STEP_ID' not in env or 'SLURM_PROCID' not in env:
         return None
     world_size = int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or 1)
@@ -70,9 +68,8 @@ def slurm_environment(env=os.environ):
 
 
 def init_distributed(timeout_min=DEFAULT_DIST_TIMEOUT_MIN):
-    """Join the process group when launched by torchrun or srun (a plain ``python`` run is rank 0 of 1); returns
-    this process's device. ``timeout_min`` bounds the rendezvous and every collective: a dead or stuck peer ends the
-    run instead of hanging it."""
+    """Join the process group when launched by torchrun or srun (a plain ``python`` run is rank 0 of 1); returns this
+    process's device. ``timeout_min`` bounds the rendezvous and every collective: a dead peer ends the run."""
     if not ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
         os.environ.update(slurm_environment() or {})  # a task of srun looks like a worker of torchrun from here on
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not dist.is_initialized():
@@ -92,15 +89,12 @@ def init_distributed(timeout_min=DEFAULT_DIST_TIMEOUT_MIN):
                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (rank {os.environ['RANK']}): "
                 f'{short_message(exc)}; check that every process started and that the port is free, or raise '
                 '--dist_timeout') from exc
-    if torch.cuda.is_available():
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
+    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def requeue_slurm_job(log, timeout_s=60):
-    """``scontrol requeue $SLURM_JOB_ID`` on rank 0, last before exiting after a stop signal's checkpoint: the job
-    starts again later and resumes. Outside SLURM or on another rank it does nothing; a failure is logged. Returns
-    whether the job was requeued."""
+    """``scontrol requeue $SLURM_JOB_ID`` on rank 0 after a stop signal's checkpoint, so the job resumes later; a no-op
+    outside SLURM or on other ranks, a failure is logged. Returns whether the job was requeued."""
     job = os.environ.get('SLURM_JOB_ID')
     if not job or os.environ.get('RANK', '0') != '0':
         return False

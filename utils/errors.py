@@ -1,4 +1,5 @@
 """One line on stderr and a documented exit code for what ends a command: bad input, or a lost peer."""
+import contextlib
 import os
 import re
 import sys
@@ -20,8 +21,7 @@ class DistributedError(Exception):
 
 
 def one_line(exc):
-    """The user-facing line of a SimRegError, also when a DataLoader worker re-raised it
-    with the worker's traceback folded into the message."""
+    """The user-facing line of a SimRegError, also when a DataLoader worker folded its traceback into the message."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     for ln in reversed(lines):
         if 'SimRegError: ' in ln:
@@ -30,30 +30,26 @@ def one_line(exc):
 
 
 def short_message(exc):
-    """The first line of a torch.distributed error, without gloo's source location and advice:
-    '[.../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:5545: Connection reset by peer. This is
-    typically caused by ...' -> 'Read error [127.0.0.1]:5545: Connection reset by peer'."""
+    """The first line of a torch.distributed error without gloo's source location and advice: '[.../pair.cc:545] Read
+    error [127.0.0.1]:5545: Connection reset by peer. This is typically caused by ...' -> 'Read error ... by peer'."""
     line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     line = re.sub(r'^\[[^\]]*\]\s*', '', line).split('. This is typically caused')[0].rstrip('.')
     return line if len(line) <= 300 else line[:297] + '...'
 
 
 def is_lost_peer(exc):
-    """Whether ``exc`` is torch.distributed failing mid-run: NCCL raises a DistError (DistBackendError), gloo
-    a plain RuntimeError from its transport ('Connection reset by peer', 'Connection closed by peer' when a
-    peer died; 'Timed out waiting ...ms for recv' when one stopped answering)."""
+    """Whether ``exc`` is torch.distributed failing mid-run: NCCL raises a DistError, gloo a RuntimeError from its
+    transport ('Connection reset/closed by peer' when a peer died, 'Timed out waiting ...' when one hangs)."""
     dist = sys.modules.get('torch.distributed')  # not imported: not a torch error
     if dist is None:
         return False
-    return isinstance(exc, getattr(dist, 'DistError', ())) or \
-        (isinstance(exc, RuntimeError) and '/gloo/' in str(exc))
+    return isinstance(exc, getattr(dist, 'DistError', ())) or (isinstance(exc, RuntimeError) and '/gloo/' in str(exc))
 
 
 def exit_on_user_error(main):
-    """Run ``main()``. A SimRegError ends the process with ``error: <message>`` and USER_ERROR_EXIT_CODE; a
-    failed process group (a peer died or timed out, or the group never formed) with one ``error: ...`` line
-    and DIST_ERROR_EXIT_CODE, not a traceback: the other processes are stopping as well, and the last
-    checkpoint is kept. Under run.sh's torchrun the exit code is also left in $SIMREG_EXIT_CODES."""
+    """Run ``main()``. A SimRegError ends the process with ``error: <message>`` and USER_ERROR_EXIT_CODE, a failed
+    process group (a peer died or timed out, or the group never formed) with one line and DIST_ERROR_EXIT_CODE, not
+    a traceback. Under run.sh the exit code is also left in $SIMREG_EXIT_CODES."""
     code = 1
     try:
         result = main()
@@ -84,19 +80,15 @@ def exit_on_user_error(main):
 
 
 def end_broken_group(code):
-    """Exit with ``code`` after a process group failed. While the group is still initialised the process
-    ends with os._exit: the broken group's C++ threads and destructors would otherwise run at interpreter
-    exit, where gloo's can abort the process ('terminate called without an active exception', exit -6
-    instead of ``code``) or block on the dead peer. The exit code is recorded and the streams flushed first;
-    checkpoints were already written atomically, so nothing is lost."""
+    """Exit with ``code`` after a process group failed: with os._exit (the code recorded, the streams flushed) while
+    the group is initialised, since at interpreter exit gloo's destructors can abort the process (exit -6 instead of
+    ``code``) or block on the dead peer."""
     dist = sys.modules.get('torch.distributed')
     if dist is not None and dist.is_available() and dist.is_initialized():
         record_exit_code(code)
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(code)
     sys.exit(code)
 
@@ -106,8 +98,5 @@ def record_exit_code(code):
     (or, under srun, on a node other than the batch script's, where that folder does not exist)."""
     folder = os.environ.get(EXIT_CODES_ENV)
     if folder:
-        try:
-            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), 'w') as f:
-                f.write(f'{code}\n')
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), 'w') as f:
+            f.write(f'{code}\n')

@@ -21,14 +21,12 @@ def setup_logger(log_file=None, name='simreg'):
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(fmt)
-    logger.addHandler(handler)
+    handlers = [logging.StreamHandler(sys.stdout)]
     if log_file and is_main_process():
-        file_handler = logging.FileHandler(log_file, mode='a')
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
+        handlers.append(logging.FileHandler(log_file, mode='a'))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S'))
+        logger.addHandler(handler)
     return logger
 
 
@@ -119,11 +117,9 @@ def knn_scalars(name, values):
 class MetricLogger:
     """The bookkeeping of one training epoch (after torchvision's references/classification).
 
-    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq`` steps and
-    at the epoch's last step the window's mean loss is averaged over ranks (one sync; every rank then takes the
-    same decision on a non-finite loss) and reported with the lr, the images per second over all processes and
-    the share of time spent waiting for the loader.
-    """
+    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq`` steps and at
+    the epoch's last step the window's mean loss is averaged over ranks (one sync, so every rank takes the same
+    decision on a non-finite loss) and reported with the lr, the images per second and the loader-wait share."""
 
     def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
@@ -167,22 +163,25 @@ class MetricLogger:
         if self.step % self.logs.print_freq == 0 or self.step == self.steps:
             self.report_window()
 
-    @property
-    def epoch_done(self):
-        return self.step == self.steps
-
     def speed(self):
         """Images per second over all processes, and the data-wait share, since ``log_every`` started."""
         elapsed = time.perf_counter() - self.start
         return {'images_per_s': (self.step - self.first_step) * self.images_per_step / elapsed,
                 'data_wait_share': self.data_time / elapsed}
 
+    def mean_losses(self, total, count):
+        """(Mean loss, {head: loss}) of ``total`` over ``count`` steps, averaged over ranks; non-finite: SimRegError."""
+        losses = all_reduce_mean(total / count).tolist()
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            raise SimRegError(f'loss is {loss} at epoch {self.epoch} step {self.step}: training diverged; the '
+                              f'last good checkpoint is kept: lower --learning_rate or use '
+                              f'--precision fp32, then --resume auto')
+        return loss, dict(zip(self.heads, losses))
+
     def report_window(self):
-        window = all_reduce_mean(self.window_sum / (self.step - self.window_start)).tolist()
-        loss = sum(window) / len(window)
-        check_finite(loss, self.epoch, self.step)
+        loss, heads = self.mean_losses(self.window_sum, self.step - self.window_start)
         stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
-        heads = dict(zip(self.heads, window))
         self.logs.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
                                       (self.epoch - 1) * self.steps + self.step)
         self.logs.json.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
@@ -195,12 +194,9 @@ class MetricLogger:
         self.window_start = self.step
 
     def summary(self):
-        """The epoch's mean loss (and per head), lr, img/s and data-wait share, averaged over ranks; to the text
-        log and TensorBoard (at step = epoch). ``Logs.epoch`` writes them to the JSON log."""
-        losses = all_reduce_mean(self.epoch_sum / self.steps).tolist()
-        loss = sum(losses) / len(losses)
-        check_finite(loss, self.epoch, self.steps)
-        heads, lr = dict(zip(self.heads, losses)), self.optimizer.param_groups[0]['lr']
+        """The epoch's mean loss (and per head), lr, img/s and data-wait share over ranks; logged and to TensorBoard."""
+        loss, heads = self.mean_losses(self.epoch_sum, self.steps)
+        lr = self.optimizer.param_groups[0]['lr']
         stats = {'loss': loss, 'lr': lr, **self.speed()}
         self.logs.text.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
                             per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
@@ -219,13 +215,6 @@ def per_head(head_losses):
     if len(head_losses) < 2:
         return ''
     return ' (' + ', '.join(f'{name} {v:.4f}' for name, v in head_losses.items()) + ')'
-
-
-def check_finite(loss, epoch, step):
-    if not math.isfinite(loss):
-        raise SimRegError(f'loss is {loss} at epoch {epoch} step {step}: training diverged; the '
-                          f'last good checkpoint is kept: lower --learning_rate or use '
-                          f'--precision fp32, then --resume auto')
 
 
 def json_log_path(logs_dir):

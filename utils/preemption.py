@@ -1,10 +1,7 @@
-"""SIGTERM and SIGUSR1, what a scheduler sends before it stops a job: finish the step, checkpoint, exit 75.
-
-A process often gets the same signal twice (SLURM's and torchrun's copy): that is one request.
-``StopRequest.agreed()``, called by every rank after every step, turns the signals that reached any rank into one
-decision taken after the same step: each call starts an asynchronous MAX all-reduce of the local flag on a gloo
-group and reads the one started a step earlier. A watchdog exits anyway ``deadline_s`` after the first signal.
-"""
+"""SIGTERM and SIGUSR1, what a scheduler sends before it stops a job: finish the step, checkpoint, exit 75. Every
+rank agrees on the step through an asynchronous MAX all-reduce per step (read a step later, ``StopRequest.agreed``);
+a watchdog exits anyway ``deadline_s`` after the first signal; a repeated signal is one request."""
+import contextlib
 import os
 import signal
 import threading
@@ -38,9 +35,8 @@ class StopRequest:
 
     def __init__(self, log, deadline_s=60.0):
         self.log, self.deadline_s = log, deadline_s
-        self.signal, self.pid, self.done = None, os.getpid(), threading.Event()
+        self.signal, self.pending, self.pid, self.done = None, None, os.getpid(), threading.Event()
         self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
-        self.pending = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, frame):
@@ -75,10 +71,8 @@ class StopRequest:
         """The run is over (finished, stopped or failed): restore the handlers, stop the watchdog."""
         self.done.set()
         if self.pending is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # a peer that is gone: the run ends anyway
                 self.pending[0].wait()
-            except RuntimeError:
-                pass  # a peer that is gone: the run ends anyway
             self.pending = None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

@@ -1,16 +1,12 @@
-"""One checked store: a set of ``.npy`` arrays and the JSON sidecar that describes them.
-
-The arrays are written first, each atomically, and the sidecar last: arrays without a sidecar are an
-interrupted write. A read checks that the sidecar is there, that the arrays have the shapes and dtypes it
-implies, and that the recorded keys the reader relies on match. The teacher feature cache, the shards of a
-cache build and the evaluation feature cache are such stores.
-"""
+"""One checked store (the teacher feature cache, a cache build's shards, the evaluation feature cache): ``.npy``
+arrays, each written atomically, then the JSON sidecar that describes them (arrays without one are an interrupted
+write); a read checks the sidecar is there and the arrays' shapes and dtypes."""
 import json
 import os
 
 import numpy as np
 
-from utils.checkpoint import write_atomic, save_npy_atomic, write_text_atomic
+from utils.checkpoint import write_atomic, write_text_atomic
 
 
 class StoreMismatch(ValueError):
@@ -59,10 +55,7 @@ class Store:
             if os.path.exists(path):
                 os.remove(path)
         for name, array in arrays.items():
-            if isinstance(array, list):
-                save_blocks_atomic(array, self.arrays[name])
-            else:
-                save_npy_atomic(array, self.arrays[name])
+            save_blocks_atomic(array if isinstance(array, list) else [array], self.arrays[name])
 
     def write_meta(self, meta):
         write_text_atomic(json.dumps(meta, indent=2) + '\n', self.sidecar)
