@@ -1,8 +1,6 @@
-"""A deterministic, learnable demo dataset: one procedurally drawn shape per image.
-
-The shape's kind is the class; colour, size, position, rotation, background and noise are random, so a network
-has to learn shape. Images are JPEG files in ``OUT/{train,val}/<class>/``, read like real data. Each image has
-its own RNG, seeded by (seed, split, class, index): its bytes depend on nothing else.
+"""A deterministic, learnable demo dataset: one procedurally drawn shape per image, its kind the class (colour, size,
+position, rotation, background and noise are random). JPEGs in ``OUT/{train,val}/<class>/``; each image's RNG is
+seeded by (seed, split, class, index) alone.
 
     python -m demo.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50 --image_size 64]
 """
@@ -57,6 +55,12 @@ def arrow(shaft=0.22, head=0.6, head_length=0.8):
                      (neck, head), (neck, shaft), (-1, shaft)])
 
 
+DISC = regular_polygon(64)
+# unit outlines without a random parameter (a ring's and a crescent's hole is cut afterwards)
+OUTLINES = {'circle': DISC, 'ring': DISC, 'crescent': DISC, 'square': regular_polygon(4) * 0.85,
+            'triangle': regular_polygon(3), 'hexagon': regular_polygon(6), 'arrow': arrow()}
+
+
 def shape_mask(kind, size, rng):
     """A ``size`` x ``size`` uint8 mask (255 inside) of one randomly placed, sized and rotated ``kind``."""
     big = size * SUPERSAMPLE
@@ -70,31 +74,21 @@ def shape_mask(kind, size, rng):
 
     mask = Image.new('L', (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    if kind == 'circle':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-    elif kind == 'square':
-        draw.polygon(place(regular_polygon(4) * 0.85), fill=255)
-    elif kind == 'triangle':
-        draw.polygon(place(regular_polygon(3)), fill=255)
-    elif kind == 'star':
-        draw.polygon(place(star(inner=rng.uniform(0.38, 0.5))), fill=255)
+    if kind == 'star':
+        outline = star(inner=rng.uniform(0.38, 0.5))
     elif kind == 'cross':
-        draw.polygon(place(cross(rng.uniform(0.28, 0.38))), fill=255)
-    elif kind == 'ring':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-        draw.polygon(place(regular_polygon(64) * rng.uniform(0.5, 0.65)), fill=0)
+        outline = cross(rng.uniform(0.28, 0.38))
     elif kind == 'ellipse':
-        draw.polygon(place(regular_polygon(64) * [1.0, rng.uniform(0.4, 0.55)]), fill=255)
-    elif kind == 'hexagon':
-        draw.polygon(place(regular_polygon(6)), fill=255)
-    elif kind == 'crescent':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-        bite = regular_polygon(64) * rng.uniform(0.8, 0.9) + [rng.uniform(0.4, 0.55), 0]
-        draw.polygon(place(bite), fill=0)
-    elif kind == 'arrow':
-        draw.polygon(place(arrow()), fill=255)
+        outline = DISC * [1.0, rng.uniform(0.4, 0.55)]
+    elif kind in OUTLINES:
+        outline = OUTLINES[kind]
     else:
         raise ValueError(f'unknown shape {kind}')
+    draw.polygon(place(outline), fill=255)
+    if kind == 'ring':
+        draw.polygon(place(DISC * rng.uniform(0.5, 0.65)), fill=0)
+    elif kind == 'crescent':
+        draw.polygon(place(DISC * rng.uniform(0.8, 0.9) + [rng.uniform(0.4, 0.55), 0]), fill=0)
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX))
 
 
@@ -135,11 +129,6 @@ def render(kind, size, rng):
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
-def image_rng(seed, split, label, index):
-    """The RNG of one image, independent of every other image and of the dataset's counts."""
-    return np.random.default_rng([seed, SPLITS.index(split), label, index])
-
-
 def is_complete(out_dir, settings):
     """Whether ``out_dir`` holds a finished dataset made with ``settings``: manifest (written last) and all images."""
     try:
@@ -156,19 +145,13 @@ def is_complete(out_dir, settings):
     return True
 
 
-def is_replaceable(out_dir):
-    """Only an empty folder or one this generator made may be replaced: never a user's data."""
-    if not os.path.isdir(out_dir):
-        return False
-    return not os.listdir(out_dir) or os.path.exists(os.path.join(out_dir, MANIFEST))
-
-
 def write_split(root, split, settings):
     for label, name in enumerate(class_names(settings['num_classes'])):
         folder = os.path.join(root, split, name)
         os.makedirs(folder)
         for index in range(settings[f'{split}_per_class']):
-            rng = image_rng(settings['seed'], split, label, index)
+            # one RNG per image, independent of every other image and of the dataset's counts
+            rng = np.random.default_rng([settings['seed'], SPLITS.index(split), label, index])
             pixels = render(SHAPES[label], settings['image_size'], rng)
             # 4:4:4 chroma keeps the edges of small coloured shapes sharp
             Image.fromarray(pixels).save(os.path.join(folder, f'{index:04d}.jpg'),
@@ -183,8 +166,7 @@ def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
         raise SimRegError(f'--train_per_class and --val_per_class must be at least 1, '
                           f'got {train_per_class} and {val_per_class}')
     if image_size < 16:
-        raise SimRegError(f'--image_size must be at least 16 to draw recognisable shapes, '
-                          f'got {image_size}')
+        raise SimRegError(f'--image_size must be at least 16 to draw recognisable shapes, got {image_size}')
     if seed < 0:
         raise SimRegError(f'--seed must be non-negative, got {seed}')
     return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes,
@@ -199,9 +181,10 @@ def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, ima
     out_dir = os.path.abspath(out_dir)
     if is_complete(out_dir, settings):
         return out_dir
-    if os.path.exists(out_dir) and not is_replaceable(out_dir):
-        raise SimRegError(f'{out_dir} exists and holds no synthetic dataset: '
-                          f'pass a new or empty folder')
+    # only an empty folder or one this generator made may be replaced: never a user's data
+    replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir) or os.path.exists(os.path.join(out_dir, MANIFEST)))
+    if os.path.exists(out_dir) and not replaceable:
+        raise SimRegError(f'{out_dir} exists and holds no synthetic dataset: pass a new or empty folder')
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     partial = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
