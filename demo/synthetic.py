@@ -15,8 +15,7 @@ from PIL import Image, ImageDraw
 
 from utils.errors import SimRegError, exit_on_user_error
 
-SHAPES = ('circle', 'square', 'triangle', 'star', 'cross',
-          'ring', 'ellipse', 'hexagon', 'crescent', 'arrow')
+SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring', 'ellipse', 'hexagon', 'crescent', 'arrow')
 SPLITS = ('train', 'val')
 JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, so edges stay clean at 32 px
@@ -105,8 +104,7 @@ def background(size, rng):
     direction = rng.uniform(0, 2 * np.pi)
     ramp = np.cos(direction) * xx + np.sin(direction) * yy - 0.5
     gradient = ramp[..., None] * rng.uniform(-40, 40, 3)
-    blotches = smooth_noise(size, rng.integers(3, 6), rng) - 0.5
-    blotches = blotches[..., None] * rng.uniform(-25, 25, 3)
+    blotches = (smooth_noise(size, rng.integers(3, 6), rng)[..., None] - 0.5) * rng.uniform(-25, 25, 3)
     return base + gradient + blotches
 
 
@@ -135,14 +133,10 @@ def is_complete(out_dir, settings):
         with open(os.path.join(out_dir, MANIFEST)) as f:
             if json.load(f) != settings:
                 return False
-        for split in SPLITS:
-            for name in class_names(settings['num_classes']):
-                files = os.listdir(os.path.join(out_dir, split, name))
-                if len(files) != settings[f'{split}_per_class']:
-                    return False
+        return all(len(os.listdir(os.path.join(out_dir, split, name))) == settings[f'{split}_per_class']
+                   for split in SPLITS for name in class_names(settings['num_classes']))
     except (OSError, ValueError):
         return False
-    return True
 
 
 def write_split(root, split, settings):
@@ -169,9 +163,8 @@ def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
         raise SimRegError(f'--image_size must be at least 16 to draw recognisable shapes, got {image_size}')
     if seed < 0:
         raise SimRegError(f'--seed must be non-negative, got {seed}')
-    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes,
-            'train_per_class': train_per_class, 'val_per_class': val_per_class,
-            'image_size': image_size, 'seed': seed}
+    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes, 'train_per_class': train_per_class,
+            'val_per_class': val_per_class, 'image_size': image_size, 'seed': seed}
 
 
 def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, image_size=64, seed=0):
@@ -182,11 +175,11 @@ def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, ima
     if is_complete(out_dir, settings):
         return out_dir
     # only an empty folder or one this generator made may be replaced: never a user's data
-    replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir) or os.path.exists(os.path.join(out_dir, MANIFEST)))
+    replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir)
+                                              or os.path.exists(os.path.join(out_dir, MANIFEST)))
     if os.path.exists(out_dir) and not replaceable:
         raise SimRegError(f'{out_dir} exists and holds no synthetic dataset: pass a new or empty folder')
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
     partial = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
     os.makedirs(partial)
     try:
