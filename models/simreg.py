@@ -17,7 +17,7 @@ def default_precision(device):
 
 
 class SimReg(nn.Module):
-    """Student backbone ``encoder_q`` and regression head ``predict_q``, SimReg's names, thus its checkpoint keys. With
+    """Student backbone ``encoder_q`` and regression head ``predict_q`` (SimReg's names, so its checkpoint keys). With
     several teachers ``predict_q`` is a ModuleDict of one head per teacher and the forward returns a dict. The frozen
     teachers stay outside: never part of DDP or the optimizer."""
 
