@@ -1,8 +1,6 @@
-"""A deterministic, learnable demo dataset: one procedurally drawn shape per image.
-
-The shape's kind is the class; colour, size, position, rotation, background and noise are random, so a network
-has to learn shape. Images are JPEG files in ``OUT/{train,val}/<class>/``, read like real data. Each image has
-its own RNG, seeded by (seed, split, class, index): its bytes depend on nothing else.
+"""A deterministic, learnable demo dataset: one procedurally drawn shape per image, its kind the class (colour, size,
+position, rotation, background and noise are random). JPEGs in ``OUT/{train,val}/<class>/``; each image's RNG is
+seeded by (seed, split, class, index) alone.
 
     python -m demo.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50 --image_size 64]
 """
@@ -17,8 +15,7 @@ from PIL import Image, ImageDraw
 
 from utils.errors import SimRegError, exit_on_user_error
 
-SHAPES = ('circle', 'square', 'triangle', 'star', 'cross',
-          'ring', 'ellipse', 'hexagon', 'crescent', 'arrow')
+SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring', 'ellipse', 'hexagon', 'crescent', 'arrow')
 SPLITS = ('train', 'val')
 JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, so edges stay clean at 32 px
@@ -57,6 +54,12 @@ def arrow(shaft=0.22, head=0.6, head_length=0.8):
                      (neck, head), (neck, shaft), (-1, shaft)])
 
 
+DISC = regular_polygon(64)
+# unit outlines without a random parameter (a ring's and a crescent's hole is cut afterwards)
+OUTLINES = {'circle': DISC, 'ring': DISC, 'crescent': DISC, 'square': regular_polygon(4) * 0.85,
+            'triangle': regular_polygon(3), 'hexagon': regular_polygon(6), 'arrow': arrow()}
+
+
 def shape_mask(kind, size, rng):
     """A ``size`` x ``size`` uint8 mask (255 inside) of one randomly placed, sized and rotated ``kind``."""
     big = size * SUPERSAMPLE
@@ -70,31 +73,21 @@ def shape_mask(kind, size, rng):
 
     mask = Image.new('L', (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    if kind == 'circle':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-    elif kind == 'square':
-        draw.polygon(place(regular_polygon(4) * 0.85), fill=255)
-    elif kind == 'triangle':
-        draw.polygon(place(regular_polygon(3)), fill=255)
-    elif kind == 'star':
-        draw.polygon(place(star(inner=rng.uniform(0.38, 0.5))), fill=255)
+    if kind == 'star':
+        outline = star(inner=rng.uniform(0.38, 0.5))
     elif kind == 'cross':
-        draw.polygon(place(cross(rng.uniform(0.28, 0.38))), fill=255)
-    elif kind == 'ring':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-        draw.polygon(place(regular_polygon(64) * rng.uniform(0.5, 0.65)), fill=0)
+        outline = cross(rng.uniform(0.28, 0.38))
     elif kind == 'ellipse':
-        draw.polygon(place(regular_polygon(64) * [1.0, rng.uniform(0.4, 0.55)]), fill=255)
-    elif kind == 'hexagon':
-        draw.polygon(place(regular_polygon(6)), fill=255)
-    elif kind == 'crescent':
-        draw.polygon(place(regular_polygon(64)), fill=255)
-        bite = regular_polygon(64) * rng.uniform(0.8, 0.9) + [rng.uniform(0.4, 0.55), 0]
-        draw.polygon(place(bite), fill=0)
-    elif kind == 'arrow':
-        draw.polygon(place(arrow()), fill=255)
+        outline = DISC * [1.0, rng.uniform(0.4, 0.55)]
+    elif kind in OUTLINES:
+        outline = OUTLINES[kind]
     else:
         raise ValueError(f'unknown shape {kind}')
+    draw.polygon(place(outline), fill=255)
+    if kind == 'ring':
+        draw.polygon(place(DISC * rng.uniform(0.5, 0.65)), fill=0)
+    elif kind == 'crescent':
+        draw.polygon(place(DISC * rng.uniform(0.8, 0.9) + [rng.uniform(0.4, 0.55), 0]), fill=0)
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX))
 
 
@@ -111,8 +104,7 @@ def background(size, rng):
     direction = rng.uniform(0, 2 * np.pi)
     ramp = np.cos(direction) * xx + np.sin(direction) * yy - 0.5
     gradient = ramp[..., None] * rng.uniform(-40, 40, 3)
-    blotches = smooth_noise(size, rng.integers(3, 6), rng) - 0.5
-    blotches = blotches[..., None] * rng.uniform(-25, 25, 3)
+    blotches = (smooth_noise(size, rng.integers(3, 6), rng)[..., None] - 0.5) * rng.uniform(-25, 25, 3)
     return base + gradient + blotches
 
 
@@ -135,32 +127,16 @@ def render(kind, size, rng):
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
-def image_rng(seed, split, label, index):
-    """The RNG of one image, independent of every other image and of the dataset's counts."""
-    return np.random.default_rng([seed, SPLITS.index(split), label, index])
-
-
 def is_complete(out_dir, settings):
     """Whether ``out_dir`` holds a finished dataset made with ``settings``: manifest (written last) and all images."""
     try:
         with open(os.path.join(out_dir, MANIFEST)) as f:
             if json.load(f) != settings:
                 return False
-        for split in SPLITS:
-            for name in class_names(settings['num_classes']):
-                files = os.listdir(os.path.join(out_dir, split, name))
-                if len(files) != settings[f'{split}_per_class']:
-                    return False
+        return all(len(os.listdir(os.path.join(out_dir, split, name))) == settings[f'{split}_per_class']
+                   for split in SPLITS for name in class_names(settings['num_classes']))
     except (OSError, ValueError):
         return False
-    return True
-
-
-def is_replaceable(out_dir):
-    """Only an empty folder or one this generator made may be replaced: never a user's data."""
-    if not os.path.isdir(out_dir):
-        return False
-    return not os.listdir(out_dir) or os.path.exists(os.path.join(out_dir, MANIFEST))
 
 
 def write_split(root, split, settings):
@@ -168,7 +144,8 @@ def write_split(root, split, settings):
         folder = os.path.join(root, split, name)
         os.makedirs(folder)
         for index in range(settings[f'{split}_per_class']):
-            rng = image_rng(settings['seed'], split, label, index)
+            # one RNG per image, independent of every other image and of the dataset's counts
+            rng = np.random.default_rng([settings['seed'], SPLITS.index(split), label, index])
             pixels = render(SHAPES[label], settings['image_size'], rng)
             # 4:4:4 chroma keeps the edges of small coloured shapes sharp
             Image.fromarray(pixels).save(os.path.join(folder, f'{index:04d}.jpg'),
@@ -183,13 +160,11 @@ def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
         raise SimRegError(f'--train_per_class and --val_per_class must be at least 1, '
                           f'got {train_per_class} and {val_per_class}')
     if image_size < 16:
-        raise SimRegError(f'--image_size must be at least 16 to draw recognisable shapes, '
-                          f'got {image_size}')
+        raise SimRegError(f'--image_size must be at least 16 to draw recognisable shapes, got {image_size}')
     if seed < 0:
         raise SimRegError(f'--seed must be non-negative, got {seed}')
-    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes,
-            'train_per_class': train_per_class, 'val_per_class': val_per_class,
-            'image_size': image_size, 'seed': seed}
+    return {'generator_version': GENERATOR_VERSION, 'num_classes': num_classes, 'train_per_class': train_per_class,
+            'val_per_class': val_per_class, 'image_size': image_size, 'seed': seed}
 
 
 def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, image_size=64, seed=0):
@@ -199,11 +174,12 @@ def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, ima
     out_dir = os.path.abspath(out_dir)
     if is_complete(out_dir, settings):
         return out_dir
-    if os.path.exists(out_dir) and not is_replaceable(out_dir):
-        raise SimRegError(f'{out_dir} exists and holds no synthetic dataset: '
-                          f'pass a new or empty folder')
+    # only an empty folder or one this generator made may be replaced: never a user's data
+    replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir)
+                                              or os.path.exists(os.path.join(out_dir, MANIFEST)))
+    if os.path.exists(out_dir) and not replaceable:
+        raise SimRegError(f'{out_dir} exists and holds no synthetic dataset: pass a new or empty folder')
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
     partial = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
     os.makedirs(partial)
     try:

@@ -1,6 +1,4 @@
-"""The demo's teacher: a ResNet trained *with labels* on the generated dataset, in a short supervised run.
-
-It stands in for a self-supervised teacher (MoCo-v2, BYOL, ...), which the demo can neither train nor download.
+"""The demo's teacher: a ResNet trained *with labels* on the generated dataset, standing in for a self-supervised one.
 OUTPUT is a plain torchvision ResNet state dict (``fc`` too, which the teacher loader drops), reused if it exists.
 
     python -m demo.train_teacher demo_data/synthetic --output demo_data/teacher_resnet18.pth --image_size 32
@@ -41,17 +39,6 @@ def get_args_parser():
     return p
 
 
-def classifier(arch, num_classes):
-    """The backbone with its ``fc`` put back: a plain torchvision ResNet, so its state dict is the usual layout."""
-    net = build_backbone(arch)
-    net.fc = nn.Linear(net.feat_dim, num_classes)
-    return net
-
-
-def train_transform(size):
-    return v2.Compose([v2.RandomResizedCrop(size, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip()])
-
-
 @torch.no_grad()
 def accuracy(model, loader, device):
     model.eval()
@@ -72,10 +59,13 @@ def main(args):
         raise SimRegError(f'--epochs must be at least 1, got {args.epochs}')
     torch.manual_seed(args.seed)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    train_set = build_dataset(args.data, 'train', train_transform(args.image_size))
+    crop = v2.RandomResizedCrop(args.image_size, scale=CROP_SCALE, antialias=True)
+    train_set = build_dataset(args.data, 'train', v2.Compose([crop, v2.RandomHorizontalFlip()]))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.workers, persistent_workers=args.workers > 0)
-    model = classifier(args.arch, len(train_set.classes)).to(device)
+    model = build_backbone(args.arch)
+    model.fc = nn.Linear(model.feat_dim, len(train_set.classes))  # a plain torchvision ResNet's state dict
+    model.to(device)
     # AdamW with a one-cycle schedule: a short warm-up, then it converges within a few hundred steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, epochs=args.epochs,

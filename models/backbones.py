@@ -1,10 +1,6 @@
-"""Backbones that return the pooled feature, with torchvision's (or timm's) key names.
-
-A torchvision classification model whose logits come from one final Linear is a student
-(``TORCHVISION_STUDENTS``): only that Linear becomes ``nn.Identity``, so an exported student loads into
-``torchvision.models.<name>()``. Each backbone carries ``feat_dim`` (its feature's size) and
-``classifier_path`` (the removed Linear).
-"""
+"""Backbones that return the pooled feature, with torchvision's (or timm's) key names. A torchvision classification
+model whose logits come from one final Linear is a student: only that Linear becomes ``nn.Identity``, so an export
+loads into ``torchvision.models.<name>()``. Each carries ``feat_dim`` and ``classifier_path`` (the removed Linear)."""
 import timm
 import torch
 import torch.nn as nn
@@ -47,7 +43,6 @@ REFUSED = {
                  'torchvision state dict',
 }
 
-
 # timm's ResNets smaller than resnet18 ("ResNet strikes back"), built without a classifier: timm's keys, whole
 TIMM_STUDENTS = ('resnet10t', 'resnet14t')
 
@@ -56,9 +51,7 @@ TORCHVISION_CLASSIFIERS = tuple(tvm.list_models(module=tvm))  # classification o
 
 def torchvision_family(name):
     """The torchvision module that builds classification model ``name`` (``'mobilenetv3'``), None for others."""
-    if name not in TORCHVISION_CLASSIFIERS:
-        return None
-    return tvm.get_model_builder(name).__module__.rsplit('.', 1)[1]
+    return tvm.get_model_builder(name).__module__.rsplit('.', 1)[1] if name in TORCHVISION_CLASSIFIERS else None
 
 
 TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_family(n) in FINAL_LINEAR)
@@ -87,11 +80,9 @@ def _torchvision_classifier(name):
                           f'project removes: this torchvision version is not supported, use another model')
     parent_path, _, attr = path.rpartition('.')
     parent = model.get_submodule(parent_path)
-    if isinstance(parent, nn.Sequential):
-        names = list(parent._modules)
-        before = names[names.index(attr) - 1] if names.index(attr) > 0 else None
-        if before is not None and isinstance(parent._modules[before], nn.Dropout):
-            setattr(parent, before, nn.Identity())
+    index = list(parent._modules).index(attr)
+    if isinstance(parent, nn.Sequential) and index > 0 and isinstance(parent[index - 1], nn.Dropout):
+        parent[index - 1] = nn.Identity()
     model.set_submodule(path, nn.Identity())
     model.feat_dim = final.in_features
     model.classifier_path = path
@@ -99,15 +90,6 @@ def _torchvision_classifier(name):
     model.classifier_keys = tuple(f'{path}.{k}' for k, _ in final.named_parameters())  # what it then misses
     if family in FIXED_SIZE:
         model.register_forward_pre_hook(_input_size_check(name, FIXED_SIZE[family]))
-    return model
-
-
-def _timm_cnn(name):
-    """timm's ``name`` built without its classifier: the pooled feature, timm's keys (nothing missing)."""
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    model.feat_dim = model.num_features
-    model.classifier_path = model.default_cfg.get('classifier', 'fc')
-    model.timm_name = name  # what an export loads into: timm.create_model(name, num_classes=0)
     return model
 
 
@@ -128,8 +110,12 @@ def build_backbone(arch, image_size=None):
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
         return simclr_resnet50(width=int(arch[-1]))
-    if arch in TIMM_STUDENTS:
-        return _timm_cnn(arch)
+    if arch in TIMM_STUDENTS:  # built without a classifier: the pooled feature, timm's keys (nothing missing)
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        model.feat_dim = model.num_features
+        model.classifier_path = model.default_cfg.get('classifier', 'fc')
+        model.timm_name = arch  # what an export loads into: timm.create_model(arch, num_classes=0)
+        return model
     name = ALIASES.get(arch, arch)
     family = torchvision_family(name)
     if family in FINAL_LINEAR:

@@ -6,11 +6,9 @@ from utils.errors import SimRegError
 
 
 def build_head(in_dim, out_dim, n_mlp_layers=4, linear_pred=False):
-    """Regressor from the student feature (``in_dim``, d) to the teacher feature (``out_dim``, D).
-
-    n_mlp_layers=4 (paper default): Linear(d,2d) BN ReLU Linear(2d,d) Linear(d,2d) BN ReLU Linear(2d,D);
-    n_mlp_layers=2: Linear(d,2d) Linear(2d,D); linear_pred: BN(d) Linear(d,D).
-    """
+    """Regressor from the student feature (``in_dim``, d) to the teacher feature (``out_dim``, D). n_mlp_layers=4
+    (paper default): Linear(d,2d) BN ReLU Linear(2d,d) Linear(d,2d) BN ReLU Linear(2d,D); n_mlp_layers=2:
+    Linear(d,2d) Linear(2d,D); linear_pred: BN(d) Linear(d,D)."""
     if linear_pred:
         return nn.Sequential(nn.BatchNorm1d(in_dim), nn.Linear(in_dim, out_dim))
     if n_mlp_layers == 4:

@@ -1,9 +1,6 @@
-"""Every checkpoint a user brings, loaded strictly into this project's backbones.
-
-A file's layout is recognised from its keys (``LAYOUTS``), the groups it is known to hold besides the
-backbone are dropped by name, and the rest must fit the backbone exactly, or a one-line SimRegError
-names the keys and the guessed layout.
-"""
+"""Every checkpoint a user brings, loaded strictly into this project's backbones: the layout is recognised from the
+keys (``LAYOUTS``), the other groups it is known to hold are dropped by name, and the rest must fit the backbone
+exactly, or a one-line SimRegError names the keys and the guessed layout."""
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,9 +26,6 @@ class Layout:
     marker: str = ''  # key prefix that identifies the layout when ``prefix`` alone does not
     tf_names: bool = False  # TensorFlow conv2d_N / batch_normalization_N names, mapped to torchvision's
     vit: str = ''  # the release of a ViT file: how it resizes its position embedding (models.vit.RESIZE)
-
-    def matches(self, container, state):
-        return container in self.containers and any(k.startswith(self.marker or self.prefix) for k in state)
 
 
 _ANY = (None, 'state_dict', 'model')
@@ -63,7 +57,7 @@ def detect_layout(ckpt, path):
     """(layout, state dict) of a loaded checkpoint, from its top-level keys and key prefixes."""
     container, state = _state_dict(ckpt, path)
     for layout in LAYOUTS:
-        if layout.matches(container, state):
+        if container in layout.containers and any(k.startswith(layout.marker or layout.prefix) for k in state):
             return layout, state
     raise SimRegError(f'{path}: no known checkpoint layout has its weights under "{container}" with keys '
                       f'like {key_list(list(state))}: see the accepted layouts in the README')
@@ -88,13 +82,11 @@ def split_backbone(layout, state, classifier='fc'):
     for key, value in state.items():
         if key.startswith(layout.drop):
             continue
-        if key.startswith(layout.heads) or key.startswith(inner_head):
+        if key.startswith((*layout.heads, inner_head)):
             head[key] = value
-        elif key.startswith(layout.prefix):
-            name = key[len(layout.prefix):]
-            backbone[tf_to_torchvision(name) if layout.tf_names else name] = value
         else:
-            backbone[key] = value
+            name = key.removeprefix(layout.prefix)
+            backbone[tf_to_torchvision(name) if layout.tf_names else name] = value
     return backbone, head
 
 
@@ -112,10 +104,8 @@ def load_strict(module, state_dict, what, layout):
         raise SimRegError(f'{what} does not fit (layout guessed: {layout}): ' + '; '.join(parts)
                           + ': check --arch / the weights file')
     on_meta = any(t.is_meta for t in own.values())
-    if on_meta:
-        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    state_dict = OrderedDict((k, v.to(own[k].dtype) if on_meta else v) for k, v in state_dict.items())
     # the module's own state-dict versions: a renamed copy has none, and torchvision's MNASNet needs them
-    state_dict = OrderedDict(state_dict)
     state_dict._metadata = own._metadata
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
     return module
@@ -148,19 +138,16 @@ def load_backbone(arch, path, keep_fc=False):
     backbone, head = split_backbone(layout, state, classifier)
     if is_vit and layout.vit:
         backbone = vit.timm_state(backbone, layout.vit, arch)
-        if hasattr(model, 'release'):
-            model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
+        model.release = layout.vit  # the file, not the arch, says how to resize the position embedding
     if keep_fc:
         linear = _plain_linear(head, layout.prefix + classifier + '.', layout, path)
-        fc = unloaded(nn.Linear, linear['weight'].shape[1], linear['weight'].shape[0])
-        set_projection(model, fc)
+        set_projection(model, unloaded(nn.Linear, *reversed(linear['weight'].shape)))  # (out, in) -> Linear(in, out)
         backbone.update({f'{classifier}.{k}': v for k, v in linear.items()})
-    for key in model.state_dict():
-        if key.endswith('num_batches_tracked'):
-            # converted BYOL and old torchvision files lack BN counters, which only matter in training
-            backbone.setdefault(key, torch.zeros((), dtype=torch.long))
+    # converted BYOL and old torchvision files lack BN counters, which only matter in training
+    for key in [k for k in model.state_dict() if k.endswith('num_batches_tracked')]:
+        backbone.setdefault(key, torch.zeros((), dtype=torch.long))
     load_strict(model, backbone, f'{path} as {arch}', layout.name)
-    if is_vit and getattr(model, 'release', '') == 'MoCo v3':
+    if is_vit and model.release == 'MoCo v3':
         vit.check_sincos(model, f'{path} as {arch}')
     return model.eval()
 

@@ -1,8 +1,5 @@
-"""Teacher weights with an official download, by name (``--teacher_weights moco_v2_800ep``).
-
-URLs are those the releases' READMEs link. A file is downloaded once into the torch hub cache and
-put under its final name only after its digest and layout are checked.
-"""
+"""Teacher weights with an official download (the URL the release's README links), by name (``--teacher_weights
+moco_v2_800ep``): downloaded once into the torch hub cache, put under its final name once its digest and layout fit."""
 import os
 from dataclasses import dataclass
 
@@ -11,23 +8,26 @@ import torch
 from utils.checkpoint import file_digest, read_checkpoint
 from utils.errors import SimRegError
 
-RESNET50 = ('resnet50', 'sup_resnet50')
-
-
 @dataclass(frozen=True)
 class Preset:
     url: str
     layout: str  # the layout models.loading must recognise in the downloaded file
     md5: str = ''  # digest prefix published with the release, when there is one
     sha256: str = ''
-    archs: tuple = RESNET50  # the --arch_teacher values the file fits
+    archs: tuple = ('resnet50', 'sup_resnet50')  # the --arch_teacher values the file fits
     arch_name: str = 'ResNet-50 with torchvision padding'  # what it is, for the error on another arch
+
+
+def _vit(url, layout, arch, name, sha256=''):
+    return Preset(url, layout, sha256=sha256, archs=(arch,), arch_name=f'{name} ({arch})')
 
 
 _MOCO = 'https://dl.fbaipublicfiles.com/moco/moco_checkpoints'
 _MOCO_V3 = 'https://dl.fbaipublicfiles.com/moco-v3'
 _BARLOW = ('https://dl.fbaipublicfiles.com/barlowtwins/'
            'epochs1000_bs2048_lr0.2_lambd0.0051_proj_8192_8192_8192_scale0.024')
+_DINO = 'https://dl.fbaipublicfiles.com/dino'
+_DINOV2 = 'https://dl.fbaipublicfiles.com/dinov2'
 
 PRESETS = {
     'moco_v1_200ep': Preset(f'{_MOCO}/moco_v1_200ep/moco_v1_200ep_pretrain.pth.tar', 'MoCo v1/v2', md5='b251726a'),
@@ -38,24 +38,12 @@ PRESETS = {
     'moco_v3_1000ep': Preset(f'{_MOCO_V3}/r-50-1000ep/r-50-1000ep.pth.tar', 'MoCo v3'),
     'swav_800ep': Preset('https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar',
                          'SwAV / DataParallel'),
-    'dino_resnet50': Preset('https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth',
-                            'torchvision'),
+    'dino_resnet50': Preset(f'{_DINO}/dino_resnet50_pretrain/dino_resnet50_pretrain.pth', 'torchvision'),
     'barlowtwins_resnet50': Preset(f'{_BARLOW}/resnet50.pth', 'torchvision'),
     'vicreg_resnet50': Preset('https://dl.fbaipublicfiles.com/vicreg/resnet50.pth', 'torchvision'),
     'torchvision_resnet50': Preset('https://download.pytorch.org/models/resnet50-0676ba61.pth', 'torchvision',
                                    sha256='0676ba61'),
-}
-
-
-def _vit(url, layout, arch, name, sha256=''):
-    return Preset(url, layout, sha256=sha256, archs=(arch,), arch_name=f'{name} ({arch})')
-
-
-_DINO = 'https://dl.fbaipublicfiles.com/dino'
-_DINOV2 = 'https://dl.fbaipublicfiles.com/dinov2'
-# DINO, DINOv2 and MoCo v3 publish no checksum (only the layout is checked); DeiT's file names end with
-# their sha256 prefix.
-PRESETS.update({
+    # DINO, DINOv2 and MoCo v3 publish no checksum (the layout is checked); DeiT's file names end with their sha256
     'dino_vits16': _vit(f'{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'DINO ViT backbone',
                         'vit_small_patch16', 'DINO ViT-S/16'),
     'dino_vits8': _vit(f'{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth', 'DINO ViT backbone',
@@ -72,7 +60,7 @@ PRESETS.update({
                        'vit_small_patch16', 'DeiT-S/16', sha256='cd65a155'),
     'deit_base': _vit('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 'DeiT',
                       'vit_base_patch16', 'DeiT-B/16', sha256='b5f2ef4d'),
-})
+}
 for _size, _name in (('s', 'small'), ('b', 'base'), ('l', 'large')):
     PRESETS[f'dinov2_vit{_size}14'] = _vit(f'{_DINOV2}/dinov2_vit{_size}14/dinov2_vit{_size}14_pretrain.pth',
                                            'DINOv2', f'vit_{_name}_patch14_dinov2', f'DINOv2 ViT-{_size.upper()}/14')
@@ -82,8 +70,7 @@ for _size, _name in (('s', 'small'), ('b', 'base'), ('l', 'large')):
 
 
 def preset_path(name):
-    """The preset's file in the torch hub cache, named after the preset (two releases call theirs
-    ``resnet50.pth``)."""
+    """The preset's file in the torch hub cache, named after the preset (two releases call theirs ``resnet50.pth``)."""
     return os.path.join(torch.hub.get_dir(), 'checkpoints', f'{name}.pth')
 
 
@@ -108,8 +95,7 @@ def download_preset(name, dst):
     for algorithm, expected in (('md5', preset.md5), ('sha256', preset.sha256)):
         if expected:
             digest = file_digest(dst, algorithm)
-            if not digest.startswith(expected):
-                os.remove(dst)
+            if not digest.startswith(expected):  # resolve_weights removes the file
                 raise SimRegError(f'preset {name}: downloaded file has {algorithm} {digest[:8]}, the release '
                                   f'says {expected}: the download is corrupt; run again')
 

@@ -1,7 +1,5 @@
-"""SimReg: the trained student (backbone + regression head), the loss, and the autocast dtype.
-
-The teachers it regresses are in ``models.teachers``.
-"""
+"""SimReg: the trained student (backbone + regression head), the loss, and the autocast dtype (teachers:
+``models.teachers``)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,14 +17,9 @@ def default_precision(device):
 
 
 class SimReg(nn.Module):
-    """Student backbone ``encoder_q`` followed by the regression head ``predict_q``.
-
-    Only these two are trained and stored, under SimReg's names, so that
-    checkpoints keep the ``encoder_q.*`` / ``predict_q.*`` layout. With several teachers,
-    ``predict_q`` is a ModuleDict of one head per teacher (``predict_q.<teacher>.*``) and the
-    forward returns a dict of predictions. Teachers live outside this module: they are frozen
-    and never part of DDP or the optimizer.
-    """
+    """Student backbone ``encoder_q`` and regression head ``predict_q`` (SimReg's names, so its checkpoint keys). With
+    several teachers ``predict_q`` is a ModuleDict of one head per teacher and the forward returns a dict. The frozen
+    teachers stay outside: never part of DDP or the optimizer."""
 
     def __init__(self, encoder_q, predict_q):
         super().__init__()
@@ -54,10 +47,7 @@ def _inputs_to_float64(module, inputs):
 
 def freeze(teacher):
     """Eval mode and no gradients: the teacher is a fixed function of its input."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return teacher.eval().requires_grad_(False)
 
 
 def regression_loss(prediction, target, mse_nonorm=False):

@@ -1,5 +1,6 @@
 """Student checkpoints (this project's and the SimReg release's), read back into backbone + head."""
 import argparse
+import re
 
 from models.backbones import build_backbone
 from models.head import build_head
@@ -15,42 +16,11 @@ def student_checkpoint(ckpt, path):
         if isinstance(ckpt.get('args'), dict):
             return ckpt['args'], ckpt['state_dict']
         if isinstance(ckpt.get('opt'), argparse.Namespace):
-            state = {}
-            for key, value in ckpt['state_dict'].items():
-                if key.startswith('encoder_t.module.'):
-                    continue
-                for part in ('encoder_q.', 'predict_q.'):
-                    if key.startswith(part + 'module.'):
-                        key = part + key[len(part + 'module.'):]
-                state[key] = value
+            state = {re.sub(r'^(encoder_q|predict_q)\.module\.', r'\1.', k): v for k, v in ckpt['state_dict'].items()
+                     if not k.startswith('encoder_t.module.')}
             return vars(ckpt['opt']), state
     raise SimRegError(f'{path} is not a SimReg student checkpoint (no training arguments "args" or "opt"): '
                       f'pass a file written by train_student.py or by the original main.py')
-
-
-def student_from_state(state, arch, n_mlp_layers=4, linear_pred=False, source='student checkpoint', image_size=224):
-    """Backbone + head built and loaded strictly from an ``encoder_q.*``/``predict_q.*`` state dict
-    (``image_size``: the training size, which sizes a ViT student's position embedding)."""
-    parts = {'encoder_q.': {}, 'predict_q.': {}}
-    unexpected = []
-    for key, value in state.items():
-        part = next((p for p in parts if key.startswith(p)), None)
-        if part is None:
-            unexpected.append(key)
-        else:
-            parts[part][key[len(part):]] = value
-    if unexpected:
-        raise SimRegError(f'{source} has keys outside encoder_q./predict_q.: {key_list(unexpected)}')
-    head_state = parts['predict_q.']
-    linears = [k for k, v in head_state.items() if k.split('.')[0].isdigit() and k.endswith('weight') and v.ndim == 2]
-    if not linears:
-        raise SimRegError(f'{source} has no regression head (predict_q.*): it is not a SimReg student')
-    out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
-    backbone = unloaded(build_backbone, arch, image_size)
-    head = unloaded(build_head, backbone.feat_dim, out_dim, n_mlp_layers, linear_pred)
-    load_strict(backbone, parts['encoder_q.'], f'{source} student backbone ({arch})', 'SimReg')
-    load_strict(head, head_state, f'{source} regression head', 'SimReg')
-    return backbone, head
 
 
 def student_heads(state):
@@ -75,16 +45,27 @@ def select_head(state, head, source):
 
 
 def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, in eval mode. ``arch``, when given, must match the file;
-    ``head`` picks a several-teacher student's head (with ``backbone_only``, the first if not named)."""
+    """(backbone, head) of a student checkpoint, loaded strictly, in eval mode. ``arch``, when given, must match the
+    file; ``head`` picks a several-teacher student's head (with ``backbone_only``, the first if not named)."""
     args, state = student_checkpoint(read_checkpoint(path), path)
     if backbone_only and head is None:
         head = next(iter(student_heads(state)), None)
     state = select_head(state, head, path)
-    if arch is not None and arch != args['arch_student']:
-        raise SimRegError(f'{path} holds a {args["arch_student"]} student, not {arch}: '
-                          f'pass --arch {args["arch_student"]}')
-    backbone, head = student_from_state(state, args['arch_student'], args.get('n_mlp_layers', 4),
-                                        args.get('linear_pred', False), source=path,
-                                        image_size=args.get('image_size') or 224)
+    arch_student = args['arch_student']
+    if arch is not None and arch != arch_student:
+        raise SimRegError(f'{path} holds a {arch_student} student, not {arch}: pass --arch {arch_student}')
+    unexpected = [k for k in state if not k.startswith(('encoder_q.', 'predict_q.'))]
+    if unexpected:
+        raise SimRegError(f'{path} has keys outside encoder_q./predict_q.: {key_list(unexpected)}')
+    backbone_state, head_state = ({k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+                                  for p in ('encoder_q.', 'predict_q.'))
+    linears = [k for k, v in head_state.items() if k.split('.')[0].isdigit() and k.endswith('weight') and v.ndim == 2]
+    if not linears:
+        raise SimRegError(f'{path} has no regression head (predict_q.*): it is not a SimReg student')
+    out_dim = head_state[max(linears, key=lambda k: int(k.split('.')[0]))].shape[0]
+    # image_size: the training size, which sizes a ViT student's position embedding
+    backbone = unloaded(build_backbone, arch_student, args.get('image_size') or 224)
+    head = unloaded(build_head, backbone.feat_dim, out_dim, args.get('n_mlp_layers', 4), args.get('linear_pred', False))
+    load_strict(backbone, backbone_state, f'{path} student backbone ({arch_student})', 'SimReg')
+    load_strict(head, head_state, f'{path} regression head', 'SimReg')
     return backbone.eval(), head.eval()

@@ -1,9 +1,5 @@
-"""The ResNets of the TensorFlow releases, built from torchvision's so that the keys match.
-
-``byol_resnet50``: TensorFlow's ``SAME`` padding, which depends on the input size and puts the odd pixel
-after. ``simclr_resnet50(width)``: SimCLR v1's ResNet-50 x1/x2/x4, every channel count widened (stem
-included). ``tf_to_torchvision``: SimCLR's TensorFlow key names to torchvision's.
-"""
+"""The ResNets of the TensorFlow releases (BYOL's, SimCLR v1's x1/x2/x4), built from torchvision's so that the keys
+match, and SimCLR's TensorFlow key names mapped to torchvision's (``tf_to_torchvision``)."""
 import math
 import re
 
@@ -13,17 +9,14 @@ import torchvision.models as tvm
 from torchvision.models.resnet import Bottleneck, ResNet
 
 
-def same_padding(size, kernel, stride, dilation=1):
-    """(before, after) padding of TensorFlow's ``SAME`` along one spatial dimension."""
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 def pad_same(x, kernel, stride, dilation=(1, 1), value=0.0):
-    """Pad an NCHW tensor so that a padding-0 window op gives TensorFlow's ``SAME`` output."""
-    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
-    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
-    return F.pad(x, (left, right, top, bottom), value=value)
+    """Pad an NCHW tensor so that a padding-0 window op gives TensorFlow's ``SAME`` output, which depends on the
+    input size and puts the odd pixel after."""
+    pad = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pad = [total // 2, total - total // 2] + pad  # F.pad lists the last dimension first
+    return F.pad(x, pad, value=value)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -34,29 +27,23 @@ class Conv2dSame(nn.Conv2d):
 
 
 class MaxPool2dSame(nn.MaxPool2d):
-    """3x3/2 max-pool with ``SAME`` padding; padded cells never win, as in TensorFlow."""
-
-    def __init__(self, kernel_size=3, stride=2):
-        super().__init__(kernel_size, stride, padding=0)
+    """MaxPool2d (int kernel and stride, padding 0) with ``SAME`` padding; padded cells never win, as in TensorFlow."""
 
     def forward(self, x):
         kernel, stride = (self.kernel_size,) * 2, (self.stride,) * 2
         return super().forward(pad_same(x, kernel, stride, value=float('-inf')))
 
 
-def _same_conv(conv):
-    return Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding=0,
-                      dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
-
-
 def byol_resnet50():
     """torchvision ResNet-50 (same keys) with ``SAME`` padding at every conv and at the max-pool."""
     model = tvm.resnet50(weights=None)
     for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Conv2d:
-                setattr(parent, name, _same_conv(child))
-    model.maxpool = MaxPool2dSame()
+        for name, conv in parent.named_children():
+            if type(conv) is nn.Conv2d:
+                same = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+                setattr(parent, name, same)
+    model.maxpool = MaxPool2dSame(3, 2)
     model.feat_dim = model.fc.in_features
     model.fc = nn.Identity()
     return model

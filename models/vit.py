@@ -1,16 +1,6 @@
-"""Vision Transformers: the released ViT teachers (DINO, DINOv2, MoCo v3, DeiT) and timm ViT students.
-
-Every network is timm's ``VisionTransformer`` with timm's keys (``timm_state`` maps DINOv2's). What the
-shapes do not show is set per arch (MoCo v3's ViT-S has 12 heads, DINO's and DeiT's 6) or per release,
-read from the file's layout: how the position embedding is resized for another input size (``RESIZE``):
-
-- DINO, DINOv2 (no registers): bicubic, ``scale_factor = (grid + 0.1) / trained grid`` ("offset");
-- DINOv2 with registers: bicubic to the target grid, antialiased;
-- DeiT: bicubic to the target grid, ``align_corners=False``, no antialiasing;
-- MoCo v3: the fixed 2-D sin-cos table, rebuilt for the target grid.
-
-A teacher is built at its release's training size and resizes per forward; its feature is the CLS token
-after the final norm.
+"""Vision Transformers: the released ViT teachers (DINO, DINOv2, MoCo v3, DeiT) and timm ViT students, all timm's
+``VisionTransformer`` with timm's keys. A teacher is built at its release's training size, resizes its position
+embedding per forward the way its release does (``RESIZE``), and its feature is the CLS token after the final norm.
 """
 import math
 
@@ -48,7 +38,8 @@ VIT_STUDENTS = {'vit_tiny_patch16': dict(patch_size=16, embed_dim=192, num_heads
                 'vit_small_patch16': dict(patch_size=16, **_S)}
 VIT_ARCHS = tuple(dict.fromkeys((*VIT_TEACHERS, *VIT_STUDENTS)))
 
-# release -> how it resizes the position embedding (the list above)
+# release -> how it resizes the position embedding: offset (interpolate_with_offset), size (bicubic to the target grid),
+# size_antialias (the same, antialiased), sincos (sincos_pos_embed rebuilt for the target grid)
 RESIZE = {'DINO': 'offset', 'DINOv2': 'offset', 'DINOv2 registers': 'size_antialias', 'DeiT': 'size',
           'MoCo v3': 'sincos', 'timm': 'size_antialias'}
 
@@ -92,9 +83,10 @@ class ReleaseViT(VisionTransformer):
             return sincos_pos_embed(grid, self.embed_dim).to(self.pos_embed)
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
         if rule == 'offset':
-            return torch.cat([self.pos_embed[:, :prefix], interpolate_with_offset(self.pos_embed[:, prefix:], grid)], 1)
-        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix, antialias=rule == 'size_antialias',
-                                      align_corners=False)
+            patches = interpolate_with_offset(self.pos_embed[:, prefix:], grid)
+            return torch.cat([self.pos_embed[:, :prefix], patches], 1)
+        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix,
+                                      antialias=rule == 'size_antialias', align_corners=False)
 
     def forward(self, x):
         check_size(x.shape[-2:], self.patch_embed.patch_size[0])
@@ -139,7 +131,13 @@ def check_size(size, patch):
 def timm_state(state, release, arch):
     """A release's backbone tensors under timm's names: DINOv2's ``mask_token`` dropped, ``w12``/``w3`` as
     ``fc1``/``fc2``, registers as ``reg_token`` with the CLS position folded into the CLS token."""
-    check_release(arch, release)
+    # refuse what the shapes let through: MoCo v3's 12-head ViT-S in DINO's/DeiT's 6-head arch, or back
+    if arch == 'mocov3_vit_small' and release != 'MoCo v3':
+        raise SimRegError(f'mocov3_vit_small is MoCo v3\'s ViT-Small (12 heads), but the file is a {release} '
+                          f'checkpoint: use --arch_teacher vit_small_patch16')
+    if release == 'MoCo v3' and arch == 'vit_small_patch16':
+        raise SimRegError('the file is a MoCo v3 ViT-Small, which has 12 heads where DINO\'s and DeiT\'s have 6: '
+                          'use --arch_teacher mocov3_vit_small')
     if not release.startswith('DINOv2'):
         return state
     state = {k.replace('.mlp.w12.', '.mlp.fc1.').replace('.mlp.w3.', '.mlp.fc2.'): v for k, v in state.items()
@@ -149,16 +147,6 @@ def timm_state(state, release, arch):
         state['cls_token'] = state['cls_token'] + state['pos_embed'][:, :1]
         state['pos_embed'] = state['pos_embed'][:, 1:]
     return state
-
-
-def check_release(arch, release):
-    """Refuse what the shapes let through: MoCo v3's 12-head ViT-S in DINO's/DeiT's 6-head arch, or back."""
-    if arch == 'mocov3_vit_small' and release != 'MoCo v3':
-        raise SimRegError(f'mocov3_vit_small is MoCo v3\'s ViT-Small (12 heads), but the file is a {release} '
-                          f'checkpoint: use --arch_teacher vit_small_patch16')
-    if release == 'MoCo v3' and arch == 'vit_small_patch16':
-        raise SimRegError('the file is a MoCo v3 ViT-Small, which has 12 heads where DINO\'s and DeiT\'s have 6: '
-                          'use --arch_teacher mocov3_vit_small')
 
 
 def check_sincos(model, what):
