@@ -17,7 +17,7 @@ from data.transforms import eval_transform
 from evaluation import common, features
 from models.loading import load_backbone
 from models.presets import resolve_weights
-from utils.checkpoint import read_checkpoint, write_text_atomic
+from utils.checkpoint import read_checkpoint, write_file_atomic
 from utils.distributed import cleanup, init_distributed, is_main_process
 from utils.errors import SimRegError, exit_on_user_error
 
@@ -85,7 +85,7 @@ def main(args):
     print(f"mean cosine(head, teacher) on {len(dataset)} {args.split} images: {result['mean_cosine']:.4f}")
     if args.save:
         name = f"imitation_epoch_{result['epoch'] if result['epoch'] is not None else 'x'}.json"
-        write_text_atomic(json.dumps(result, indent=2), os.path.join(args.save, name))
+        write_file_atomic(json.dumps(result, indent=2), os.path.join(args.save, name))
     return result
 
 

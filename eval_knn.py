@@ -8,7 +8,7 @@ import json
 import os
 
 from evaluation import common, knn
-from utils.checkpoint import write_text_atomic
+from utils.checkpoint import write_file_atomic
 from utils.errors import exit_on_user_error
 
 
@@ -39,7 +39,7 @@ def main(args):
     results = knn.evaluate(train_feats, train_labels, val_feats, val_labels, extracted.num_classes,
                            majority_ks=set(knn.MAJORITY_KS) | {args.k}, seed=args.seed)
     for k, acc in results['majority'].items():
-        write_text_atomic('%.18e\n' % acc, os.path.join(save, 'nn_%d_acc_epoch_%03d.txt' % (k, args.epoch)))
+        write_file_atomic('%.18e\n' % acc, os.path.join(save, 'nn_%d_acc_epoch_%03d.txt' % (k, args.epoch)))
         logger.info(f'{k}-NN (majority) * Acc {acc:.2f}')
     for k, acc in results['weighted'].items():
         logger.info(f'{k}-NN (weighted, T={knn.TEMPERATURE}) * Acc@1 {acc["top1"]:.2f} Acc@5 {acc["top5"]:.2f}')
@@ -57,7 +57,7 @@ def main(args):
             'minutes': round(run.minutes(), 3),
         },
     }
-    write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'knn_results.json'))
+    write_file_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'knn_results.json'))
     logger.info(f'=> time: {run.minutes():.2f}m, results in {save}')
     return report
 

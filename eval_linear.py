@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data.folders import build_dataset
 from evaluation import common, features, probe
-from utils.checkpoint import read_checkpoint, save_atomic, write_text_atomic
+from utils.checkpoint import read_checkpoint, save_atomic, write_file_atomic
 from utils.distributed import barrier, cleanup, get_rank, is_main_process, run_on_main, seed_everything
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import TensorBoard
@@ -131,7 +131,7 @@ def validate_checkpoint(run, path, cache, num_classes, val_feats, val_labels):
     result = probe.evaluate(linear, val_feats.to(run.device), val_labels.to(run.device))
     run.logger.info(f'{path}: * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}')
     result = {'checkpoint': os.path.abspath(path), **result}
-    write_text_atomic(json.dumps(result, indent=2) + '\n', os.path.join(run.save, 'linear_evaluate.json'))
+    write_file_atomic(json.dumps(result, indent=2) + '\n', os.path.join(run.save, 'linear_evaluate.json'))
     return result
 
 
@@ -170,13 +170,13 @@ def write_results(save, state, args, stage, cache, world, seconds):
              for r in state['history']]
     lines.append(f'best val top-1 {state["best_acc1"]:.3f} (epoch {state["best_epoch"]}); last validated '
                  f'top-1 {last.get("val_acc1", float("nan")):.3f} top-5 {last.get("val_acc5", float("nan")):.3f}')
-    write_text_atomic('\n'.join(lines) + '\n', os.path.join(save, 'linear_results.txt'))
+    write_file_atomic('\n'.join(lines) + '\n', os.path.join(save, 'linear_results.txt'))
     report = {'best': {'top1': state['best_acc1'], 'epoch': state['best_epoch']},
               'last': {'top1': last.get('val_acc1'), 'top5': last.get('val_acc5'), 'epoch': last.get('epoch')},
               'history': state['history'],
               'settings': {**vars(args), 'stage': stage, 'weights_sha256': cache.weights_sha256,
                            'processes': world, 'minutes_this_run': round(seconds / 60, 3)}}
-    write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'linear_results.json'))
+    write_file_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'linear_results.json'))
     return report
 
 

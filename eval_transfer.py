@@ -8,7 +8,7 @@ import json
 import os
 
 from evaluation import common, knn, transfer
-from utils.checkpoint import write_text_atomic
+from utils.checkpoint import write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
 
 SPLITS = ('train', 'val', 'test')
@@ -69,9 +69,9 @@ def main(args):
                 'temperature': knn.TEMPERATURE, 'faiss': knn.faiss_device()},
         'processes': run.world_size, 'amp': args.amp, 'minutes': round(run.minutes(), 3),
     }
-    write_text_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'transfer_results.json'))
+    write_file_atomic(json.dumps(report, indent=2) + '\n', os.path.join(save, 'transfer_results.json'))
     text = summary(report)
-    write_text_atomic(text, os.path.join(save, 'transfer_results.txt'))
+    write_file_atomic(text, os.path.join(save, 'transfer_results.txt'))
     logger.info('\n' + text + f'=> results in {save}')
     return report
 

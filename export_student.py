@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models import load_student
-from utils.checkpoint import save_atomic, write_bytes_atomic
+from utils.checkpoint import save_atomic, write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
 
 ONNX_TOLERANCE = 1e-4  # max|onnxruntime - PyTorch| <= ONNX_TOLERANCE * max(1, max|PyTorch|)
@@ -112,7 +112,7 @@ def export_onnx(backbone, path, image_size, opset):
     if not err <= ONNX_TOLERANCE * max(1.0, scale):
         raise SimRegError(f'the ONNX export does not match PyTorch ({check}, above {ONNX_TOLERANCE}): {path} not '
                           f'written; try another --opset')
-    write_bytes_atomic(data, path)
+    write_file_atomic(data, path)
     print(f'wrote {path} (opset {opset}; images N x 3 x H x W -> features N x {backbone.feat_dim}): {check}, '
           f'within {ONNX_TOLERANCE}')
 

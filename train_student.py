@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -28,16 +29,15 @@ from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict
-from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64, regression_loss
+from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64
 from models.student import student_checkpoint
 from models.teachers import build_teachers
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, Preempted, make_folder, read_checkpoint, remove_stale_temp_files,
-                              resume_candidates, writable_folder)
+from utils.checkpoint import (Checkpointer, Preempted, StopRequest, ignore_in_loader_worker, make_folder,
+                              read_checkpoint, remove_stale_temp_files, resume_candidates, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
 from utils.logging import Logs, MetricLogger
-from utils.preemption import StopRequest, ignore_in_loader_worker
 
 
 def get_args_parser():
@@ -243,6 +243,17 @@ def train_step(model, student_in, targets, optimizer, ctx):
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     return losses.detach()
+
+
+def regression_loss(prediction, target, mse_nonorm=False):
+    """Mean over the batch of ``2 - 2 cos(prediction, target)``, the MSE of unit vectors; ``mse_nonorm``: the summed
+    squared error of the raw vectors, as the flag's help says (docs/differences.md)."""
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
+    prediction, target = prediction.to(dtype), target.to(dtype)
+    if mse_nonorm:
+        return ((prediction - target) ** 2).sum(dim=1).mean()
+    cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
+    return (2 - 2 * cos).mean()
 
 
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):

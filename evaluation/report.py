@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from utils.checkpoint import write_bytes_atomic, write_text_atomic
+from utils.checkpoint import write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import read_json_log
 
@@ -238,8 +238,8 @@ def main(args):
     report, windows = collect(args.exp_dir, args.wall_time, **{name: getattr(args, name) for name in SOURCES})
     print_table(report)
     json_path, png_path = os.path.join(args.exp_dir, 'report.json'), os.path.join(args.exp_dir, 'report.png')
-    write_text_atomic(json.dumps(report, indent=2) + '\n', json_path)
-    write_bytes_atomic(render_png(report, windows), png_path)
+    write_file_atomic(json.dumps(report, indent=2) + '\n', json_path)
+    write_file_atomic(render_png(report, windows), png_path)
     print(f'report: {json_path}, {png_path}')
     return report
 

@@ -1,8 +1,7 @@
-"""SimReg: the trained student (backbone + regression head), the loss, and the autocast dtype (teachers:
+"""SimReg: the trained student (backbone + regression head) and the autocast dtype (teachers:
 ``models.teachers``)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # --precision: the autocast dtype of each choice (fp32: autocast off)
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -48,14 +47,3 @@ def _inputs_to_float64(module, inputs):
 def freeze(teacher):
     """Eval mode and no gradients: the teacher is a fixed function of its input."""
     return teacher.eval().requires_grad_(False)
-
-
-def regression_loss(prediction, target, mse_nonorm=False):
-    """Mean over the batch of ``2 - 2 cos(prediction, target)``, the MSE of unit vectors; ``mse_nonorm``: the summed
-    squared error of the raw vectors, as the flag's help says (docs/differences.md)."""
-    dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
-    prediction, target = prediction.to(dtype), target.to(dtype)
-    if mse_nonorm:
-        return ((prediction - target) ** 2).sum(dim=1).mean()
-    cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
-    return (2 - 2 * cos).mean()

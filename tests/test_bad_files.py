@@ -224,7 +224,7 @@ def test_text_file_as_weights_says_so(ws, tmp_path):
 
 WRITERS = {'torch': (checkpoint.save_atomic, {'w': torch.ones(300, 300)}),
            'npy': (lambda array, path: save_blocks_atomic([array], path), np.ones((300, 300), np.float32)),
-           'text': (checkpoint.write_text_atomic, 'x' * 100)}
+           'text': (checkpoint.write_file_atomic, 'x' * 100)}
 
 
 def full_disk_mkstemp(real):
@@ -276,7 +276,7 @@ from utils.store import save_blocks_atomic
 mnt = sys.argv[1]
 big = {'torch': {'w': torch.ones(600, 600)}, 'npy': np.ones((600, 600), np.float32), 'text': 'x' * 2000000}
 writers = {'torch': checkpoint.save_atomic, 'npy': lambda array, path: save_blocks_atomic([array], path),
-           'text': checkpoint.write_text_atomic}
+           'text': checkpoint.write_file_atomic}
 for name, write in writers.items():
     write({'torch': {'w': torch.ones(3)}, 'npy': np.ones(3), 'text': 'old'}[name], os.path.join(mnt, name))
 old = {name: open(os.path.join(mnt, name), 'rb').read() for name in writers}

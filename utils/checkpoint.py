@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes, when to write inside an epoch, and which checkpoint to resume from."""
+"""Atomic checkpoint writes, when to write inside an epoch, which checkpoint to resume from, and the stop signals
+(SIGTERM, SIGUSR1) that end a run after a step with a checkpoint and exit 75."""
 import argparse
 import contextlib
 import errno
@@ -7,14 +8,17 @@ import hashlib
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import time
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 from utils.distributed import is_main_process
-from utils.errors import SimRegError
+from utils.errors import RESUME_EXIT_CODE, SimRegError, record_exit_code
 
 
 def write_atomic(path, mode, write):
@@ -96,14 +100,9 @@ def save_atomic(state, path):
     write_atomic(path, 'wb', lambda f: torch.save(state, f))
 
 
-def write_text_atomic(text, path):
-    """Small text/JSON result files, atomically."""
-    write_atomic(path, 'w', lambda f: f.write(text))
-
-
-def write_bytes_atomic(data, path):
-    """Bytes already serialised (an ONNX model, a PNG), atomically."""
-    write_atomic(path, 'wb', lambda f: f.write(data))
+def write_file_atomic(data, path):
+    """Text (results, JSON) or bytes already serialised (an ONNX model, a PNG), atomically."""
+    write_atomic(path, 'wb' if isinstance(data, bytes) else 'w', lambda f: f.write(data))
 
 
 def resume_candidates(ckpt_dir):
@@ -123,8 +122,75 @@ def remove_stale_temp_files(folder):
     return [os.path.basename(path) for path in stale]
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_in_loader_worker(worker_id):
+    """``worker_init_fn`` of the training loader: its workers outlive the stop signals a scheduler sends to every
+    process of the job (else the main process raises mid-step), while the main process's own SIGTERM, the loader
+    shutting a worker down, still ends it. Both signals are blocked, and a thread takes them with their sender."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+    def take_signals():
+        while True:
+            info = signal.sigwaitinfo(SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, daemon=True).start()
+
+
+class StopRequest:
+    """Installs the handlers; ``agreed()`` is True on every rank after the same step once a signal came."""
+
+    def __init__(self, log, deadline_s=60.0):
+        self.log, self.deadline_s = log, deadline_s
+        self.signal, self.pending, self.pid, self.done = None, None, os.getpid(), threading.Event()
+        self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid or self.signal is not None:
+            return  # a loader worker (forked with this handler), or the same request again
+        self.signal = signal.Signals(signum).name
+        self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
+                         self.signal, RESUME_EXIT_CODE)
+        threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def _watchdog(self):
+        if not self.done.wait(self.deadline_s):
+            self.log.warning('==> the step and checkpoint did not finish within %.0f s of %s: exiting now; '
+                             'the previous checkpoint is intact', self.deadline_s, self.signal)
+            record_exit_code(RESUME_EXIT_CODE)
+            os._exit(RESUME_EXIT_CODE)
+
+    def agreed(self):
+        """Whether to stop after this step; every rank gets the same answer at the same step."""
+        if self.group is None:
+            return self.signal is not None
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(self.signal is not None)])
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self):
+        """The run is over (finished, stopped or failed): restore the handlers, stop the watchdog."""
+        self.done.set()
+        if self.pending is not None:
+            with contextlib.suppress(RuntimeError):  # a peer that is gone: the run ends anyway
+                self.pending[0].wait()
+            self.pending = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 class Preempted(Exception):
-    """A stop signal (``utils.preemption``) ended the run after a step, whose checkpoint is written."""
+    """A stop signal (``StopRequest``) ended the run after a step, whose checkpoint is written."""
 
     def __init__(self, signal, epoch, step, steps, path):
         super().__init__(f'stopped by {signal} in epoch {epoch} after step {step}/{steps}')

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from utils.checkpoint import write_atomic, write_text_atomic
+from utils.checkpoint import write_atomic, write_file_atomic
 
 
 class StoreMismatch(ValueError):
@@ -58,7 +58,7 @@ class Store:
             save_blocks_atomic(array if isinstance(array, list) else [array], self.arrays[name])
 
     def write_meta(self, meta):
-        write_text_atomic(json.dumps(meta, indent=2) + '\n', self.sidecar)
+        write_file_atomic(json.dumps(meta, indent=2) + '\n', self.sidecar)
 
     def write(self, arrays, meta):
         self.write_arrays(arrays)
