@@ -23,6 +23,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folders import build_dataset  # noqa: E402
+from data.sampler import SeededSamples  # noqa: E402
 from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
 from benchmarks import bench_eval  # noqa: E402
@@ -51,10 +52,10 @@ def reference_train_transform(size):
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def images_per_second(dataset, batch_size, epochs):
+def images_per_second(dataset, batch_size, epochs, sampler=None):
     """Steady-state throughput of one worker: the worker is started once and warmed up by a first
     pass, as in training, where its start is paid once per epoch of thousands of batches."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, shuffle=False, persistent_workers=True)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, sampler=sampler, persistent_workers=True)
 
     def one_pass():
         for _ in loader:
@@ -64,15 +65,29 @@ def images_per_second(dataset, batch_size, epochs):
 
 
 def bench_input_pipeline(quick):
+    """Training's samples (``SeededSamples``: seeded per sample, uint8 views) against a plain torchvision loop."""
     count = 192 if quick else 512
     with tempfile.TemporaryDirectory() as root:
         write_imagenet_like_jpegs(root, count)
-        ours = build_dataset(root, 'train', weak_transform(224))
+        ours = SeededSamples(build_dataset(root, 'train', weak_transform(224)), 0)
         reference = datasets.ImageFolder(os.path.join(root, 'train'), reference_train_transform(224))
-        ours_speed = images_per_second(ours, 32, 3)
+        ours_speed = images_per_second(ours, 32, 3, sampler=[(0, i) for i in range(count)])
         reference_speed = images_per_second(reference, 32, 3)
     return report('input_pipeline', ours_speed, reference_speed, 'img/s',
-                  extra='  (train view at 224, 500x375 JPEGs, one DataLoader worker)')
+                  extra='  (train view at 224 with per-sample seeding, 500x375 JPEGs, one DataLoader worker)')
+
+
+def bench_seeding(quick):
+    """Per-sample seeding alone: ``SeededSamples`` over a dataset that does nothing, against the same seeded by
+    ``fork_rng`` + ``torch.manual_seed``."""
+    from benchmarks.reference import ManualSeededSamples
+    count = 2000 if quick else 20000
+    keys = [(0, i) for i in range(count)]
+    ours, reference = SeededSamples(range(count), 0), ManualSeededSamples(range(count), 0)
+    ours_time = median_of(lambda: [ours[key] for key in keys], 5) / count
+    reference_time = median_of(lambda: [reference[key] for key in keys], 5) / count
+    return report('seeding', ours_time * 1e6, reference_time * 1e6, 'us/sample', higher_is_better=False,
+                  extra='  (SeededSamples over a dataset that does nothing, sample seed derivation included)')
 
 
 # ------------------------------------------------------------------ teacher cache
@@ -307,7 +322,7 @@ def bench_gpu_views(quick):
     its dense matrix products do ~100x the multiply-adds of a direct resize, which only a GPU makes free."""
     from data.folders import read_bytes
     from data.gpu_views import ViewParams
-    from data.sampler import sample_seed
+    from data.sampler import sample_seed, seeded
     from benchmarks.reference import decode_views_on
     from data.gpu_views import GpuDecodedInput
     from data.transforms import TwoViews
@@ -323,8 +338,7 @@ def bench_gpu_views(quick):
         worker = ViewParams(views)
         samples = []
         for i, data in enumerate(encoded):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(0, 0, i))
+            with seeded(sample_seed(0, 0, i)):
                 samples.append(worker(data))  # what the loader's workers hand over
         batched = GpuDecodedInput(device, torch.contiguous_format, views, [(p, 0) for p in paths], 0)
         per_image = lambda: decode_views_on(device, encoded, views, lambda j: paths[j],  # noqa: E731
@@ -472,7 +486,7 @@ def bench_step_modes(quick):
         report(f'step_modes[{name}]', ours, eager, 'img/s', extra=f'  (vs eager; {desc})')
 
 
-BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
+BENCHMARKS = {'seeding': bench_seeding, 'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
               'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step,
               'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'train_epoch': bench_train_epoch,
               'step_modes': bench_step_modes}
