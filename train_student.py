@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from data import replay
 from data.folders import add_dataset_arg, build_dataset
-from data.gpu_views import GpuDecodedInput, ViewParams, encoded_collate
+from data.gpu_views import GpuDecodedInput, ViewParams, packed_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.transforms import DeviceInput, TwoViews
 from evaluation.online_knn import OnlineKnn
@@ -220,8 +220,7 @@ def train_one_epoch(model, teachers, loader, optimizer, ctx, epoch):
                                  optimizer, ctx)
     metric_logger.load_state_dict(ctx.checkpointer.resumed_meter(epoch))
     model.train()
-    for index, images, _ in metric_logger.log_every(loader):
-        student_in, teacher_in = ctx.to_device(index, images, epoch)
+    for index, (student_in, teacher_in), _ in metric_logger.log_every(ctx.to_device.batches(loader, epoch)):
         targets = {name: teacher(index, teacher_in, ctx.amp_dtype) for name, teacher in teachers.items()}
         losses = train_step(model, student_in, targets, optimizer, ctx)
         metric_logger.update(losses)
@@ -275,13 +274,13 @@ def build_input(args, dataset, teachers, ctx):
     device (``--gpu_decode``), or a multi-view teacher cache's views replayed for the student."""
     single_view = args.single_aug or not any(t.needs_view for t in teachers.values())  # no teacher view needed
     views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
-    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view)
+    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view, ctx.amp_dtype)
     replayed = replay.student_dataset(dataset, teachers, args, ctx.logs.text)  # logs that the student replays
     if replayed is not None:
         dataset = replayed
     elif args.gpu_decode:  # the workers read the files and draw the views' parameters; the device does the rest
         dataset.transform = ViewParams(views)
-        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed)
+        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed, ctx.amp_dtype)
     else:
         dataset.transform = views
     return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank()), to_device
@@ -294,7 +293,7 @@ def make_loader(dataset, args, world_size, rank):
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
     return DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_loader_worker,
-                      collate_fn=encoded_collate if args.gpu_decode else None)
+                      collate_fn=packed_collate if args.gpu_decode else None)
 
 
 def build_student(args, teachers):

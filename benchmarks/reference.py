@@ -1,7 +1,9 @@
-"""Reference paths that only the benchmarks and the tests run: ``--gpu_decode``'s views made one image at a time."""
+"""Reference paths that only the benchmarks and the tests run: ``--gpu_decode``'s views made one image at a time,
+its list collate, and per-sample seeding through ``torch.manual_seed``."""
 import torch
 
 from data.gpu_views import decode_batch_on
+from data.sampler import SeededSamples, sample_seed, seeded
 
 
 def decode_views_on(device, encoded, views, name_of, seed_of):
@@ -11,9 +13,25 @@ def decode_views_on(device, encoded, views, name_of, seed_of):
     images = decode_batch_on(device, encoded, name_of)
     per_image = []
     for j, image in enumerate(images):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(j))
+        with seeded(seed_of(j)):
             per_image.append(views(image))
     if isinstance(per_image[0], torch.Tensor):
         return torch.stack(per_image)
     return tuple(torch.stack(view) for view in zip(*per_image))
+
+
+def list_collate(batch):
+    """Batch of (index, encoded sample, label) with the samples left a list: two tensors per image cross from a
+    worker (``data.gpu_views.packed_collate`` packs them)."""
+    indices, encoded, labels = zip(*batch)
+    return torch.tensor(indices), list(encoded), torch.tensor(labels)
+
+
+class ManualSeededSamples(SeededSamples):
+    """``SeededSamples`` seeded by ``fork_rng`` + ``torch.manual_seed``, which seeds every back-end torch has."""
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]

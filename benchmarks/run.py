@@ -13,6 +13,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folders import build_dataset  # noqa: E402
+from data.sampler import SeededSamples  # noqa: E402
 from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
 from benchmarks import bench_eval  # noqa: E402
@@ -51,10 +53,10 @@ def reference_train_transform(size):
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def images_per_second(dataset, batch_size, epochs):
+def images_per_second(dataset, batch_size, epochs, sampler=None):
     """Steady-state throughput of one worker: the worker is started once and warmed up by a first
     pass, as in training, where its start is paid once per epoch of thousands of batches."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, shuffle=False, persistent_workers=True)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, sampler=sampler, persistent_workers=True)
 
     def one_pass():
         for _ in loader:
@@ -64,15 +66,29 @@ def images_per_second(dataset, batch_size, epochs):
 
 
 def bench_input_pipeline(quick):
+    """Training's samples (``SeededSamples``: seeded per sample, uint8 views) against a plain torchvision loop."""
     count = 192 if quick else 512
     with tempfile.TemporaryDirectory() as root:
         write_imagenet_like_jpegs(root, count)
-        ours = build_dataset(root, 'train', weak_transform(224))
+        ours = SeededSamples(build_dataset(root, 'train', weak_transform(224)), 0)
         reference = datasets.ImageFolder(os.path.join(root, 'train'), reference_train_transform(224))
-        ours_speed = images_per_second(ours, 32, 3)
+        ours_speed = images_per_second(ours, 32, 3, sampler=[(0, i) for i in range(count)])
         reference_speed = images_per_second(reference, 32, 3)
     return report('input_pipeline', ours_speed, reference_speed, 'img/s',
-                  extra='  (train view at 224, 500x375 JPEGs, one DataLoader worker)')
+                  extra='  (train view at 224 with per-sample seeding, 500x375 JPEGs, one DataLoader worker)')
+
+
+def bench_seeding(quick):
+    """Per-sample seeding alone: ``SeededSamples`` over a dataset that does nothing, against the same seeded by
+    ``fork_rng`` + ``torch.manual_seed``."""
+    from benchmarks.reference import ManualSeededSamples
+    count = 2000 if quick else 20000
+    keys = [(0, i) for i in range(count)]
+    ours, reference = SeededSamples(range(count), 0), ManualSeededSamples(range(count), 0)
+    ours_time = median_of(lambda: [ours[key] for key in keys], 5) / count
+    reference_time = median_of(lambda: [reference[key] for key in keys], 5) / count
+    return report('seeding', ours_time * 1e6, reference_time * 1e6, 'us/sample', higher_is_better=False,
+                  extra='  (SeededSamples over a dataset that does nothing, sample seed derivation included)')
 
 
 # ------------------------------------------------------------------ teacher cache
@@ -307,7 +323,7 @@ def bench_gpu_views(quick):
     its dense matrix products do ~100x the multiply-adds of a direct resize, which only a GPU makes free."""
     from data.folders import read_bytes
     from data.gpu_views import ViewParams
-    from data.sampler import sample_seed
+    from data.sampler import sample_seed, seeded
     from benchmarks.reference import decode_views_on
     from data.gpu_views import GpuDecodedInput
     from data.transforms import TwoViews
@@ -323,8 +339,7 @@ def bench_gpu_views(quick):
         worker = ViewParams(views)
         samples = []
         for i, data in enumerate(encoded):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(0, 0, i))
+            with seeded(sample_seed(0, 0, i)):
                 samples.append(worker(data))  # what the loader's workers hand over
         batched = GpuDecodedInput(device, torch.contiguous_format, views, [(p, 0) for p in paths], 0)
         per_image = lambda: decode_views_on(device, encoded, views, lambda j: paths[j],  # noqa: E731
@@ -349,60 +364,100 @@ def steady_state(windows, batch_size):
     return (last['step'] - first['step']) * batch_size / (t1 - t0), (d1 - d0) / (t1 - t0)
 
 
-def bench_train_epoch(quick, compile_student=False):
-    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs, 1 in
-    CPU quick mode; the last is reported, from its JSON log: img/s and data-wait share, over the whole epoch and past its
-    first window), CPU loader against --gpu_decode, live teacher against one cached by cache_teacher_feats."""
+def teacher_and_cache(root, work, arch, size, batch, workers):
+    """A random ``arch`` teacher's weights and its feature cache of ``root`` (cache_teacher_feats), under ``work``."""
     import cache_teacher_feats
-    import train_student
     from models.backbones import build_backbone
+    torch.manual_seed(0)
+    weights, feats = os.path.join(work, 'teacher.pth'), os.path.join(work, 'feats.npy')
+    torch.save(build_backbone(arch).state_dict(), weights)
+    autotune = torch.backends.cudnn.benchmark  # the builder turns it on; train_student leaves it as it is
+    cache_teacher_feats.main(cache_teacher_feats.get_args_parser().parse_args(
+        [root, '--arch_teacher', arch, '--teacher_weights', weights, '--image_size', str(size),
+         '--batch_size', str(batch), '--num_workers', str(workers), '--output', feats]))
+    torch.backends.cudnn.benchmark = autotune
+    return weights, feats
+
+
+def train_epochs(root, work, exp, argv, batch):
+    """``train_student.main`` on ``root`` with ``argv``; the last epoch's img/s and data-wait share, over the epoch
+    and past its first window (``steady_state``), from its JSON log."""
+    import train_student
     from utils.logging import json_log_path, read_json_log
+    train_student.main(train_student.get_args_parser().parse_args([root, '--base_dir', work, '--exp', exp] + argv))
+    records = read_json_log(json_log_path(os.path.join(work, 'exp', exp, 'logs')))
+    epoch = [r for r in records if r['event'] == 'epoch'][-1]
+    windows = [r for r in records if r['event'] == 'window' and r['epoch'] == epoch['epoch']]
+    steady = steady_state(windows, batch) if len(windows) > 1 else (float('nan'), float('nan'))
+    return epoch['images_per_s'], epoch['data_wait_share'], *steady
+
+
+def bench_train_epoch(quick, compile_student=False):
+    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs, 1 in CPU quick
+    mode; the last is reported), CPU loader against --gpu_decode, live teacher against one cached."""
     gpu = torch.cuda.is_available()
     if gpu:
-        count, shape, batch, size, workers, teacher_arch = 20_000, (375, 500), 256, 224, min(16, os.cpu_count()), 'resnet50'
+        count, shape, batch, size, workers, arch = 20_000, (375, 500), 256, 224, min(16, os.cpu_count()), 'resnet50'
     elif quick:
-        count, shape, batch, size, workers, teacher_arch = 32, (30, 40), 8, 32, 0, 'resnet18'
+        count, shape, batch, size, workers, arch = 32, (30, 40), 8, 32, 0, 'resnet18'
     else:
-        count, shape, batch, size, workers, teacher_arch = 512, (375, 500), 32, 112, 2, 'resnet50'
+        count, shape, batch, size, workers, arch = 512, (375, 500), 32, 112, 2, 'resnet50'
     root = jpeg_folder(count, shape, unique=min(count, 2000))
     epochs = 1 if quick and not gpu else 2  # CI's smoke run: one epoch is enough
-    print_freq = max(1, count // batch // 4)
-    desc = (f'ResNet-{teacher_arch[6:]} -> ResNet-18, {size}px, batch {batch}, {count} {shape[1]}x{shape[0]} '
+    desc = (f'ResNet-{arch[6:]} -> ResNet-18, {size}px, batch {batch}, {count} {shape[1]}x{shape[0]} '
             f'JPEGs, {workers} workers, {"cuda" if gpu else "cpu"}{", --compile" if compile_student else ""}')
     with tempfile.TemporaryDirectory() as work:
-        torch.manual_seed(0)
-        weights = os.path.join(work, 'teacher.pth')
-        torch.save(build_backbone(teacher_arch).state_dict(), weights)
-        feats = os.path.join(work, 'feats.npy')
-        autotune = torch.backends.cudnn.benchmark  # the builder turns it on; train_student leaves it as it is
-        cache_teacher_feats.main(cache_teacher_feats.get_args_parser().parse_args(
-            [root, '--arch_teacher', teacher_arch, '--teacher_weights', weights, '--image_size', str(size),
-             '--batch_size', str(batch), '--num_workers', str(workers), '--output', feats]))
-        torch.backends.cudnn.benchmark = autotune
+        weights, feats = teacher_and_cache(root, work, arch, size, batch, workers)
         results = {}
         for loader in ('cpu', 'gpu_decode'):
             for teacher in ('live', 'cached'):
-                exp = f'{loader}_{teacher}'
-                argv = [root, '--base_dir', work, '--exp', exp, '--arch_teacher', teacher_arch,
-                        '--teacher_weights', weights, '--arch_student', 'resnet18', '--epochs', str(epochs),
-                        '--batch_size', str(batch), '--image_size', str(size), '--num_workers', str(workers),
-                        '--print_freq', str(print_freq), '--save_freq', '100', '--single_aug', '--weak_weak']
+                argv = ['--arch_teacher', arch, '--teacher_weights', weights, '--arch_student', 'resnet18',
+                        '--epochs', str(epochs), '--batch_size', str(batch), '--image_size', str(size),
+                        '--num_workers', str(workers), '--print_freq', str(max(1, count // batch // 4)),
+                        '--save_freq', '100', '--single_aug', '--weak_weak']
                 argv += ['--channels_last'] if gpu else []
                 argv += ['--gpu_decode'] if loader == 'gpu_decode' else []
                 argv += ['--use_cache', '--teacher_feats', feats] if teacher == 'cached' else []
                 argv += ['--compile'] if compile_student else []
-                train_student.main(train_student.get_args_parser().parse_args(argv))
-                records = read_json_log(json_log_path(os.path.join(work, 'exp', exp, 'logs')))
-                epoch = [r for r in records if r['event'] == 'epoch'][-1]
-                windows = [r for r in records if r['event'] == 'window' and r['epoch'] == epoch['epoch']]
-                steady = steady_state(windows, batch) if len(windows) > 1 else (float('nan'), float('nan'))
-                results[exp] = epoch['images_per_s']
-                print(f'train_epoch[{loader} loader, {teacher} teacher]: {epoch["images_per_s"]:.4g} img/s, '
-                      f'data wait {100 * epoch["data_wait_share"]:.1f}% | past the first window {steady[0]:.4g} '
-                      f'img/s, data wait {100 * steady[1]:.1f}%  ({desc})', flush=True)
+                speed, wait, steady, steady_wait = train_epochs(root, work, f'{loader}_{teacher}', argv, batch)
+                results[loader, teacher] = speed
+                print(f'train_epoch[{loader} loader, {teacher} teacher]: {speed:.4g} img/s, data wait '
+                      f'{100 * wait:.1f}% | past the first window {steady:.4g} img/s, data wait '
+                      f'{100 * steady_wait:.1f}%  ({desc})', flush=True)
     for teacher in ('live', 'cached'):
-        report(f'train_epoch_{teacher}', results[f'gpu_decode_{teacher}'], results[f'cpu_{teacher}'], 'img/s',
+        report(f'train_epoch_{teacher}', results['gpu_decode', teacher], results['cpu', teacher], 'img/s',
                extra=f'  (--gpu_decode vs the CPU loader, {teacher} teacher; {desc})')
+
+
+def encoded_loader_speeds(root, batch, workers, batches):
+    """Img/s of a --gpu_decode loader alone (workers read files and draw parameters), packed_collate against the
+    reference list_collate, pinned as in training on CUDA; the workers are warmed up by a first batch."""
+    from benchmarks.reference import list_collate
+    from data.gpu_views import ViewParams, packed_collate
+    from data.sampler import GlobalBatchSampler
+    from data.transforms import TwoViews
+    dataset = SeededSamples(build_dataset(root, 'train', ViewParams(TwoViews(224, weak_weak=True, single_aug=True)),
+                                          encoded=True), 0)
+    speeds = []
+    for collate in (packed_collate, list_collate):
+        sampler = GlobalBatchSampler(min(len(dataset), (batches + 1) * batch), batch, 1, 0, 0)
+        loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                 pin_memory=torch.cuda.is_available()))
+        next(loader)
+        start = time.perf_counter()
+        count = sum(len(b[0]) for b in loader)
+        speeds.append(count / (time.perf_counter() - start))
+        del loader
+    return speeds
+
+
+def bench_encoded_loader(quick):
+    batch, workers, batches = (32, 2, 6) if quick else (64, 2, 12)
+    root = jpeg_folder(batch * (batches + 1), (375, 500), unique=min(batch * (batches + 1), 2000))
+    packed, listed = encoded_loader_speeds(root, batch, workers, batches)
+    return report('encoded_loader', packed, listed, 'img/s',
+                  extra=f'  (--gpu_decode loader alone, packed_collate vs list_collate, batch {batch}, {workers} '
+                        'workers, 500x375 JPEGs)')
 
 
 # ------------------------------------------------------------------ the step at per-GPU batch 256
@@ -431,7 +486,8 @@ def bench_step_modes(quick):
     images = images.pin_memory() if gpu else images
     to_device = DeviceInput(device, memory_format, single_view=True)
     ctx = train_student.Context(device, amp_dtype, memory_format)
-    desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {str(amp_dtype or "fp32").replace("torch.", "")}, {device.type}'
+    precision = str(amp_dtype or 'fp32').replace('torch.', '')
+    desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {precision}, {device.type}'
 
     def speed(student_mode, teacher_mode, fused, autotune=False):
         torch.manual_seed(0)
@@ -472,10 +528,10 @@ def bench_step_modes(quick):
         report(f'step_modes[{name}]', ours, eager, 'img/s', extra=f'  (vs eager; {desc})')
 
 
-BENCHMARKS = {'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
+BENCHMARKS = {'seeding': bench_seeding, 'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
               'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step,
-              'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'train_epoch': bench_train_epoch,
-              'step_modes': bench_step_modes}
+              'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'encoded_loader': bench_encoded_loader,
+              'train_epoch': bench_train_epoch, 'step_modes': bench_step_modes}
 
 
 def main():

@@ -1,5 +1,6 @@
 """Everything ``--gpu_decode``: the loader's workers read each file and draw its views' parameters
-(``ViewParams``); the device decodes the batch (nvjpeg) and makes every view of it at once (``BatchedViews``).
+(``ViewParams``) and pack a batch into a few tensors (``packed_collate``); the device decodes the batch (nvjpeg)
+and makes every view of it at once (``BatchedViews``).
 
 - parameters: drawn with the view transforms' own random draws, in their order, from the sample's seed, so the
   crop boxes, flips, colour factors and blur sigmas are the CPU pipeline's, bit for bit (``draw_view_params``).
@@ -20,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from data.folders import decode_bytes, is_jpeg
-from data.sampler import sample_seed
+from data.sampler import sample_seed, seeded
 from data.transforms import DeviceInput
 
 PARAM_COLUMNS = ('top', 'left', 'height', 'width', 'flip', 'order0', 'order1', 'order2', 'order3',
@@ -30,6 +31,8 @@ JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')  # ColorJitter's fn
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 EncodedSample = collections.namedtuple('EncodedSample', 'data size params')
+# a batch's files: every file's bytes in one buffer, split at offsets (B + 1,); header sizes (B, 2); params (B, V, P)
+PackedFiles = collections.namedtuple('PackedFiles', 'data offsets sizes params')
 
 
 # ------------------------------------------------------------------ parameters, drawn on the host
@@ -329,10 +332,23 @@ def _find(transform, kind):
 
 # ------------------------------------------------------------------ the loader's batch -> the step's input
 
-def encoded_collate(batch):
-    """Batch of (index, encoded sample, label): the byte strings differ in length, so they stay a list."""
-    indices, encoded, labels = zip(*batch)
-    return torch.tensor(indices), list(encoded), torch.tensor(labels)
+def packed_collate(batch):
+    """Batch of (index, ``EncodedSample``, label) -> (index, ``PackedFiles``, label): six tensors whatever the batch
+    size, so a worker hands over a few shared storages rather than two per image."""
+    indices, samples, labels = zip(*batch)
+    lengths = torch.tensor([len(s.data) for s in samples])
+    blank = next((torch.zeros_like(s.params) for s in samples if s.params is not None), torch.zeros(1, len(COLUMN)))
+    packed = PackedFiles(torch.cat([s.data for s in samples]), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
+                         torch.tensor([s.size or (0, 0) for s in samples]),
+                         torch.stack([blank if s.params is None else s.params for s in samples]))
+    return torch.tensor(indices), packed, torch.tensor(labels)
+
+
+def unpack(packed):
+    """``PackedFiles`` -> its ``EncodedSample`` list, the files views into the one buffer (size 0 x 0: unread)."""
+    files = packed.data.tensor_split(packed.offsets[1:-1])
+    return [EncodedSample(data, size, params) if size[0] else EncodedSample(data, None, None)
+            for data, size, params in zip(files, packed.sizes.tolist(), packed.params)]
 
 
 def decode_batch_on(device, encoded, name_of):
@@ -366,20 +382,19 @@ def batched_views_on(device, samples, batched, name_of, seed_of):
     params = []
     for j, (sample, image) in enumerate(zip(sized, images)):
         if sample.params is None or tuple(sample.size) != tuple(image.shape[1:]):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_of(j))
+            with seeded(seed_of(j)):
                 sample = sample._replace(params=batched.draw(*image.shape[1:]))
         params.append(sample.params)
     return batched(images, torch.stack(params))
 
 
 class GpuDecodedInput(DeviceInput):
-    """``DeviceInput`` for ``--gpu_decode`` batches: the encoded files are decoded and their views made on the
-    device for the whole batch, each image's from its sample's seed in the epoch; ``samples`` is the dataset's
-    (path, label) list, which names a file that cannot be read."""
+    """``DeviceInput`` for ``--gpu_decode`` batches (``PackedFiles``, or a list of ``EncodedSample``): the files are
+    decoded and their views made on the device for the whole batch, each image's from its sample's seed in the
+    epoch; ``samples`` is the dataset's (path, label) list, which names a file that cannot be read."""
 
-    def __init__(self, device, memory_format, views, samples, seed):
-        super().__init__(device, memory_format, views.single_aug)
+    def __init__(self, device, memory_format, views, samples, seed, dtype=None):
+        super().__init__(device, memory_format, views.single_aug, dtype)
         self.batched, self.samples, self.seed = BatchedViews(views), samples, seed
 
     def __call__(self, index, encoded, epoch):
@@ -387,5 +402,6 @@ class GpuDecodedInput(DeviceInput):
 
     def views(self, index, encoded, epoch):
         """The batch's uint8 view(s) on the device."""
+        encoded = unpack(encoded) if isinstance(encoded, PackedFiles) else encoded
         return batched_views_on(self.device, encoded, self.batched, lambda j: self.samples[int(index[j])][0],
                                 lambda j: sample_seed(self.seed, epoch, int(index[j])))

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from data.sampler import derive_seed
+from data.sampler import derive_seed, seeded
 from data.transforms import WEAK_SCALE
 from utils.errors import SimRegError
 
@@ -21,8 +21,7 @@ def view_spec(size, seed):
 def draw_weak_view(image, size, seed):
     """(top, left, height, width, flip) of the weak view that ``weak_transform(size)`` draws after
     ``torch.manual_seed(seed)``: ``replay_weak_view`` of it gives the same pixels."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         box = v2.RandomResizedCrop(size, scale=WEAK_SCALE).make_params([image])
         flip = torch.rand(1).item() < 0.5  # RandomHorizontalFlip's draw (p = 0.5)
     return box['top'], box['left'], box['height'], box['width'], int(flip)

@@ -8,6 +8,8 @@ processes, loader workers or where a run was resumed.
 - Every sample is drawn as ``(epoch, index)``; ``SeededSamples`` seeds torch's random stream from
   (seed, epoch, index) before making it, so its augmentations are the same whichever worker or rank makes it.
 """
+import contextlib
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -24,6 +26,19 @@ def derive_seed(*numbers):
 def sample_seed(seed, epoch, index):
     """The seed of sample ``index`` in ``epoch``."""
     return derive_seed(seed, epoch, index)
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Torch's CPU random stream seeded with ``seed`` inside the block and restored after it: the stream of
+    ``fork_rng(devices=[])`` + ``torch.manual_seed``, without seeding every other back-end (slow when absent)."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def epoch_order(num_samples, seed, epoch):
@@ -73,6 +88,5 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with seeded(sample_seed(self.seed, epoch, index)):
             return self.dataset[index]

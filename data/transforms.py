@@ -3,6 +3,8 @@ normalisation on the device (``normalize``, ``DeviceInput``): the values of ``To
 """
 import functools
 import math
+import queue
+import threading
 
 import torch
 from torchvision.transforms import v2
@@ -70,10 +72,12 @@ class TwoViews:
 
 class DeviceInput:
     """A training batch from the loader -> (student input, teacher input): on the device, normalised, in the
-    model's memory format; the same tensor twice when one view serves both nets."""
+    model's memory format; the same tensor twice when one view serves both nets. On CUDA with an autocast
+    ``dtype`` the input is written once in that dtype; ``batches`` makes it one batch ahead."""
 
-    def __init__(self, device, memory_format, single_view):
+    def __init__(self, device, memory_format, single_view, dtype=None):
         self.device, self.memory_format, self.single_view = device, memory_format, single_view
+        self.dtype = dtype if device.type == 'cuda' else None  # the CPU keeps float32 inputs
 
     def __call__(self, index, images, epoch):
         if self.single_view:
@@ -82,9 +86,15 @@ class DeviceInput:
             student_in, teacher_in = self.to_input(images[0]), self.to_input(images[1])
         return student_in, teacher_in
 
+    def batches(self, loader, epoch):
+        """The loader's batches as (index, (student input, teacher input), label)."""
+        return ahead(loader, lambda batch: (batch[0], self(batch[0], batch[1], epoch), batch[2]), self.device)
+
     def to_input(self, uint8_images):
-        images = normalize(uint8_images.to(self.device, non_blocking=True))
-        return images.contiguous(memory_format=self.memory_format)
+        images = uint8_images.to(self.device, non_blocking=True)
+        if self.dtype is not None:
+            return normalize_as(images, self.dtype, self.memory_format)
+        return normalize(images).contiguous(memory_format=self.memory_format)
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,3 +110,80 @@ def normalize(images):
     """uint8 NCHW batch on any device -> float32, ImageNet mean/std normalised."""
     mean, std = _mean_std_255(images.device)
     return (images.float() - mean) / std
+
+
+def normalize_as(images, dtype, memory_format):
+    """``normalize`` as one kernel that reads the uint8 batch once and writes ``dtype`` in ``memory_format`` once:
+    x / std - mean / std, in float32."""
+    shift, scale = _shift_scale(images.device)
+    out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=memory_format)
+    return torch.addcmul(shift, images, scale, out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_scale(device):
+    mean, std = _mean_std_255(device)
+    return -mean / std, 1 / std
+
+
+def ahead(loader, make, device):
+    """``make(batch)`` for the loader's batches. On CUDA one batch ahead, on a thread and a stream of their own
+    (host-to-device copies included), so the loop's wait for an item is the step's wait for its input; elsewhere
+    in turn."""
+    if device.type != 'cuda':
+        return map(make, loader)
+    stream = torch.cuda.Stream(device)
+
+    def on_stream(batch):
+        with torch.cuda.stream(stream):
+            out = make(batch)
+        stream.synchronize()  # done: the batch's host buffers can go back to the allocator
+        return out
+
+    def on_compute_stream(out):
+        for tensor in out[1]:  # its memory is not reused for the side stream while the step reads it
+            tensor.record_stream(torch.cuda.current_stream(device))
+        return out
+    return map(on_compute_stream, in_thread(iter(loader), on_stream, lambda: torch.cuda.set_device(stream.device)))
+
+
+_DONE = object()
+
+
+def in_thread(items, fn, setup=None):
+    """``fn(item)`` for each of ``items``, computed on a thread one item ahead of the consumer; its exception is
+    raised in the consumer; closing the generator stops the thread."""
+    results, stop = queue.Queue(maxsize=1), threading.Event()
+
+    def put(entry):
+        while not stop.is_set():
+            try:
+                return results.put(entry, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work():
+        try:
+            if setup is not None:
+                setup()
+            for item in items:
+                put((fn(item), None))
+                if stop.is_set():
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # noqa: B036 (handed to the consumer, which raises it)
+            put((None, exc))
+
+    thread = threading.Thread(target=work, name='input-ahead', daemon=True)
+    thread.start()
+    try:
+        while True:
+            out, exc = results.get()
+            if exc is not None:
+                raise exc
+            if out is _DONE:
+                return
+            yield out
+    finally:
+        stop.set()
+        thread.join()

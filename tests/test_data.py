@@ -7,8 +7,9 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from data.folders import build_dataset, decode_rgb
-from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TwoViews, eval_transform, normalize,
-                             strong_transform, weak_transform)
+from data.sampler import SeededSamples
+from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceInput, TwoViews, eval_transform, in_thread, normalize,
+                             normalize_as, strong_transform, weak_transform)
 
 
 @pytest.fixture
@@ -139,3 +140,62 @@ def test_indexed_folder_returns_indices(image_folder):
     index, sample, label = dataset[5]
     assert index == 5 and sample.shape == (3, 32, 32) and label == dataset.targets[5]
     assert dataset.classes == ['class_0', 'class_1', 'class_2']
+
+
+def test_seeded_samples_draw_the_manual_seed_streams(image):
+    """SeededSamples' cheap seeding gives the streams of fork_rng + torch.manual_seed, and leaves the caller's."""
+    from benchmarks.reference import ManualSeededSamples
+
+    class Views:
+        def __getitem__(self, index):
+            return strong_transform(32)(image), torch.rand(4)
+    ours, reference = SeededSamples(Views(), 7), ManualSeededSamples(Views(), 7)
+    torch.manual_seed(0)
+    for key in [(1, 0), (1, 5), (2, 5), (3, 123456)]:
+        a, b = ours[key], reference[key]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), key
+    assert not torch.equal(ours[(1, 0)][1], ours[(1, 1)][1])
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)  # the caller's stream went on as if nothing was drawn
+
+
+def test_normalize_as_writes_the_autocast_dtype_once():
+    """CUDA's fused normalise (run here on the CPU): normalize's values, rounded once to the dtype, channels_last."""
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = normalize_as(images, dtype, torch.channels_last)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, normalize(images).to(dtype), rtol=2 ** -7, atol=1e-6)
+
+
+def test_device_input_batches_in_turn_on_the_cpu():
+    """On the CPU, batches() is DeviceInput applied to each loader batch in turn, float32 as before."""
+    loader = [(torch.arange(2) + 2 * k, torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.zeros(2))
+              for k in range(3)]
+    to_device = DeviceInput(torch.device('cpu'), torch.contiguous_format, True, torch.bfloat16)
+    out = list(to_device.batches(loader, 1))
+    assert len(out) == 3
+    for (index, (student_in, teacher_in), _), (expected_index, images, _) in zip(out, loader):
+        assert torch.equal(index, expected_index) and student_in is teacher_in
+        assert torch.equal(student_in, normalize(images))
+
+
+def test_in_thread_keeps_order_raises_and_stops():
+    """The decode-ahead thread: results in order, a failure raised in the consumer, closing stops it early."""
+    assert list(in_thread(iter(range(20)), lambda x: x * x)) == [x * x for x in range(20)]
+
+    def fail(x):
+        if x == 3:
+            raise ValueError('bad batch 3')
+        return x
+    got = []
+    with pytest.raises(ValueError, match='bad batch 3'):
+        for x in in_thread(iter(range(10)), fail):
+            got.append(x)
+    assert got == [0, 1, 2]
+    seen = []
+    items = in_thread(iter(range(1000)), seen.append)
+    next(items)
+    items.close()  # joins the thread
+    assert len(seen) < 10

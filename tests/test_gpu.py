@@ -2,7 +2,7 @@
 
 Skipped without a CUDA GPU, but for a CPU check of how the compile test tells that nothing was
 compiled. The rest of the suite hides GPUs, so run these with
-``SIMREG_TEST_GPU=1 python -m pytest -q tests/test_gpu.py`` (``benchmarks/gpu_check.sh`` does).
+``SIMREG_TEST_GPU=1 python -m pytest -q tests/test_gpu.py``.
 """
 import copy
 

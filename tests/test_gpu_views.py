@@ -14,12 +14,13 @@ import torch
 from torchvision.transforms import v2
 
 from data.folders import build_dataset, read_bytes
-from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, GpuDecodedInput, ViewParams, adjust_brightness,
-                            adjust_contrast, adjust_hue, adjust_saturation, draw_all_views, encoded_collate,
-                            gaussian_blur, resize_weights, size_groups, to_grayscale)
+from data.gpu_views import (COLUMN, BatchedViews, EncodedSample, GpuDecodedInput, PackedFiles, ViewParams,
+                            adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, draw_all_views,
+                            gaussian_blur, packed_collate, resize_weights, size_groups, to_grayscale)
 from data.sampler import SeededSamples, sample_seed
 from data.replay import draw_weak_view
 from data.transforms import BLUR_KERNEL, TwoViews
+from benchmarks.reference import list_collate
 from demo.synthetic import SHAPES, render
 
 F = v2.functional
@@ -191,7 +192,7 @@ def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     expected = [SeededSamples(cpu, seed)[(epoch, i)][1] for i in indices]
     encoded = build_dataset(tmp_path / 'data', 'train', None, encoded=True)
     encoded.transform = ViewParams(views)
-    index, samples, _ = encoded_collate([SeededSamples(encoded, seed)[(epoch, i)] for i in indices])
+    index, samples, _ = list_collate([SeededSamples(encoded, seed)[(epoch, i)] for i in indices])
     assert all(isinstance(s, EncodedSample) and s.params is not None for s in samples)
     to_device = GpuDecodedInput(torch.device('cpu'), torch.contiguous_format, views, encoded.samples, seed)
     student, teacher = to_device.views(index, samples, epoch)
@@ -201,7 +202,9 @@ def test_device_input_trains_on_the_cpu_loaders_views(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(to_device.views(index, wrong, epoch), (student, teacher)))
     for ours, theirs in ((student, [s for s, _ in expected]), (teacher, [t for _, t in expected])):
         assert psnr(ours, torch.stack(theirs)).min() >= 35
-    student_in, teacher_in = to_device(index, samples, epoch)
+    packed = packed_collate([SeededSamples(encoded, seed)[(epoch, i)] for i in indices])[1]
+    assert all(torch.equal(a, b) for a, b in zip(to_device.views(index, packed, epoch), (student, teacher)))
+    student_in, teacher_in = to_device(index, packed, epoch)
     assert student_in.shape == (5, 3, 32, 32) and student_in.dtype == torch.float32
     assert not torch.equal(student_in, teacher_in)
     assert sample_seed(seed, epoch, indices[0]) != sample_seed(seed, epoch + 1, indices[0])
@@ -228,3 +231,38 @@ def test_the_matrices_beat_roi_align_on_the_same_boxes():
         ours_psnr.append(psnr(ours, expected[None]).item())
         roi_psnr.append(psnr(roi, expected[None]).item())
     assert np.median(ours_psnr) > np.median(roi_psnr) + 6 and min(ours_psnr) >= 35
+
+
+def count_tensors(structure):
+    if isinstance(structure, torch.Tensor):
+        return 1
+    return sum(map(count_tensors, structure)) if isinstance(structure, (list, tuple)) else 0
+
+
+@pytest.mark.parametrize('batch_size', [4, 32])
+def test_packed_batches_cross_as_a_few_tensors(tmp_path, batch_size):
+    """A --gpu_decode loader with a worker hands over each batch as at most 8 tensors whatever its size (the list
+    collate: two per image), with the views of the list collate's batch; a file whose header could not be read
+    (no size, no parameters) gets the same views."""
+    from PIL import Image
+    from torch.utils.data import DataLoader
+    from data.sampler import GlobalBatchSampler
+    root = tmp_path / 'data' / 'train' / 'c0'
+    root.mkdir(parents=True)
+    for i in range(32):
+        h, w = SHAPES_HW[i % len(SHAPES_HW)]
+        Image.fromarray(natural(h, w, i).permute(1, 2, 0).numpy()).save(root / f'{i:02d}.jpg', quality=90)
+    views, seed = TwoViews(32, weak_strong=True), 1
+    encoded = build_dataset(tmp_path / 'data', 'train', ViewParams(views), encoded=True)
+    loader = DataLoader(SeededSamples(encoded, seed), batch_sampler=GlobalBatchSampler(32, batch_size, 1, 0, seed),
+                        num_workers=1, collate_fn=packed_collate)
+    to_device = GpuDecodedInput(torch.device('cpu'), torch.contiguous_format, views, encoded.samples, seed)
+    batch = next(iter(loader))
+    index, packed, labels = batch
+    assert isinstance(packed, PackedFiles) and len(index) == batch_size
+    assert count_tensors(batch) <= 8 < count_tensors(list_collate([encoded[i] for i in range(batch_size)]))
+    samples = [SeededSamples(encoded, seed)[(0, int(i))] for i in index]
+    expected = to_device.views(index, list_collate(samples)[1], 0)
+    torch.testing.assert_close(to_device.views(index, packed, 0), expected, rtol=0, atol=0)
+    samples[1] = (samples[1][0], samples[1][1]._replace(size=None, params=None), samples[1][2])
+    torch.testing.assert_close(to_device.views(index, packed_collate(samples)[1], 0), expected, rtol=0, atol=0)
