@@ -392,43 +392,6 @@ def train_epochs(root, work, exp, argv, batch):
     return epoch['images_per_s'], epoch['data_wait_share'], *steady
 
 
-def bench_train_epoch(quick, compile_student=False):
-    """A real training epoch: ``train_student.main`` itself on a folder of generated JPEGs (2 epochs, 1 in CPU quick
-    mode; the last is reported), CPU loader against --gpu_decode, live teacher against one cached."""
-    gpu = torch.cuda.is_available()
-    if gpu:
-        count, shape, batch, size, workers, arch = 20_000, (375, 500), 256, 224, min(16, os.cpu_count()), 'resnet50'
-    elif quick:
-        count, shape, batch, size, workers, arch = 32, (30, 40), 8, 32, 0, 'resnet18'
-    else:
-        count, shape, batch, size, workers, arch = 512, (375, 500), 32, 112, 2, 'resnet50'
-    root = jpeg_folder(count, shape, unique=min(count, 2000))
-    epochs = 1 if quick and not gpu else 2  # CI's smoke run: one epoch is enough
-    desc = (f'ResNet-{arch[6:]} -> ResNet-18, {size}px, batch {batch}, {count} {shape[1]}x{shape[0]} '
-            f'JPEGs, {workers} workers, {"cuda" if gpu else "cpu"}{", --compile" if compile_student else ""}')
-    with tempfile.TemporaryDirectory() as work:
-        weights, feats = teacher_and_cache(root, work, arch, size, batch, workers)
-        results = {}
-        for loader in ('cpu', 'gpu_decode'):
-            for teacher in ('live', 'cached'):
-                argv = ['--arch_teacher', arch, '--teacher_weights', weights, '--arch_student', 'resnet18',
-                        '--epochs', str(epochs), '--batch_size', str(batch), '--image_size', str(size),
-                        '--num_workers', str(workers), '--print_freq', str(max(1, count // batch // 4)),
-                        '--save_freq', '100', '--single_aug', '--weak_weak']
-                argv += ['--channels_last'] if gpu else []
-                argv += ['--gpu_decode'] if loader == 'gpu_decode' else []
-                argv += ['--use_cache', '--teacher_feats', feats] if teacher == 'cached' else []
-                argv += ['--compile'] if compile_student else []
-                speed, wait, steady, steady_wait = train_epochs(root, work, f'{loader}_{teacher}', argv, batch)
-                results[loader, teacher] = speed
-                print(f'train_epoch[{loader} loader, {teacher} teacher]: {speed:.4g} img/s, data wait '
-                      f'{100 * wait:.1f}% | past the first window {steady:.4g} img/s, data wait '
-                      f'{100 * steady_wait:.1f}%  ({desc})', flush=True)
-    for teacher in ('live', 'cached'):
-        report(f'train_epoch_{teacher}', results['gpu_decode', teacher], results['cpu', teacher], 'img/s',
-               extra=f'  (--gpu_decode vs the CPU loader, {teacher} teacher; {desc})')
-
-
 def encoded_loader_speeds(root, batch, workers, batches):
     """Img/s of a --gpu_decode loader alone (workers read files and draw parameters), packed_collate against the
     reference list_collate, pinned as in training on CUDA; the workers are warmed up by a first batch."""
@@ -460,89 +423,19 @@ def bench_encoded_loader(quick):
                         'workers, 500x375 JPEGs)')
 
 
-# ------------------------------------------------------------------ the step at per-GPU batch 256
-
-def bench_step_modes(quick):
-    """The distillation step as train_student runs it (live ResNet-50 teacher -> ResNet-18, BatchNorm groups
-    of 64, bf16, channels_last) at per-GPU batch 256: eager (foreach and fused SGD, and with cuDNN's
-    autotuner, which train_student leaves off) against the student
-    compiled (what --compile does), student and teacher compiled (fused SGD), and both as CUDA graphs
-    (torch.compile mode='reduce-overhead', fused SGD); inductor's kernels are cached on disk, so the later
-    modes compile faster. A mode that fails prints why and the others go on. On a CPU only the two eager
-    modes run, tiny, to keep the code working (inductor's CPU code says nothing about the GPU)."""
-    import train_student
-    from models.backbones import build_backbone
-    from models.batchnorm import bn_groups, convert_batchnorm
-    from models.head import build_head
-    from models.simreg import SimReg
-    from models.teachers import LiveTeacher
-    from data.transforms import DeviceInput
-    gpu = torch.cuda.is_available()
-    device = torch.device('cuda' if gpu else 'cpu')
-    size, batch, steps = (224, 256, 20) if gpu else (32, 8, 2)
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    images = images.pin_memory() if gpu else images
-    to_device = DeviceInput(device, memory_format, single_view=True)
-    ctx = train_student.Context(device, amp_dtype, memory_format)
-    precision = str(amp_dtype or 'fp32').replace('torch.', '')
-    desc = f'ResNet-50 -> ResNet-18, {size}px, batch {batch}, {precision}, {device.type}'
-
-    def speed(student_mode, teacher_mode, fused, autotune=False):
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        torch.backends.cudnn.benchmark = autotune  # train_student does not set it
-        teacher = LiveTeacher(build_backbone('resnet50'), {}).to(device, memory_format)
-        model = SimReg(build_backbone('resnet18'), build_head(512, 2048))
-        convert_batchnorm(model, bn_groups(64, batch, 1, 0))
-        model.to(device, memory_format=memory_format)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, fused=fused)
-        if student_mode:
-            model = torch.compile(model, mode=student_mode)
-        if teacher_mode:
-            teacher.network = torch.compile(teacher.network, mode=teacher_mode)
-
-        def run():
-            for _ in range(steps):
-                x, teacher_in = to_device(None, images, 0)
-                targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
-                train_student.train_step(model, x, targets, optimizer, ctx)
-        run()  # compile and warm up
-        return steps * batch / best_of(run, 3 if gpu else 1, device)
-
-    eager = speed(None, None, False)
-    print(f'step_modes[eager]: {eager:.4g} img/s  ({desc})', flush=True)
-    modes = [('eager, fused SGD', None, None, True, False)]
-    if gpu:
-        modes += [('eager, fused SGD, cudnn.benchmark', None, None, True, True),
-                  ('student compiled', 'default', None, False),
-                  ('student + teacher compiled, fused SGD', 'default', 'default', True),
-                  ('CUDA graphs (reduce-overhead), fused SGD', 'reduce-overhead', 'reduce-overhead', True)]
-    for name, *mode in modes:
-        try:
-            ours = speed(*mode)
-        except Exception as exc:  # a mode that fails here is a finding, not the end of the benchmark
-            print(f'step_modes[{name}]: failed ({str(exc).splitlines()[0][:200]})', flush=True)
-            continue
-        report(f'step_modes[{name}]', ours, eager, 'img/s', extra=f'  (vs eager; {desc})')
-
-
 BENCHMARKS = {'seeding': bench_seeding, 'input_pipeline': bench_input_pipeline, 'teacher_cache': bench_teacher_cache,
               'linear_cached': bench_linear_cached, 'knn': bench_knn, 'train_step': bench_train_step,
-              'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'encoded_loader': bench_encoded_loader,
-              'train_epoch': bench_train_epoch, 'step_modes': bench_step_modes}
+              'bn_groups': bench_bn_groups, 'gpu_views': bench_gpu_views, 'encoded_loader': bench_encoded_loader}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='small sizes (under 2 minutes on 2 CPU cores)')
     parser.add_argument('--only', nargs='*', choices=sorted(BENCHMARKS), help='run only these')
-    parser.add_argument('--compile', action='store_true', help='train_epoch: train with --compile')
     args = parser.parse_args()
     for name, bench in BENCHMARKS.items():
         if not args.only or name in args.only:
-            bench(args.quick, args.compile) if name == 'train_epoch' else bench(args.quick)
+            bench(args.quick)
 
 
 if __name__ == '__main__':

@@ -22,3 +22,5 @@ def test_smoke_prints_every_figure(tmp_path):
         else:
             assert re.match(rf'{NUMBER} img/s', lines[0]) or re.match(rf'packed_collate {NUMBER} img/s', lines[0])
             assert float(re.search(NUMBER, lines[0]).group()) > 0, lines[0]
+            wait = re.search(rf'data wait ({NUMBER})%', lines[0])
+            assert name.startswith('epoch_') == bool(wait) and (not wait or 0 <= float(wait.group(1)) <= 100), lines[0]
