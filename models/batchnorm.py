@@ -2,13 +2,15 @@
 the number of processes. Each student BatchNorm computes its statistics over consecutive groups of ``bn_batch``
 samples of the global batch:
 
-- inside a process, when its share is larger (ghost batch norm: one ``F.batch_norm`` per group);
-- across a group of processes, when the share is smaller: per-channel mean and mean square averaged with a
-  differentiable all-reduce, which runs on gloo as well as NCCL (``SyncBatchNorm`` only runs on GPUs);
+- inside a process, when its share is larger (ghost batch norm): statistics per (group, channel) of the batch
+  viewed as (groups, size, ...), one reduction for all groups, no per-group copies;
+- across a group of processes, when the share is smaller: on GPUs ``nn.SyncBatchNorm``'s fused kernels and
+  collectives over the group; elsewhere per-channel mean and mean square averaged with a differentiable
+  all-reduce, which runs on gloo;
 - as a plain BatchNorm when they are equal.
 
-Running statistics come from each process's first group; DDP broadcasts rank 0's, the first ``bn_batch`` samples
-of the global batch. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
+Running statistics come from each process's first group; rank 0's, the first ``bn_batch`` samples of the global
+batch, are the ones saved. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
 """
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm  # what nn.SyncBatchNorm runs
 
 from utils.errors import SimRegError
 
@@ -62,6 +65,50 @@ def bad_grouping(bn_batch, batch_size, world_size):
                        f'{per_rank} that divides {batch_size} (or 0 for BatchNorm over each process\'s share)')
 
 
+class _GhostNorm(torch.autograd.Function):
+    """BatchNorm of ``x`` viewed as (groups, size, C, ...), statistics per (group, channel): mean and mean
+    square one reduction each for all groups, the output and the input gradient one fused multiply-add each.
+    Returns the output and the groups' mean and biased variance, shaped (groups, 1, C, 1...)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            xg, dims, shape = _grouped(x, groups)
+            acc = torch.promote_types(x.dtype, torch.float32)
+            mean = xg.mean(dims, keepdim=True, dtype=acc)
+            square = torch.linalg.vector_norm(xg, 2, dims, keepdim=True, dtype=acc).square() * mean.numel() / x.numel()
+            var = (square - mean * mean).clamp_min(0)
+            rstd = torch.rsqrt(var + eps)
+            scale = weight.view(shape) * rstd
+            y = torch.empty_like(x)  # written through out=: a broadcast addcmul's own output is slow on CPUs
+            torch.addcmul(bias.view(shape) - mean * scale, xg, scale, out=_grouped(y, groups)[0])
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _, __):
+        x, weight, mean, rstd = ctx.saved_tensors
+        (xg, dims, shape), gg = _grouped(x, mean.shape[0]), _grouped(grad, mean.shape[0])[0]
+        mean_dy = gg.mean(dims, keepdim=True, dtype=mean.dtype)
+        mean_dy_xhat = ((gg * xg).mean(dims, keepdim=True, dtype=mean.dtype) - mean * mean_dy) * rstd
+        scale = weight.view(shape) * rstd
+        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * rstd: k * x + scale * dy + c
+        k = -scale * rstd * mean_dy_xhat
+        grad_x = torch.empty_like(grad)
+        torch.addcmul(-scale * mean_dy - k * mean, xg, k, out=_grouped(grad_x, mean.shape[0])[0])
+        _grouped(grad_x, mean.shape[0])[0].addcmul_(gg, scale)
+        count = xg[0].numel() // x.shape[1]
+        return grad_x, (mean_dy_xhat * count).sum(0).flatten(), (mean_dy * count).sum(0).flatten(), None, None
+
+
+def _grouped(x, groups):
+    """``x`` (N, C, ...) viewed as (groups, N / groups, C, ...), the dimensions a group's statistics reduce and
+    the shape of a per-channel parameter against it."""
+    xg = x.unflatten(0, (groups, -1))
+    return xg, [1, *range(3, xg.dim())], [1, 1, -1] + [1] * (xg.dim() - 3)
+
+
 class _GroupStats:
     """The training forward of a BatchNorm with statistics over ``self.groups``."""
 
@@ -73,14 +120,20 @@ class _GroupStats:
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        if self.groups.span == 1:
-            chunks = x.split(self.groups.size)
-            return torch.cat([F.batch_norm(chunk, self.running_mean if i == 0 else None,
-                                           self.running_var if i == 0 else None, self.weight, self.bias,
-                                           True, momentum, self.eps) for i, chunk in enumerate(chunks)])
-        return self._across_processes(x, momentum)
+        if self.groups.span > 1 and x.is_cuda:
+            return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                         momentum, self.groups.process_group, self.groups.span)
+        if self.groups.span > 1:
+            return self._across_processes(x, momentum)
+        y, mean, var = _GhostNorm.apply(x, self.weight, self.bias, x.shape[0] // self.groups.size, self.eps)
+        count = x.numel() // x.shape[1] // mean.shape[0]
+        with torch.no_grad():  # from the first group, as a BatchNorm over it
+            self.running_mean.lerp_(mean[0].flatten(), momentum)
+            self.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), momentum)
+        return y
 
     def _across_processes(self, x, momentum):
+        """Gloo (CPU): per-channel mean and mean square, all-reduced over the group and differentiated."""
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -113,7 +166,7 @@ def convert_batchnorm(module, groups):
     if groups is None:
         return module
     for m in module.modules():
-        if type(m) in GROUPED:
+        if type(m) in GROUPED and m.affine and m.track_running_stats:  # torchvision's BatchNorms all are
             m.__class__ = GROUPED[type(m)]
             m.groups = groups
     return module
