@@ -67,21 +67,19 @@ def bad_grouping(bn_batch, batch_size, world_size):
 
 class _GhostNorm(torch.autograd.Function):
     """BatchNorm of ``x`` viewed as (groups, size, C, ...), statistics per (group, channel): mean and mean
-    square one reduction each for all groups, the output and the input gradient one fused multiply-add each.
+    square one reduction each for all groups, the output and the input gradient fused multiply-adds.
     Returns the output and the groups' mean and biased variance, shaped (groups, 1, C, 1...)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
-        with torch.autocast(x.device.type, enabled=False):
-            xg, dims, shape = _grouped(x, groups)
-            acc = torch.promote_types(x.dtype, torch.float32)
-            mean = xg.mean(dims, keepdim=True, dtype=acc)
-            square = torch.linalg.vector_norm(xg, 2, dims, keepdim=True, dtype=acc).square() * mean.numel() / x.numel()
-            var = (square - mean * mean).clamp_min(0)
-            rstd = torch.rsqrt(var + eps)
-            scale = weight.view(shape) * rstd
-            y = torch.empty_like(x)  # written through out=: a broadcast addcmul's own output is slow on CPUs
-            torch.addcmul(bias.view(shape) - mean * scale, xg, scale, out=_grouped(y, groups)[0])
+        y = torch.empty_like(x)  # written through out=: a broadcast addcmul's own output is slow on CPUs
+        (xg, yg), dims, shape = _grouped(groups, x, y)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        mean = xg.mean(dims, keepdim=True, dtype=acc)
+        var = (xg * xg).mean(dims, keepdim=True, dtype=acc).sub_(mean * mean).clamp_min_(0)
+        rstd = (var + eps).rsqrt_()
+        scale = weight.view(shape) * rstd
+        torch.addcmul(torch.addcmul(bias.view(shape), mean, scale, value=-1), xg, scale, out=yg)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -89,24 +87,24 @@ class _GhostNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _, __):
         x, weight, mean, rstd = ctx.saved_tensors
-        (xg, dims, shape), gg = _grouped(x, mean.shape[0]), _grouped(grad, mean.shape[0])[0]
-        mean_dy = gg.mean(dims, keepdim=True, dtype=mean.dtype)
-        mean_dy_xhat = ((gg * xg).mean(dims, keepdim=True, dtype=mean.dtype) - mean * mean_dy) * rstd
-        scale = weight.view(shape) * rstd
-        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * rstd: k * x + scale * dy + c
-        k = -scale * rstd * mean_dy_xhat
         grad_x = torch.empty_like(grad)
-        torch.addcmul(-scale * mean_dy - k * mean, xg, k, out=_grouped(grad_x, mean.shape[0])[0])
-        _grouped(grad_x, mean.shape[0])[0].addcmul_(gg, scale)
+        (xg, gg, gxg), dims, shape = _grouped(mean.shape[0], x, grad, grad_x)
+        mean_dy = gg.mean(dims, keepdim=True, dtype=mean.dtype)
+        mean_dy_xhat = (gg * xg).mean(dims, keepdim=True, dtype=mean.dtype).sub_(mean * mean_dy).mul_(rstd)
+        scale = weight.view(shape) * rstd
+        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * rstd: scale * dy - k * x + c
+        k = scale * rstd * mean_dy_xhat
+        torch.addcmul(torch.addcmul(k * mean, scale, mean_dy, value=-1), xg, k, value=-1, out=gxg)
+        gxg.addcmul_(gg, scale)
         count = xg[0].numel() // x.shape[1]
         return grad_x, (mean_dy_xhat * count).sum(0).flatten(), (mean_dy * count).sum(0).flatten(), None, None
 
 
-def _grouped(x, groups):
-    """``x`` (N, C, ...) viewed as (groups, N / groups, C, ...), the dimensions a group's statistics reduce and
-    the shape of a per-channel parameter against it."""
-    xg = x.unflatten(0, (groups, -1))
-    return xg, [1, *range(3, xg.dim())], [1, 1, -1] + [1] * (xg.dim() - 3)
+def _grouped(groups, *tensors):
+    """Each of ``tensors`` (N, C, ...) viewed as (groups, N / groups, C, ...), the dimensions a group's statistics
+    reduce and the shape of a per-channel parameter against them."""
+    views = [t.unflatten(0, (groups, -1)) for t in tensors]
+    return views, [1, *range(3, views[0].dim())], [1, 1, -1] + [1] * (views[0].dim() - 3)
 
 
 class _GroupStats:
