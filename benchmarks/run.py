@@ -204,9 +204,9 @@ def bench_train_step(quick):
 
 
 def bench_bn_groups(quick):
-    """The student's step with --bn_batch 64 on one process (ghost BatchNorm: statistics per group of 64 over
-    the batch viewed as groups, models.batchnorm) against plain BatchNorm over the 256 a process holds on one
-    GPU (on a CPU scaled down: groups of a quarter of the batch); repeats alternate, medians reported."""
+    """The student's step with --bn_batch 64 on one process (ghost BatchNorm: one batch_norm per group of 64)
+    against plain BatchNorm over the 256 a process holds on one GPU (on a CPU scaled down: groups of a quarter
+    of the batch); repeats alternate, medians reported."""
     import train_student
     from models.backbones import build_backbone
     from benchmarks.common import wall_times

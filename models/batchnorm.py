@@ -2,8 +2,7 @@
 the number of processes. Each student BatchNorm computes its statistics over consecutive groups of ``bn_batch``
 samples of the global batch:
 
-- inside a process, when its share is larger (ghost batch norm): statistics per (group, channel) of the batch
-  viewed as (groups, size, ...), one reduction for all groups, no per-group copies;
+- inside a process, when its share is larger (ghost batch norm: one ``F.batch_norm`` per group);
 - across a group of processes, when the share is smaller: on GPUs ``nn.SyncBatchNorm``'s fused kernels and
   collectives over the group; elsewhere per-channel mean and mean square averaged with a differentiable
   all-reduce, which runs on gloo;
@@ -65,48 +64,6 @@ def bad_grouping(bn_batch, batch_size, world_size):
                        f'{per_rank} that divides {batch_size} (or 0 for BatchNorm over each process\'s share)')
 
 
-class _GhostNorm(torch.autograd.Function):
-    """BatchNorm of ``x`` viewed as (groups, size, C, ...), statistics per (group, channel): mean and mean
-    square one reduction each for all groups, the output and the input gradient fused multiply-adds.
-    Returns the output and the groups' mean and biased variance, shaped (groups, 1, C, 1...)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        y = torch.empty_like(x)  # written through out=: a broadcast addcmul's own output is slow on CPUs
-        (xg, yg), dims, shape = _grouped(groups, x, y)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        mean = xg.mean(dims, keepdim=True, dtype=acc)
-        var = (xg * xg).mean(dims, keepdim=True, dtype=acc).sub_(mean * mean).clamp_min_(0)
-        rstd = (var + eps).rsqrt_()
-        scale = weight.view(shape) * rstd
-        torch.addcmul(torch.addcmul(bias.view(shape), mean, scale, value=-1), xg, scale, out=yg)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad, _, __):
-        x, weight, mean, rstd = ctx.saved_tensors
-        grad_x = torch.empty_like(grad)
-        (xg, gg, gxg), dims, shape = _grouped(mean.shape[0], x, grad, grad_x)
-        mean_dy = gg.mean(dims, keepdim=True, dtype=mean.dtype)
-        mean_dy_xhat = (gg * xg).mean(dims, keepdim=True, dtype=mean.dtype).sub_(mean * mean_dy).mul_(rstd)
-        scale = weight.view(shape) * rstd
-        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * rstd: scale * dy - k * x + c
-        k = scale * rstd * mean_dy_xhat
-        torch.addcmul(torch.addcmul(k * mean, scale, mean_dy, value=-1), xg, k, value=-1, out=gxg)
-        gxg.addcmul_(gg, scale)
-        count = xg[0].numel() // x.shape[1]
-        return grad_x, (mean_dy_xhat * count).sum(0).flatten(), (mean_dy * count).sum(0).flatten(), None, None
-
-
-def _grouped(groups, *tensors):
-    """Each of ``tensors`` (N, C, ...) viewed as (groups, N / groups, C, ...), the dimensions a group's statistics
-    reduce and the shape of a per-channel parameter against them."""
-    views = [t.unflatten(0, (groups, -1)) for t in tensors]
-    return views, [1, *range(3, views[0].dim())], [1, 1, -1] + [1] * (views[0].dim() - 3)
-
-
 class _GroupStats:
     """The training forward of a BatchNorm with statistics over ``self.groups``."""
 
@@ -118,17 +75,15 @@ class _GroupStats:
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        if self.groups.span > 1 and x.is_cuda:
+        if self.groups.span == 1:
+            chunks = x.split(self.groups.size)
+            return torch.cat([F.batch_norm(chunk, self.running_mean if i == 0 else None,
+                                           self.running_var if i == 0 else None, self.weight, self.bias,
+                                           True, momentum, self.eps) for i, chunk in enumerate(chunks)])
+        if x.is_cuda:
             return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
                                          momentum, self.groups.process_group, self.groups.span)
-        if self.groups.span > 1:
-            return self._across_processes(x, momentum)
-        y, mean, var = _GhostNorm.apply(x, self.weight, self.bias, x.shape[0] // self.groups.size, self.eps)
-        count = x.numel() // x.shape[1] // mean.shape[0]
-        with torch.no_grad():  # from the first group, as a BatchNorm over it
-            self.running_mean.lerp_(mean[0].flatten(), momentum)
-            self.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), momentum)
-        return y
+        return self._across_processes(x, momentum)
 
     def _across_processes(self, x, momentum):
         """Gloo (CPU): per-channel mean and mean square, all-reduced over the group and differentiated."""
@@ -164,7 +119,7 @@ def convert_batchnorm(module, groups):
     if groups is None:
         return module
     for m in module.modules():
-        if type(m) in GROUPED and m.affine and m.track_running_stats:  # torchvision's BatchNorms all are
+        if type(m) in GROUPED:
             m.__class__ = GROUPED[type(m)]
             m.groups = groups
     return module

@@ -1,5 +1,5 @@
-"""--bn_batch: BatchNorm statistics over fixed groups of the global batch, inside a process (ghost batch norm over
-the batch viewed as groups) or across processes (a differentiable all-reduce on gloo), with torchvision's keys."""
+"""--bn_batch: BatchNorm statistics over fixed groups of the global batch, inside a process (ghost batch norm)
+or across processes (a differentiable all-reduce on gloo), with torchvision's keys."""
 import copy
 import os
 
@@ -22,8 +22,7 @@ def plain_and_grouped():
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
 def test_ghost_groups_are_plain_batchnorm_over_each_group(memory_format):
-    """One process: the grouped statistics equal a plain BatchNorm run on each group (outputs, gradients) to fp32
-    rounding, running statistics from the first group."""
+    """One process: a plain BatchNorm run on each group (outputs, gradients), running statistics from the first."""
     net, grouped = plain_and_grouped()
     assert isinstance(grouped[1], nn.BatchNorm2d) and type(grouped[1]) is GroupBatchNorm2d
     assert net.state_dict().keys() == grouped.state_dict().keys()
@@ -47,7 +46,7 @@ def test_ghost_groups_are_plain_batchnorm_over_each_group(memory_format):
 
 
 def test_ghost_groups_under_bf16_autocast():
-    """The reduced-precision path (statistics in fp32, output in the input's dtype) as autocast runs it on GPUs."""
+    """Under autocast, as on GPUs: the output in the autocast dtype, the parameters' gradients in fp32."""
     net, grouped = plain_and_grouped()
     x = torch.randn(12, 3, 6, 6)
     with torch.autocast('cpu', dtype=torch.bfloat16):
