@@ -104,7 +104,8 @@ def get_args_parser():
                    help='autocast dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU); '
                         'fp64: the student and a live teacher in float64 (slow: to check that runs of different '
                         'shapes differ only by summation order)')
-    p.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster on GPUs)')
+    p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='NHWC memory format for the convolutional nets (default: on GPUs, where it is faster)')
     p.add_argument('--gpu_decode', action='store_true',
                    help='loader workers only read files; JPEGs are decoded (nvjpeg) and augmented on the GPU')
     p.add_argument('--compile', action='store_true',
@@ -147,6 +148,8 @@ def main(args):
     ckpt_dir, logs_dir = os.path.join(exp_dir, 'checkpoints'), os.path.join(exp_dir, 'logs')
     dist_utils.run_on_main(functools.partial(prepare_experiment, args, exp_dir, ckpt_dir, logs_dir))
     args.precision = args.precision or default_precision(device)
+    args.channels_last = device.type == 'cuda' if args.channels_last is None else args.channels_last
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # every step has the same shapes: autotune once
     ctx = Context(device, AUTOCAST_DTYPES.get(args.precision), mse_nonorm=args.mse_nonorm,
                   memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
                   logs=Logs(logs_dir, args.print_freq))
@@ -157,7 +160,7 @@ def main(args):
 
     # ---------------------------------------------------------------- data and teachers
     dataset = build_dataset(args.data, 'train', None, args.dataset, encoded=args.gpu_decode)
-    teachers = build_teachers(args, dataset, device, ctx.memory_format, log)
+    teachers = build_teachers(args, dataset, ctx, log)
     loader, ctx.to_device = build_input(args, dataset, teachers, ctx)
 
     # ---------------------------------------------------------------- student, optimizer, resume
@@ -167,8 +170,8 @@ def main(args):
              torch.contiguous_format)
     if args.precision == 'fp64':  # runs of different shapes then differ only by summation order
         in_float64(model, teachers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate,
-                                momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.sgd_momentum,
+                                weight_decay=args.weight_decay, fused=True if device.type == 'cuda' else None)
     start = resume(args, model, optimizer, ctx.scaler, ckpt_dir, log) if args.resume else {'epoch': 1, 'step': 0}
 
     # ---------------------------------------------------------------- before the first step
@@ -187,7 +190,9 @@ def main(args):
         ctx.checkpointer.save(0)  # the untrained student: the "before distillation" baseline
     if start['epoch'] > args.epochs:
         log.info('==> all %d epochs are done already', args.epochs)
-    ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    # no buffer broadcast: rank 0's BatchNorm statistics are the saved ones either way (the k-NN broadcasts them)
+    ddp_model = (DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+                 if world_size > 1 else model)
     if args.compile:
         ddp_model = compile_or_eager(ddp_model, log)
 

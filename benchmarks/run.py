@@ -220,11 +220,12 @@ def bench_train_step(quick):
 
 
 def bench_bn_groups(quick):
-    """The student's step with --bn_batch 64 (BatchNorm over groups of 64 inside the process: one batch_norm
-    per group) against plain BatchNorm over the 256 a process holds on one GPU (the same cost on a CPU scaled
-    down: groups of a quarter of the batch)."""
+    """The student's step with --bn_batch 64 on one process (ghost BatchNorm: one batch_norm per group of 64)
+    against plain BatchNorm over the 256 a process holds on one GPU (on a CPU scaled down: groups of a quarter
+    of the batch); repeats alternate, medians reported."""
     import train_student
     from models.backbones import build_backbone
+    from benchmarks.common import wall_times
     from models.batchnorm import BNGroups, convert_batchnorm
     from models.head import build_head
     from models.simreg import SimReg
@@ -248,8 +249,8 @@ def bench_bn_groups(quick):
 
     ours, reference = build(BNGroups(batch // 4)), build(None)
     ours(), reference()  # warm-up
-    ours_speed = steps * batch / best_of(ours, 3, device)
-    reference_speed = steps * batch / best_of(reference, 3, device)
+    pairs = [(wall_times(ours, 1, device)[0], wall_times(reference, 1, device)[0]) for _ in range(5)]
+    ours_speed, reference_speed = (steps * batch / sorted(times)[len(times) // 2] for times in zip(*pairs))
     return report('bn_groups', ours_speed, reference_speed, 'img/s',
                   extra=f'  (ResNet-18 student step, BatchNorm over groups of {batch // 4} vs over the {batch} of '
                         f'one process, {size}px, {device.type})')

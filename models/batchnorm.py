@@ -3,12 +3,13 @@ the number of processes. Each student BatchNorm computes its statistics over con
 samples of the global batch:
 
 - inside a process, when its share is larger (ghost batch norm: one ``F.batch_norm`` per group);
-- across a group of processes, when the share is smaller: per-channel mean and mean square averaged with a
-  differentiable all-reduce, which runs on gloo as well as NCCL (``SyncBatchNorm`` only runs on GPUs);
+- across a group of processes, when the share is smaller: on GPUs ``nn.SyncBatchNorm``'s fused kernels and
+  collectives over the group; elsewhere per-channel mean and mean square averaged with a differentiable
+  all-reduce, which runs on gloo;
 - as a plain BatchNorm when they are equal.
 
-Running statistics come from each process's first group; DDP broadcasts rank 0's, the first ``bn_batch`` samples
-of the global batch. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
+Running statistics come from each process's first group; rank 0's, the first ``bn_batch`` samples of the global
+batch, are the ones saved. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
 """
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm  # what nn.SyncBatchNorm runs
 
 from utils.errors import SimRegError
 
@@ -78,9 +80,13 @@ class _GroupStats:
             return torch.cat([F.batch_norm(chunk, self.running_mean if i == 0 else None,
                                            self.running_var if i == 0 else None, self.weight, self.bias,
                                            True, momentum, self.eps) for i, chunk in enumerate(chunks)])
+        if x.is_cuda:
+            return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                         momentum, self.groups.process_group, self.groups.span)
         return self._across_processes(x, momentum)
 
     def _across_processes(self, x, momentum):
+        """Gloo (CPU): per-channel mean and mean square, all-reduced over the group and differentiated."""
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))

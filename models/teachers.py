@@ -35,10 +35,12 @@ class LiveTeacher:
         self.feat_dim = network.feat_dim
         self.info = info
 
-    def to(self, device, memory_format=torch.contiguous_format):
+    def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+        """On ``device``; ``dtype``: the autocast dtype on GPUs, so that autocast does not cast the frozen
+        weights again at every step."""
         if not channels_last_helps(self.network):
             memory_format = torch.contiguous_format  # --channels_last is for the convolutional nets
-        self.network.to(device, memory_format=memory_format)
+        self.network.to(device, dtype, memory_format=memory_format)
         return self
 
     def __call__(self, index, view, amp_dtype=None):
@@ -62,7 +64,7 @@ class CachedTeacher:
         self.boxes = cache.boxes
         self.device = torch.device('cpu')
 
-    def to(self, device, memory_format=None):
+    def to(self, device, memory_format=None, dtype=None):
         self.device = device  # the rows stay fp16; the loss casts them to the prediction's dtype
         return self
 
@@ -86,9 +88,10 @@ def split_per_teacher(value, count, flag):
     return entries
 
 
-def build_teachers(args, dataset, device, memory_format, log):
-    """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order. With --use_cache the one
-    teacher, or each teacher that has a --teacher_feats entry, is read from its cache."""
+def build_teachers(args, dataset, ctx, log):
+    """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order, on ``ctx.device`` (live ones in the
+    autocast dtype on GPUs). With --use_cache the one teacher, or each teacher that has a --teacher_feats entry,
+    is read from its cache."""
     archs = args.arch_teacher.split(',')
     unknown = [a for a in archs if a not in TEACHER_ARCHS]
     if unknown:
@@ -100,9 +103,10 @@ def build_teachers(args, dataset, device, memory_format, log):
     teachers = {}
     for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
         if args.use_cache and (feat or len(archs) == 1):
-            teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(device)
+            teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(ctx.device)
         else:
-            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(device, memory_format)
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(
+                ctx.device, ctx.memory_format, ctx.amp_dtype if ctx.device.type == 'cuda' else None)
     return teachers
 
 

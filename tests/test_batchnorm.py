@@ -20,20 +20,45 @@ def plain_and_grouped():
     return net, convert_batchnorm(copy.deepcopy(net), BNGroups(4))
 
 
-def test_ghost_groups_are_plain_batchnorm_over_each_group():
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_ghost_groups_are_plain_batchnorm_over_each_group(memory_format):
+    """One process: a plain BatchNorm run on each group (outputs, gradients), running statistics from the first."""
     net, grouped = plain_and_grouped()
     assert isinstance(grouped[1], nn.BatchNorm2d) and type(grouped[1]) is GroupBatchNorm2d
     assert net.state_dict().keys() == grouped.state_dict().keys()
-    x = torch.randn(12, 3, 6, 6)
-    ours = grouped(x)
-    torch.testing.assert_close(ours, torch.cat([net(chunk) for chunk in x.split(4)]))
-    # running statistics: from the first group only
+    net, grouped = net.to(memory_format=memory_format), grouped.to(memory_format=memory_format)
+    x = (torch.randn(12, 3, 6, 6) * 3 + 2).contiguous(memory_format=memory_format)
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, reference = grouped(mine), torch.cat([net(chunk) for chunk in theirs.split(4)])
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(grouped.named_parameters(), net.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
     first, _ = plain_and_grouped()
-    first(x[:4])
+    first.to(memory_format=memory_format)(x[:4])
     for key, value in first.state_dict().items():
-        assert torch.equal(grouped.state_dict()[key], value), key
+        torch.testing.assert_close(grouped.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     # eval mode uses the running statistics, as a plain BatchNorm
-    assert torch.equal(grouped.eval()(x), first.eval()(x))
+    torch.testing.assert_close(grouped.eval()(x), first.eval()(x))
+
+
+def test_ghost_groups_under_bf16_autocast():
+    """Under autocast, as on GPUs: the output in the autocast dtype, the parameters' gradients in fp32."""
+    net, grouped = plain_and_grouped()
+    x = torch.randn(12, 3, 6, 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ours = grouped[:2](x)
+        reference = torch.cat([net[:2](chunk) for chunk in x.split(4)])
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    weights = torch.randn_like(reference.float())
+    (ours.float() * weights).sum().backward()
+    (reference.float() * weights).sum().backward()
+    assert grouped[1].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(grouped[1].weight.grad, net[1].weight.grad, rtol=5e-2, atol=5e-2)
 
 
 def test_groupings_and_refusals():

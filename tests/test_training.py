@@ -1,4 +1,5 @@
 """Distillation training: head, loss, schedule, data subset, end-to-end runs, DDP, resume."""
+import copy
 import math
 import os
 
@@ -79,6 +80,29 @@ def test_default_precision_is_native_bf16_else_fp16_on_gpus(monkeypatch):
     assert default_precision(torch.device('cuda', 0)) == 'bf16'
     native['bf16'] = False  # V100, RTX 2080 Ti: bf16 only emulated
     assert default_precision(torch.device('cuda', 0)) == 'fp16'
+
+
+def test_channels_last_defaults_to_the_device():
+    parse = train_student.get_args_parser().parse_args
+    # None: main turns it on for GPUs only; either way can be forced
+    assert [parse(['data', *flag]).channels_last for flag in ([], ['--channels_last'], ['--no-channels_last'])] == \
+        [None, True, False]
+
+
+def test_live_teacher_held_in_the_autocast_dtype_gives_the_same_features():
+    """On GPUs the frozen teacher is kept in the autocast dtype (autocast would cast its weights every step):
+    the same features to bf16 rounding (here with CPU autocast)."""
+    from models.teachers import LiveTeacher
+    torch.manual_seed(0)
+    network = build_backbone('resnet18').eval()
+    views = torch.randn(4, 3, 32, 32)
+    fp32 = LiveTeacher(copy.deepcopy(network), {}).to('cpu')(None, views, torch.bfloat16)
+    held = LiveTeacher(copy.deepcopy(network), {}).to('cpu', dtype=torch.bfloat16)
+    assert next(held.network.parameters()).dtype == torch.bfloat16
+    features = held(None, views, torch.bfloat16)
+    assert features.dtype == fp32.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(features.float(), fp32.float()).min() > 0.99
+    torch.testing.assert_close(features.float(), fp32.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_weak_strong_wins_over_weak_weak_as_in_the_original():
