@@ -183,9 +183,12 @@ def bench_train_step(quick):
 
     memory_format = torch.channels_last if gpu else torch.contiguous_format
     amp_dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
-    teacher, model, optimizer = build(memory_format)
+    teacher, model, _ = build(memory_format)
+    teacher.to(device, memory_format, amp_dtype)  # as train_student: the frozen teacher in the autocast dtype
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, fused=gpu or None)
+    torch.backends.cudnn.benchmark = gpu
     ctx = train_student.Context(device, amp_dtype, memory_format)
-    to_device = DeviceInput(device, memory_format, single_view=True)
+    to_device = DeviceInput(device, memory_format, True, amp_dtype)
 
     def ours():  # the body of train_student.train_one_epoch
         for _ in range(steps):
