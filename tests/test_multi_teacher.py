@@ -10,11 +10,12 @@ from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, write_cache
 from models.backbones import build_backbone
 from models.head import build_head
-from models.simreg import SimReg, regression_loss
+from models.simreg import SimReg
 from models.student import load_student
 from evaluation import features
 from utils.errors import SimRegError
 import train_student
+from train_student import regression_loss
 
 CACHED_DIM = 64
 
