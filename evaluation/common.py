@@ -14,8 +14,8 @@ from data.folders import add_dataset_arg, build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import features
 from utils.checkpoint import LEGACY_MAGIC, ZIP_MAGIC, read_checkpoint, writable_folder
-from utils.errors import SimRegError
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
+from utils.errors import SimRegError
 from utils.logging import setup_logger
 
 OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_transfer: a sub-folder)
@@ -160,8 +160,8 @@ def same_file(path, other):
 
 
 def check_output(path, flag, inputs):
-    """Refuse to write ``path`` (given as ``flag``) where it would replace an input (``inputs``: {flag: path}; also
-    through a symlink or hard link) or a training checkpoint; before anything is written."""
+    """Refuse to write ``path`` (given as ``flag``) where it would replace an input (``inputs``: {what: path}; also
+    through a symlink or hard link) or a training checkpoint; called before anything is written."""
     for name, source in inputs.items():
         if source and same_file(path, source):
             raise SimRegError(f'{flag} {path} is {name} {source}: writing it would replace the input; name another '
