@@ -20,6 +20,7 @@ from data.folders import add_dataset_arg, build_dataset
 from data.replay import VIEW_COLUMNS, ShardWeakViews, view_spec
 from data.teacher_cache import cache_store, dataset_fingerprint, sidecar_path, views_path, write_cache
 from data.transforms import eval_transform
+from evaluation.common import check_output
 from evaluation.features import extract_features
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone
@@ -209,6 +210,8 @@ def main(args):
     weights = resolve_weights(args.teacher_weights)
     recipe = run_on_main(lambda: describe(args, dataset, weights))
     output = args.output or default_output(args, recipe['teacher']['sha256'])
+    for path in (output, sidecar_path(output), views_path(output)):  # what a build writes
+        check_output(path, '--output', {'--teacher_weights': weights})
     shards = ShardStore(output, recipe, shard_ranges(len(dataset), args.shard_size))
     todo = run_on_main(shards.todo)
     if todo is None:

@@ -1,5 +1,5 @@
 """k-NN evaluation of a student or any backbone (``evaluation.knn``): the SimReg paper's majority-vote 1/20-NN
-top-1 (``nn_<k>_acc_epoch_<epoch>.txt``) and weighted 20/200-NN, in ``knn_results.json``.
+top-1 (``nn_<k>_acc_epoch_<epoch>.txt``, the checkpoint's epoch) and weighted 20/200-NN, in ``knn_results.json``.
 
     torchrun --nproc_per_node=<gpus> eval_knn.py --weights ckpt.pth --save out/ /path/to/imagenet
 """
@@ -16,7 +16,8 @@ def get_args_parser():
     p = argparse.ArgumentParser('k-NN evaluation of SimReg students and teachers', add_help=True)
     common.add_data_args(p, 'dataset root holding train/ and val/')
     common.add_feature_args(p)
-    p.add_argument('--epoch', default=130, type=int, help='epoch of the checkpoint, used in result file names')
+    p.add_argument('--epoch', type=int, help='epoch of the checkpoint, for the result file names: checked against '
+                   'the checkpoint, which knows it; needed only for a file that does not (nn_<k>_acc.txt without)')
     p.add_argument('-k', default=1, type=int, help='extra k for the majority vote (1 and 20 are always reported)')
     p.add_argument('--seed', default=0, type=int, help='seed of the random tie-breaking in the majority vote')
     p.add_argument('--train_per_class', default=0, type=int,
@@ -28,6 +29,7 @@ def get_args_parser():
 
 def main(args):
     """The knn_results.json report on rank 0, None elsewhere."""
+    args.epoch = common.checkpoint_epoch(args.weights, args.epoch)
     run = common.start(args, 'knn_logs')
     extracted = common.extract_splits(run, ('train', 'val'), args.dataset)
     if extracted is None:
@@ -39,7 +41,8 @@ def main(args):
     results = knn.evaluate(train_feats, train_labels, val_feats, val_labels, extracted.num_classes,
                            majority_ks=set(knn.MAJORITY_KS) | {args.k}, seed=args.seed)
     for k, acc in results['majority'].items():
-        write_file_atomic('%.18e\n' % acc, os.path.join(save, 'nn_%d_acc_epoch_%03d.txt' % (k, args.epoch)))
+        name = f'nn_{k}_acc.txt' if args.epoch is None else f'nn_{k}_acc_epoch_{args.epoch:03d}.txt'
+        write_file_atomic('%.18e\n' % acc, os.path.join(save, name))
         logger.info(f'{k}-NN (majority) * Acc {acc:.2f}')
     for k, acc in results['weighted'].items():
         logger.info(f'{k}-NN (weighted, T={knn.TEMPERATURE}) * Acc@1 {acc["top1"]:.2f} Acc@5 {acc["top5"]:.2f}')

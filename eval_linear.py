@@ -24,6 +24,9 @@ def get_args_parser():
     p = argparse.ArgumentParser('Linear probe of SimReg students and teachers', add_help=True)
     common.add_data_args(p, 'dataset root holding train/ and val/')
     common.add_feature_args(p, load_cache=False)    # the probe always reuses a matching cache
+    p.add_argument('--epoch', type=int, default=argparse.SUPPRESS,
+                   help='epoch of the checkpoint (--weights), recorded with the results: checked against the '
+                        'checkpoint, which knows it; needed only for a file that does not')
     p.add_argument('--epochs', default=40, type=int, help='training epochs of the probe')
     p.add_argument('--lr', '--learning-rate', default=0.01, type=float, dest='lr', help='initial learning rate')
     p.add_argument('--lr_schedule', default='15,30,40', help='epochs at which the learning rate drops 10x')
@@ -50,6 +53,7 @@ def parse_milestones(text):
 def main(args):
     """Train the probe (or, with --evaluate, validate one); returns on rank 0 the linear_results.json
     report (with --evaluate, linear_evaluate.json's), None elsewhere."""
+    args.epoch = common.checkpoint_epoch(args.weights, getattr(args, 'epoch', None))
     run = common.start(args, 'logs')
     device, logger, save = run.device, run.logger, run.save
     seed_everything(args.seed, 0, get_rank())

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 
+from evaluation.common import check_output, same_file
 from models import load_student
 from utils.checkpoint import save_atomic, write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
@@ -38,6 +39,11 @@ def main(args):
     """Write the backbone's state dict to ``args.output`` and/or ONNX to ``args.onnx``; returns the state dict."""
     if args.output is None and args.onnx is None:
         raise SimRegError('nothing to write: give OUTPUT (the state dict, .pth) and/or --onnx PATH')
+    if args.output is not None and args.onnx is not None and same_file(args.output, args.onnx):
+        raise SimRegError(f'OUTPUT and --onnx are one file ({args.onnx}): name two files')
+    for flag, path in (('OUTPUT', args.output), ('--onnx', args.onnx)):
+        if path is not None:
+            check_output(path, flag, {'the checkpoint': args.checkpoint})
     if args.onnx is not None:
         if args.image_size < 32:
             raise SimRegError(f'--image_size {args.image_size} is below the 32 pixels the backbones downsample by: '

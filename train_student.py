@@ -26,7 +26,7 @@ from data.sampler import GlobalBatchSampler, SeededSamples
 from data.transforms import DeviceInput, TwoViews
 from evaluation.online_knn import OnlineKnn
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
-from models.batchnorm import bn_groups, convert_batchnorm
+from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64
@@ -122,6 +122,62 @@ def get_args_parser():
     return p
 
 
+MIN_IMAGE_SIZE = 16  # the smallest size the tests train at (the strong views' 13-pixel blur needs 7 or more)
+
+
+def check_args(args):
+    """Every flag that can be wrong on its own or with the number of processes, checked before anything is written
+    (a bad value would fail later, after a folder or checkpoint exists, or run silently wrong): one line each."""
+    world = int(os.environ.get('WORLD_SIZE') or (dist_utils.slurm_environment() or {}).get('WORLD_SIZE', 1))
+    count = lambda name, least, what: (getattr(args, name) >= least,
+                                       f'--{name} {getattr(args, name)}: give {what}, {least} or more')
+    number = lambda name, ok, want: (math.isfinite(getattr(args, name)) and ok(getattr(args, name)),
+                                     f'--{name} {getattr(args, name)}: give {want}')
+    exp = os.path.normpath(args.exp or '.')
+    checks = [
+        (exp not in ('.', '..') and not exp.startswith('..' + os.sep) and not os.path.isabs(exp),
+         f'--exp {args.exp!r}: give a name for the experiment\'s folder in {os.path.join(args.base_dir, "exp")}'),
+        count('batch_size', 2, 'the images per step over all processes'), count('epochs', 1, 'the epochs to train'),
+        count('num_workers', 0, 'the loader processes per process'), count('print_freq', 1, 'the steps per log line'),
+        count('save_freq', 1, 'the epochs between kept checkpoints'),
+        count('knn_every', 0, 'the epochs between online k-NN measures (0: off)'),
+        count('ckpt_every_steps', 0, 'the steps between checkpoints inside epochs (0: off)'),
+        count('seed', 0, 'the seed'),
+        (not args.knn_every or args.knn_train_per_class >= 1,
+         f'--knn_train_per_class {args.knn_train_per_class}: give the train images per class the online k-NN '
+         f'uses, 1 or more (or --knn_every 0 for no online k-NN)'),
+        (args.image_size >= MIN_IMAGE_SIZE, f'--image_size {args.image_size} is below the {MIN_IMAGE_SIZE} pixels '
+                                            f'training needs: pass {MIN_IMAGE_SIZE} or more (224: the paper)'),
+        number('learning_rate', lambda v: v >= 0, 'a finite base learning rate, 0 or more (0.05: the paper)'),
+        number('weight_decay', lambda v: v >= 0, 'a finite weight decay, 0 or more (1e-4: the paper)'),
+        number('sgd_momentum', lambda v: 0 <= v < 1, 'a momentum from 0 up to, not including, 1 (0.9: the paper)'),
+        number('ckpt_every_min', lambda v: v >= 0, 'the minutes between checkpoints inside epochs, 0 or more (0: off)'),
+        number('stop_deadline', lambda v: v > 0, 'the seconds a stop signal waits for the checkpoint, more than 0'),
+        number('dist_timeout', lambda v: v > 0, 'the minutes a process waits for the others, more than 0'),
+        (args.batch_size % world == 0, f'--batch_size {args.batch_size} must divide by the {world} processes'),
+        (not args.restart or args.resume, '--restart takes the weights of --resume: add --resume PATH or drop '
+                                          '--restart'),
+        (args.use_cache or not any((args.teacher_feats or '').split(',')),
+         '--teacher_feats is read only with --use_cache: add --use_cache'),
+        (not args.use_cache or args.teacher_feats or ',' in args.arch_teacher,
+         '--use_cache needs --teacher_feats PATH (built by cache_teacher_feats.py)'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SimRegError(message)
+    per_rank = args.batch_size // world
+    if args.bn_batch < 0 or args.bn_batch == 1:
+        raise SimRegError(f'--bn_batch {args.bn_batch}: give the images per BatchNorm group, 2 or more (64, the '
+                          f'paper\'s), or 0 for BatchNorm over each process\'s share')
+    if args.bn_batch == 0 and per_rank < 2:
+        raise SimRegError(f'--bn_batch 0 normalises over each process\'s {per_rank} image, and BatchNorm needs 2 or '
+                          f'more: give --bn_batch 2 or more, or a larger --batch_size')
+    group = min(args.bn_batch, args.batch_size)  # as models.batchnorm.bn_groups groups the batch
+    if args.bn_batch and group != per_rank and (
+            per_rank % group if group < per_rank else (group % per_rank or args.batch_size % group)):
+        raise bad_grouping(args.bn_batch, args.batch_size, world)
+
+
 @dataclass
 class Context:
     """What a training step needs besides the model, the teachers, the data and the optimizer; made once."""
@@ -141,6 +197,7 @@ class Context:
 
 def main(args):
     """Train; returns the trained SimReg module (student backbone + head)."""
+    check_args(args)
     # ---------------------------------------------------------------- processes, experiment folder, logs
     device = dist_utils.init_distributed(args.dist_timeout)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()

@@ -1,7 +1,10 @@
 """What the evaluation scripts share: their flags (``add_data_args``, ``add_feature_args``), their start-up
-(``start``) and the extraction of each split's features (``open_features``, ``extract_splits``)."""
+(``start``), the extraction of each split's features (``open_features``, ``extract_splits``), the epoch of the
+checkpoint (``checkpoint_epoch``), and the guard every writer of a named output uses (``check_output``)."""
+import argparse
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -10,8 +13,9 @@ import torch
 from data.folders import add_dataset_arg, build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import features
-from utils.checkpoint import writable_folder
+from utils.checkpoint import LEGACY_MAGIC, ZIP_MAGIC, read_checkpoint, writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
+from utils.errors import SimRegError
 from utils.logging import setup_logger
 
 OUTPUTS = './outputs'   # every evaluation script's default output folder (eval_transfer: a sub-folder)
@@ -75,6 +79,10 @@ def start(args, log_name, save=None):
     torch.backends.cudnn.benchmark = True    # every batch has the same shape
     stage = features.resolve_stage(args.stage, args.use_pred)
     folder = features.stage_output_dir(save or args.save, stage, args.head)
+    if os.path.isfile(args.weights) and os.path.isdir(folder) and same_file(os.path.dirname(args.weights) or '.',
+                                                                          folder):
+        raise SimRegError(f'--weights {args.weights} lies in the output folder {folder}, where the evaluation writes '
+                          f'its results, logs and caches: pass another --save')
     if is_main_process():
         writable_folder(folder)
     logger = setup_logger(os.path.join(folder, log_name) if is_main_process() else None)
@@ -124,3 +132,55 @@ def extract_splits(run, splits, name):
     del model    # frees the GPU memory faiss and the probes are about to use
     torch.cuda.empty_cache()  # a no-op where CUDA was never used
     return Extracted(extracted, len(datasets[splits[0]].classes), cache.weights_sha256)
+
+
+def checkpoint_epoch(weights, given=None):
+    """The epoch of the student in ``weights``: its checkpoint's 'epoch', else n of a file named
+    ``ckpt_epoch_<n>.pth``; ``given`` (--epoch) must agree, and is taken for a file that knows none (a teacher).
+    None when neither says."""
+    ckpt = read_checkpoint(weights)
+    student = isinstance(ckpt, dict) and (isinstance(ckpt.get('args'), dict) or 'opt' in ckpt)
+    named = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', os.path.basename(weights))
+    known, source = ((ckpt['epoch'], 'its checkpoint says') if student and isinstance(ckpt.get('epoch'), int)
+                     else (int(named.group(1)), 'its file name says') if named else (None, None))
+    if given is not None and known is not None and given != known:
+        raise SimRegError(f'--epoch {given} disagrees with {weights}, whose epoch is {known} ({source}): pass '
+                          f'--epoch {known} or leave --epoch out')
+    return known if known is not None else given
+
+
+def same_file(path, other):
+    """Whether two paths name one file: the same path, or one reached through a symlink or hard link."""
+    if os.path.abspath(path) == os.path.abspath(other):
+        return True
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_output(path, flag, inputs):
+    """Refuse to write ``path`` (given as ``flag``) where it would replace an input (``inputs``: {what: path}; also
+    through a symlink or hard link) or a training checkpoint; called before anything is written."""
+    for name, source in inputs.items():
+        if source and same_file(path, source):
+            raise SimRegError(f'{flag} {path} is {name} {source}: writing it would replace the input; name another '
+                              f'file for {flag}')
+    if os.path.isfile(path) and is_training_checkpoint(path):
+        raise SimRegError(f'{flag} {path} is a training checkpoint (it holds the optimizer or epoch): writing it '
+                          f'would replace it; name another file for {flag}')
+
+
+def is_training_checkpoint(path):
+    """Whether ``path`` is a torch.save file holding 'optimizer' or 'epoch' (a training run's checkpoint, of a
+    student or a probe); its tensors are only mapped, not read."""
+    with open(path, 'rb') as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if not head.startswith(ZIP_MAGIC) and not head.startswith(LEGACY_MAGIC):
+        return False
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=head.startswith(ZIP_MAGIC))
+    except Exception:  # damaged, or not this project's kind of file: nothing a run can resume
+        return False
+    return isinstance(ckpt, dict) and ('optimizer' in ckpt or 'epoch' in ckpt)
