@@ -10,12 +10,14 @@ launch=(torchrun --standalone --nproc_per_node="$NGPUS"); [ "$NGPUS" -gt 1 ] 2>/
 USER_ERROR_EXIT_CODE=2 DIST_ERROR_EXIT_CODE=3 RESUME_EXIT_CODE=75
 
 # stdin to stderr, less torchrun's report of a run that ended with one of the codes above (its ChildFailedError
-# traceback, "failed (exitcode: 2)", "Sending process ... closing signal"): the processes' one line says it all,
-# and is said once, not once per process. argv[1]: the exit codes folder. A traceback of a crash passes unchanged.
+# or SignalException traceback, "failed (exitcode: 2)", "Sending process ... closing signal"): the processes' one
+# line says it all, and is said once, not once per process. argv[1]: the exit codes folder. A crash's traceback,
+# and torchrun's report of it, pass unchanged.
 QUIET_LAUNCHER='
 import os, re, sys
 OURS = {"2", "3", "75"}
-NOISE = re.compile(r"elastic/multiprocessing/api\.py.*(Sending process \d+ closing signal|failed \(exitcode: (2|3|75)\))")
+NOISE = re.compile(r"elastic/(multiprocessing/api\.py.*(Sending process \d+ closing signal|failed \(exitcode: (2|3|75)\))"
+                   r"|agent/server/api\.py.*Received \d+ death signal)")
 
 def ours(folder=sys.argv[1]):  # whether a process ended with one of our codes
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
@@ -32,12 +34,12 @@ def out(lines):
 
 seen, held, report, rules = set(), [], False, 0
 for line in sys.stdin:
-    if held:  # a traceback: the launcher one (then its report between two rules of "="), or a process one
+    if held:  # a traceback: the launcher one (its report then follows between two rules of "="), or a process one
         held.append(line)
         report = report or "ChildFailedError" in line
         rules += report and bool(line.strip()) and set(line.strip()) == {"="}
         if rules == 2 or not report and not line[:1].isspace():
-            if not (report and ours()):
+            if not ((report or "SignalException" in line) and ours()):
                 out(held)
             held, report, rules = [], False, 0
     elif line.rstrip("\n") == "Traceback (most recent call last):":

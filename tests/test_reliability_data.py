@@ -417,7 +417,8 @@ def test_training_on_a_damaged_cache_names_the_cache_not_the_learning_rate(tmp_p
     """Before: NaN rows ended with 'loss is nan ... lower --learning_rate ... --resume auto', a cut file with numpy's
     traceback."""
     ws = cache_workspace(tmp_path)
-    build_cache(ws, 'feats.npy', '--image_size', '32', '--batch_size', '8', '--num_workers', '0')
+    build_cache(ws, 'feats.npy', '--arch_teacher', 'resnet18', '--image_size', '32', '--batch_size', '8',
+                '--num_workers', '0')
     CACHE_DAMAGE[kind][0](ws / 'feats.npy')
     before = snapshot(ws)
     proc = run_command([sys.executable, 'train_student.py', str(ws / 'data'), '--base_dir', str(ws / 'out'),
@@ -478,6 +479,22 @@ def test_launcher_report_is_left_out_only_after_our_exit_codes(tmp_path, rank0, 
     proc = bash(f'source scripts/launch.sh; quiet_launcher {tmp_path}; cat {stream} > {tmp_path}/stderr; wait')
     kept = '' if not crash else crash + FAILED.format(rank0) + CHILD_FAILED
     assert proc.stderr == 'error: bad\n' + kept and proc.stdout == ''
+
+
+SIGNALLED = '''Traceback (most recent call last):
+  File "/bin/torchrun", line 8, in <module>
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 4760 got signal: 15
+'''
+
+
+def test_torchruns_signal_traceback_is_left_out_after_a_checkpoint(tmp_path):
+    (tmp_path / 'rank0').write_text('75')
+    stream = tmp_path / 'stream'
+    stream.write_text('W1206 elastic/agent/server/api.py:753] Received 15 death signal, shutting down workers\n'
+                      + SIGNALLED + 'after\n')
+    proc = bash(f'source scripts/launch.sh; quiet_launcher {tmp_path}; cat {stream} > {tmp_path}/stderr; wait')
+    assert proc.stderr == 'after\n'
 
 
 @pytest.fixture(scope='module')
