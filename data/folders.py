@@ -37,7 +37,7 @@ def read_checked(path):
     before the device decoder sees it (other files are decoded by ``decode_bytes``, which checks them)."""
     data = read_bytes(path)
     if is_jpeg(data):
-        check_size(jpeg_size(data.numpy().tobytes()), path)
+        check_size(jpeg_size(memoryview(data.numpy())), path)
     return data
 
 

@@ -16,8 +16,8 @@ USER_ERROR_EXIT_CODE=2 DIST_ERROR_EXIT_CODE=3 RESUME_EXIT_CODE=75
 QUIET_LAUNCHER='
 import os, re, sys
 OURS = {"2", "3", "75"}
-NOISE = re.compile(r"elastic/(multiprocessing/api\.py.*(Sending process \d+ closing signal|failed \(exitcode: (2|3|75)\))"
-                   r"|agent/server/api\.py.*Received \d+ death signal)")
+NOISE = re.compile(r"elastic/(multiprocessing/api\.py.*(Sending process \d+ closing signal|failed \(exitcode: "
+                   r"(2|3|75)\))|agent/server/api\.py.*Received \d+ death signal)")
 
 def ours(folder=sys.argv[1]):  # whether a process ended with one of our codes
     for name in os.listdir(folder) if os.path.isdir(folder) else ():

@@ -98,8 +98,8 @@ def mode_cases():
         'RGBA webp': ((encoded(Image.fromarray(np.dstack([colour, alpha]), 'RGBA'), 'WEBP', lossless=True,
                                exact=True), '.webp'), over_white(colour, alpha)),
         'CMYK tiff': ((encoded(cmyk, 'TIFF'), '.tif'), cmyk_rgb),
-        'LAB tiff': ((encoded(Image.merge('LAB', [Image.fromarray(gray(GRADIENT)[..., 0]), Image.new('L', (SIZE,) * 2, 128),
-                                                  Image.new('L', (SIZE,) * 2, 128)]), 'TIFF'), '.tif'), None),
+        'LAB tiff': ((encoded(Image.merge('LAB', [Image.fromarray(gray(GRADIENT)[..., 0])]
+                                          + [Image.new('L', (SIZE, SIZE), 128)] * 2), 'TIFF'), '.tif'), None),
         'PA': (Image.merge('PA', [palette, Image.fromarray(alpha)]), over_white(palette.convert('RGB'), alpha)),
         'La': (Image.merge('LA', [Image.fromarray(gray(GRADIENT)[..., 0]), Image.fromarray(alpha)]).convert('La'),
                None),
@@ -450,7 +450,8 @@ def test_the_code_a_launcher_ends_with(tmp_path, launcher_code, ranks, expected)
 
 SENDING = ('W1206 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 9 closing '
            'signal SIGTERM\n')
-FAILED = 'E1206 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: {}) local_rank: 0\n'
+FAILED = ('E1206 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: {}) '
+          'local_rank: 0\n')
 CHILD_FAILED = '''Traceback (most recent call last):
   File "/bin/torchrun", line 8, in <module>
     sys.exit(main())
