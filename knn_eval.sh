@@ -13,9 +13,9 @@ SAVE=${SAVE:-$BASE_DIR/exp/$EXP/features}              # cached features, logs a
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
 BATCH_SIZE=${BATCH_SIZE:-512}
 NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
-source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
+source "$(dirname "$0")/scripts/launch.sh"             # launched: torchrun for several processes, else python
 
-"${launch[@]}" "$(dirname "$0")/eval_knn.py" \
+launched "$(dirname "$0")/eval_knn.py" \
     ${ARCH:+--arch "$ARCH"} \
     --batch-size "$BATCH_SIZE" \
     --epoch "$EPOCH" \

@@ -14,12 +14,12 @@ ARCH=${ARCH:-}                                         # only for plain backbone
 EVAL_FREQ=${EVAL_FREQ:-40}
 USE_CACHE=${USE_CACHE:-0}                              # 1: train on cached center-crop features
 NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
-source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
+source "$(dirname "$0")/scripts/launch.sh"             # launched: torchrun for several processes, else python
 
 CACHE_FLAG=()
 if [ "$USE_CACHE" = 1 ]; then CACHE_FLAG=(--use_cache); fi
 
-"${launch[@]}" "$(dirname "$0")/eval_linear.py" \
+launched "$(dirname "$0")/eval_linear.py" \
     ${ARCH:+--arch "$ARCH"} \
     --eval-freq "$EVAL_FREQ" \
     --weights "$WEIGHTS" \

@@ -26,9 +26,9 @@ ARCH=${ARCH:-}                                         # only for plain backbone
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-512}
 NGPUS=${NGPUS:-}                                       # processes; empty: one per visible GPU (or one on CPU)
-source "$(dirname "$0")/scripts/launch.sh"             # "${launch[@]}": torchrun for several processes, else python
+source "$(dirname "$0")/scripts/launch.sh"             # launched: torchrun for several processes, else python
 
-"${launch[@]}" "$(dirname "$0")/eval_transfer.py" \
+launched "$(dirname "$0")/eval_transfer.py" \
     ${ARCH:+--arch "$ARCH"} \
     --name "$DATASET_NAME" \
     --image_size "$IMAGE_SIZE" \

@@ -32,8 +32,18 @@ def decode_rgb(path):
     return decode_bytes(read_bytes(path), path)
 
 
+def read_checked(path):
+    """``read_bytes`` for ``--gpu_decode``'s workers: a JPEG too large to decode (``check_size``) is refused there,
+    before the device decoder sees it (other files are decoded by ``decode_bytes``, which checks them)."""
+    data = read_bytes(path)
+    if is_jpeg(data):
+        check_size(jpeg_size(memoryview(data.numpy())), path)
+    return data
+
+
 JPEG_MAGIC = b'\xff\xd8\xff'
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+WHITE = (255, 255, 255, 255)  # what transparent pixels show
 
 
 def is_jpeg(data):
@@ -44,21 +54,84 @@ def is_jpeg(data):
 
 def decode_bytes(data, name):
     """Decode a file's bytes (uint8 tensor) to a uint8 RGB tensor (C, H, W): JPEGs with torchvision, the rest (ImageNet
-    has a PNG named .JPEG, CMYK JPEGs) with PIL, a PNG checked for truncation first; unreadable: SimRegError."""
-    if is_jpeg(data):
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            pass
+    has a PNG named .JPEG, CMYK JPEGs) with PIL (``to_rgb``), a PNG checked for truncation first. Unreadable, or
+    over PIL's decompression-bomb limit (checked from the header, before decoding): SimRegError naming the file."""
     raw = data.numpy().tobytes()
     try:
-        check_png_rows(raw)
-        return pil_to_tensor(Image.open(io.BytesIO(raw)).convert('RGB'))
+        if raw.startswith(JPEG_MAGIC):
+            check_size(jpeg_size(raw), name)
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB)
+            except (RuntimeError, ValueError):
+                pass
+        with Image.open(io.BytesIO(raw)) as image:  # reads the header; DecompressionBombError if too large
+            check_png_rows(raw)
+            return pil_to_tensor(to_rgb(image))
+    except Image.DecompressionBombError as exc:
+        raise SimRegError(f"cannot read image {name} ({str(exc).split(', could')[0]}: PIL's decompression-bomb "
+                          f'limit): shrink the image or delete the file') from None
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows, or corrupt'
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     raise SimRegError(f'cannot read image {name} ({reason}): delete or replace the file')
+
+
+def check_size(size, name):
+    """SimRegError when ``size`` (width, height; None: unknown) is over PIL's decompression-bomb limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if size is not None and limit and size[0] * size[1] > 2 * limit:
+        raise SimRegError(f'cannot read image {name} ({size[0]}x{size[1]} pixels, over PIL\'s decompression-bomb '
+                          f'limit of {2 * limit}): shrink the image or delete the file')
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(raw):
+    """(width, height) from a JPEG's frame header, or None where the markers do not lead to one."""
+    pos = 2
+    while pos + 9 <= len(raw) and raw[pos] == 0xFF:
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _JPEG_SOF:
+            height, width = struct.unpack('>HH', raw[pos + 5:pos + 9])
+            return width, height
+        else:
+            pos += 2 + struct.unpack('>H', raw[pos + 2:pos + 4])[0]
+    return None
+
+
+_16_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB: 16-bit samples scaled (their high byte), 32-bit integer ones too when
+    they fit 16 bits, floats in [0, 1] times 255, other integer or float ranges stretched from min..max to 0..255
+    (never clipped); transparent pixels over white; LAB, HSV, CMYK, YCbCr converted. Animated: the first frame."""
+    if image.mode in _16_BIT + ('I', 'F'):
+        return Image.fromarray(scaled_to_8_bits(np.asarray(image), image.mode)).convert('RGB')
+    if image.mode == 'La':  # premultiplied alpha, which PIL converts only to LA
+        image = image.convert('LA')
+    if image.has_transparency_data:
+        return Image.alpha_composite(Image.new('RGBA', image.size, WHITE), image.convert('RGBA')).convert('RGB')
+    return image.convert('RGB')
+
+
+def scaled_to_8_bits(pixels, mode):
+    """uint8 of a 16-bit, 32-bit integer or float array (see ``to_rgb``); ValueError for NaN or infinite pixels."""
+    if mode in _16_BIT:
+        return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
+    pixels = pixels.astype(np.float64 if mode == 'I' else np.float32)
+    if not np.isfinite(pixels).all():
+        raise ValueError('it holds NaN or infinite pixel values')
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if mode == 'I' and low >= 0 and high <= 65535:
+        return (pixels // 256).astype(np.uint8)
+    if mode == 'F' and low >= 0 and high <= 1:
+        return np.rint(pixels * 255).astype(np.uint8)
+    return np.rint((pixels - low) * (255 / max(high - low, 1e-12))).astype(np.uint8)
 
 
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
@@ -80,16 +153,26 @@ def check_png_rows(raw):
     inflate, pos, got = zlib.decompressobj(), 8, 0
     while pos + 8 <= len(raw) and got < needed:
         length, kind = struct.unpack('>I4s', raw[pos:pos + 8])
-        if kind == b'IDAT':
-            got += len(inflate.decompress(raw[pos + 8:pos + 8 + length], needed - got))
+        chunk = raw[pos + 8:pos + 8 + length] if kind == b'IDAT' else b''
+        while chunk and got < needed:  # in bounded pieces: counted, never held
+            got += len(inflate.decompress(chunk, min(needed - got, 1 << 22)))
+            chunk = inflate.unconsumed_tail
         pos += 12 + length
     if got < needed:
         raise ValueError(f'PNG data ends before the {width}x{height} pixels its header promises')
 
 
+# The files a folder's images may be: torchvision's extensions and the other raster formats PIL reads (a fixed
+# list, so that every process of a run lists the same files whatever its PIL was built with)
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (
+    '.jpe', '.jfif', '.gif', '.apng', '.pbm', '.pnm', '.pfm', '.dib', '.ico', '.cur', '.tga', '.jp2', '.j2k',
+    '.jpx', '.jpf', '.pcx', '.sgi', '.bw', '.qoi', '.psd', '.avif', '.dds', '.icns', '.xbm', '.xpm', '.msp', '.ras')
+
+
 class IndexedImageFolder(datasets.ImageFolder):
     """``(index, image, label)`` samples, the index addressing cached teacher features; ``encoded=True`` gives
-    each file's bytes undecoded (``--gpu_decode``)."""
+    each file's bytes undecoded (``--gpu_decode``). Files that are not images (by extension) or hidden are left
+    out, and ``skipped`` says how many of each, in one line that the first process prints."""
 
     def __init__(self, root, transform=None, encoded=False):
         if not os.path.isdir(root):
@@ -97,13 +180,37 @@ class IndexedImageFolder(datasets.ImageFolder):
                               f'train/ (and val/) with one sub-folder per class')
         if not any(e.is_dir() for e in os.scandir(root)):
             raise SimRegError(f'data folder {root} has no class sub-folders: lay images out as {root}/<class>/<image>')
+        left_out = {}
         try:
-            super().__init__(root, transform=transform, loader=read_bytes if encoded else decode_rgb)
+            super().__init__(root, transform=transform, loader=read_checked if encoded else decode_rgb,
+                             is_valid_file=lambda path: is_image_file(path, left_out))
         except FileNotFoundError as exc:
             raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
+        self.skipped = skipped_line(root, left_out)
+        if self.skipped and os.environ.get('RANK', '0') == '0':
+            print(self.skipped, flush=True)
 
     def __getitem__(self, index):
         return index, *super().__getitem__(index)
+
+
+def is_image_file(path, left_out):
+    """Whether ``path`` is one of a folder's images; if not, counted in ``left_out`` {kind: count}."""
+    name = os.path.basename(path)
+    kind = 'hidden' if name.startswith('.') else os.path.splitext(name)[1].lower() or 'no extension'
+    if kind in IMAGE_EXTENSIONS:
+        return True
+    left_out[kind] = left_out.get(kind, 0) + 1
+    return False
+
+
+def skipped_line(root, left_out):
+    """The one line that says which files of ``root`` were left out, or None."""
+    if not left_out:
+        return None
+    kinds = ', '.join(f'{n} {kind}' for kind, n in sorted(left_out.items(), key=lambda item: (-item[1], item[0])))
+    return (f'note: {root}: left out {sum(left_out.values())} files that are not images ({kinds}); to use them, '
+            f'convert them to one of {" ".join(e[1:] for e in IMAGE_EXTENSIONS[:9])} ...')
 
 
 def add_dataset_arg(parser, note=''):

@@ -39,11 +39,9 @@ class TeacherFeatureCache:
         if not os.path.isfile(path) or not store.exists():
             raise SimRegError(f'teacher feature cache {path} (with {store.sidecar}) not found: '
                               f'build it with cache_teacher_feats.py')
-        self.meta = store.meta()
-        if self.meta.get('format') != FORMAT:
-            raise SimRegError(f'{store.sidecar} is not a teacher feature sidecar: rebuild the '
-                              f'cache with cache_teacher_feats.py')
-        self.path, self.feat_dim = path, self.meta['dim']
+        self.path = path
+        self.meta = self.read_meta(store)
+        self.feat_dim = self.meta['dim']
         self.num_views = self.meta.get('views')  # K for a cache of K views per image, None for center crops
         views = (self.num_views,) if self.num_views else ()
         try:
@@ -51,10 +49,37 @@ class TeacherFeatureCache:
                                                      np.float16)})['features']
         except StoreMismatch as exc:
             raise SimRegError(f'{exc}: the file is incomplete; rebuild it') from None
+        except (OSError, ValueError, EOFError) as exc:  # numpy's reasons for a file cut short or not an .npy
+            raise self.damaged(f'not a whole .npy array: {str(exc).splitlines()[0].split(". ")[0]}') from None
+        extra = os.path.getsize(path) - self.features.offset - self.features.nbytes
+        if extra:
+            raise self.damaged(f'{extra} bytes more than its header says: not the file that was written')
         self.boxes = self.open_boxes() if self.num_views else None
         with warnings.catch_warnings():  # torch warns that the map is read-only: it is only read from
             warnings.simplefilter('ignore', UserWarning)
             self.table = torch.from_numpy(self.features).view(-1, self.feat_dim)  # a row per (sample, view)
+
+    def damaged(self, reason, path=None):
+        return SimRegError(f'teacher cache file {path or self.path} is damaged ({reason}): rebuild it with '
+                           f'cache_teacher_feats.py')
+
+    def read_meta(self, store):
+        """The sidecar, refused in one line when it is not a teacher cache's or is damaged."""
+        try:
+            meta = store.meta()
+        except (OSError, ValueError) as exc:  # JSON or UTF-8 that does not decode: cut short or overwritten
+            raise self.damaged(str(exc).splitlines()[0], store.sidecar) from None
+        if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+            raise SimRegError(f'{store.sidecar} is not a teacher feature sidecar: rebuild the '
+                              f'cache with cache_teacher_feats.py')
+        dataset, views = meta.get('dataset'), meta.get('views')
+        fields = {'dim': meta.get('dim'), 'dataset': dataset, 'views': views or 1,
+                  'dataset.num_samples': dataset.get('num_samples') if isinstance(dataset, dict) else None}
+        wrong = [name for name, value in fields.items()
+                 if not (isinstance(value, dict) if name == 'dataset' else type(value) is int and value > 0)]
+        if wrong or not all(isinstance(dataset.get(key), str) for key in ('root', 'file_list_sha256')):
+            raise self.damaged(f"no valid {', '.join(wrong) or 'dataset.root/file_list_sha256'}", store.sidecar)
+        return meta
 
     def open_boxes(self):
         """The [N, K, 5] view boxes, refused unless they are the very file the cache was built with."""
@@ -84,7 +109,11 @@ class TeacherFeatureCache:
                              f'{self.num_views or 1} view(s) per image')
         rows = indices[:, 0] * self.num_views + indices[:, 1] if indices.dim() == 2 else indices
         out = torch.empty((len(rows), self.feat_dim), dtype=self.table.dtype, pin_memory=pin_memory)
-        return torch.index_select(self.table, 0, rows, out=out)
+        torch.index_select(self.table, 0, rows, out=out)
+        if not torch.isfinite(out.sum(dtype=torch.float32)):  # one cheap sum: any NaN or inf makes it non-finite
+            bad = int(indices[~torch.isfinite(out).all(1)][0].view(-1)[0])
+            raise self.damaged(f'NaN or infinite features of sample {bad}')
+        return out
 
 
 def write_cache(path, blocks, meta, view_blocks=None):

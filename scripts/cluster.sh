@@ -4,10 +4,11 @@
 #   NGPUS, NNODES             under srun, default to the GPUs SLURM gave this node and the job's nodes
 #   launch_training ARGS...   starts train_student.py (ARGS: its path and flags) on every GPU, passes SIGTERM,
 #                             SIGINT, SIGHUP and SIGUSR1 on to every training process, and sets rc to the exit
-#                             code: RESUME_EXIT_CODE when rank 0 checkpointed after a signal (run again to resume)
+#                             code (scripts/launch.sh exit_code): 2 bad input, 3 a lost peer, 75 when rank 0
+#                             checkpointed after a signal (run again to resume); torchrun's report of them is left out
 SRUN=; if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then SRUN=1; fi
 if [ -n "$SRUN" ]; then NGPUS=${NGPUS:-${SLURM_GPUS_ON_NODE:-}} NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-}}; fi
-RESUME_EXIT_CODE=75  # utils/errors.py: checkpointed after a signal, run again to resume
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"  # exit codes, quiet_launcher, exit_code
 launcher= caught= rc=
 
 forward() {  # the trap of signal $1: pass it on to the training processes
@@ -24,8 +25,9 @@ forward() {  # the trap of signal $1: pass it on to the training processes
 # The launcher runs in the background so that bash can pass on signals while waiting for it: a launcher in the
 # foreground would let bash die of SIGTERM (and torchrun of SIGUSR1) and leave the training processes behind.
 start_and_wait() {  # run "$@" in the background, forward the signals run.sh gets, wait for it; its exit code in rc
+  quiet_launcher "$exit_codes"
   set -x
-  SIMREG_EXIT_CODES=$exit_codes "$@" &
+  SIMREG_EXIT_CODES=$exit_codes "$@" 2> "$exit_codes/stderr" &
   { set +x; } 2>/dev/null
   launcher=$!
   for sig in TERM INT HUP USR1; do trap "forward $sig" "$sig"; done
@@ -37,6 +39,7 @@ start_and_wait() {  # run "$@" in the background, forward the signals run.sh get
     rc=$status
     [ -n "$caught" ] || break  # else a signal cut the wait short: wait again
   done
+  while kill -0 "$quiet" 2>/dev/null; do wait "$quiet" || true; done  # the last of the processes' stderr
 }
 
 launch_training() {
@@ -56,7 +59,5 @@ launch_training() {
     start_and_wait $(command -v setsid || true) torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" \
       --nproc_per_node="$NGPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
   fi
-  # torchrun exits 1 whatever its workers did, and srun 128 + 9 when --kill-on-bad-exit killed the slower tasks:
-  # rank 0's own exit code (on this node, the first of the job) says whether the run checkpointed after a signal
-  if [ "$rc" != 0 ] && [ "$(cat "$exit_codes/rank0" 2>/dev/null)" = "$RESUME_EXIT_CODE" ]; then rc=$RESUME_EXIT_CODE; fi
+  rc=$(exit_code "$rc" "$exit_codes")  # torchrun exits 1 and srun 137 whatever the processes did
 }
