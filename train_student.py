@@ -190,7 +190,7 @@ def train(args, startup):
     # ---------------------------------------------------------------- before the first step
     describe_run(args, teachers, loader, ctx, logs_dir)
     online_knn = OnlineKnn(args, device, ctx.amp_dtype) if args.knn_every > 0 else None
-    fresh = start['epoch'] == 1 and start['step'] == 0
+    fresh = start['epoch'] == 1 and start['step'] == 0 and 'path' not in start  # not resumed from epoch 0
     knn_start = online_knn.at_start(teachers, model.encoder_q, ctx.memory_format) if online_knn and fresh else {}
     ctx.logs.start(start_epoch=start['epoch'], start_step=start['step'], resumed_from=start.get('resumed_from'),
                    epochs=args.epochs, world_size=world_size, device=str(device),
