@@ -9,6 +9,7 @@ A plain ``python train_student.py ...`` runs as a single process (CPU or one GPU
 import argparse
 import functools
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ from models.student import student_checkpoint
 from models.teachers import build_teachers
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, Preempted, StopRequest, ignore_in_loader_worker, make_folder,
-                              read_checkpoint, remove_stale_temp_files, resume_candidates, writable_folder)
-from utils.errors import RESUME_EXIT_CODE, SimRegError, exit_on_user_error
-from utils.logging import Logs, MetricLogger
+from utils.checkpoint import (Checkpointer, Preempted, StartupSignals, StopRequest, StoppedBeforeTraining,
+                              describe_non_finite, ignore_in_loader_worker, lock_experiment, make_folder, non_finite,
+                              read_checkpoint, release_experiment_locks, remove_stale_temp_files, resume_candidates,
+                              writable_folder)
+from utils.errors import RESUME_EXIT_CODE, SimRegError, end_broken_group, exit_on_user_error
+from utils.logging import Logs, MetricLogger, setup_logger
 
 
 def get_args_parser():
@@ -196,8 +199,21 @@ class Context:
 
 
 def main(args):
-    """Train; returns the trained SimReg module (student backbone + head)."""
+    """Train; returns the trained SimReg module (student backbone + head). From this first line a SIGTERM/SIGUSR1
+    ends the run with exit 75: at once before training, after a step and its checkpoint during it."""
     check_args(args)
+    startup = StartupSignals(args.stop_deadline)
+    try:
+        return train(args, startup)
+    except StoppedBeforeTraining as stopped:
+        exit_stopped_before_training(stopped)
+    finally:
+        startup.close()
+        release_experiment_locks()
+
+
+def train(args, startup):
+    """``main``'s run; ``startup`` hands the stop signals over to ``StopRequest`` when training begins."""
     # ---------------------------------------------------------------- processes, experiment folder, logs
     device = dist_utils.init_distributed(args.dist_timeout)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -234,13 +250,14 @@ def main(args):
     # ---------------------------------------------------------------- before the first step
     describe_run(args, teachers, loader, ctx, logs_dir)
     online_knn = OnlineKnn(args, device, ctx.amp_dtype) if args.knn_every > 0 else None
-    fresh = start['epoch'] == 1 and start['step'] == 0
+    fresh = start['epoch'] == 1 and start['step'] == 0 and 'path' not in start  # not resumed from epoch 0
     knn_start = online_knn.at_start(teachers, model.encoder_q, ctx.memory_format) if online_knn and fresh else {}
     ctx.logs.start(start_epoch=start['epoch'], start_step=start['step'], resumed_from=start.get('resumed_from'),
                    epochs=args.epochs, world_size=world_size, device=str(device),
                    backend=dist_utils.backend_name(), precision=args.precision, channels_last=args.channels_last,
                    **knn_start)
     stop = StopRequest(log, args.stop_deadline)
+    startup.training()
     ctx.checkpointer = Checkpointer(ckpt_dir, functools.partial(checkpoint_state, model, optimizer, ctx.scaler,
                                                                 args, teachers), args, stop, start)
     if fresh:
@@ -318,10 +335,11 @@ def regression_loss(prediction, target, mse_nonorm=False):
 
 
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
-    """Rank 0, before anything is written: the folders, no temp file left by a killed write, and no
-    finished or running experiment started over by mistake."""
+    """Rank 0, before anything is written: the folders, the experiment's lock (one run at a time), then no temp
+    file left by a killed write, and no finished experiment started over by mistake."""
     writable_folder(ckpt_dir)
     make_folder(logs_dir)
+    lock_experiment(exp_dir)
     for name in remove_stale_temp_files(ckpt_dir):
         print(f'note: removed {name}, left in {ckpt_dir} by a write that was killed', flush=True)
     existing = resume_candidates(ckpt_dir)
@@ -373,17 +391,29 @@ def build_student(args, teachers):
 
 
 def resume(args, model, optimizer, scaler, ckpt_dir, log):
-    """Load --resume, or with 'auto' the newest checkpoint of the experiment that loads; return where to
-    start: {'epoch', 'step'} (plus 'resumed_from', the epoch completed, and 'meter' inside an epoch)."""
+    """Load --resume, or with 'auto' the newest checkpoint of the experiment that loads and is finite; return where
+    to start: {'epoch', 'step'} (plus 'resumed_from', the epoch completed, 'path', and 'meter' inside an epoch)."""
     ckpt, path = None, args.resume
     if args.resume != 'auto':
         ckpt = read_checkpoint(path)
-    for candidate in (resume_candidates(ckpt_dir) if args.resume == 'auto' else []):
+        if bad := non_finite(ckpt):
+            raise SimRegError(f'--resume {path} is not finite ({describe_non_finite(bad)}): resume from an earlier '
+                              f'checkpoint (--resume auto takes the newest finite one)')
+    candidates = resume_candidates(ckpt_dir) if args.resume == 'auto' else []
+    for candidate in candidates:
         try:
             ckpt, path = read_checkpoint(candidate), candidate
-            break
         except SimRegError as exc:
             log.warning('note: %s; trying the previous checkpoint', exc)
+            continue
+        if not (bad := non_finite(ckpt)):
+            break
+        log.warning('note: skipping %s: it is not finite (%s); trying the previous checkpoint', candidate,
+                    describe_non_finite(bad))
+        ckpt = None
+    if ckpt is None and candidates and not args.overwrite:
+        raise SimRegError(f'none of the {len(candidates)} checkpoints in {ckpt_dir} can be resumed (see the notes '
+                          f'above): pass --resume <file>, --overwrite to start the experiment again, or another --exp')
     if ckpt is None:
         log.info('==> no checkpoint in %s, starting fresh', ckpt_dir)
         return {'epoch': 1, 'step': 0}
@@ -402,7 +432,7 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
     position = ckpt.get('position', {'epoch': ckpt['epoch'] + 1, 'step': 0})
     log.info('==> resumed from %s (epoch %d%s)', path, ckpt['epoch'],
              f', then step {position["step"]} of epoch {position["epoch"]}' if 'position' in ckpt else '')
-    start = {**position, 'resumed_from': ckpt['epoch']}
+    start = {**position, 'resumed_from': ckpt['epoch'], 'path': path}
     return {**start, 'meter': ckpt['meter']} if 'meter' in ckpt else start
 
 
@@ -456,6 +486,18 @@ def compile_or_eager(model, log):
 def cosine_lr(epoch, args):
     """The paper's schedule: cosine over epochs, set once per epoch, epochs counted from 1."""
     return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def exit_stopped_before_training(stopped):
+    """A stop signal before the first step: nothing to checkpoint; rank 0 requeues a SLURM job; exit
+    RESUME_EXIT_CODE (at once where a process group is up: its peers may be anywhere in start-up)."""
+    log = logging.getLogger('simreg')
+    if not log.handlers:  # before the run's logs exist
+        log = setup_logger()
+    log.warning('==> %s: exit %d; run again with --resume auto', stopped, RESUME_EXIT_CODE)
+    if dist_utils.is_main_process():
+        dist_utils.requeue_slurm_job(log)
+    end_broken_group(RESUME_EXIT_CODE)
 
 
 def exit_preempted(stopped, log):

@@ -1,14 +1,18 @@
-"""Atomic checkpoint writes, when to write inside an epoch, which checkpoint to resume from, and the stop signals
-(SIGTERM, SIGUSR1) that end a run after a step with a checkpoint and exit 75."""
+"""Atomic checkpoint writes of finite states only, when to write inside an epoch, which checkpoint to resume from,
+the experiment's lock (one run at a time), and the stop signals (SIGTERM, SIGUSR1) that end a run with exit 75:
+after a step and a checkpoint once training runs, at once before."""
 import argparse
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import os
 import pickle
 import re
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +33,7 @@ def write_atomic(path, mode, write):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600: the file gets the permissions of any other file
         with os.fdopen(fd, mode) as f:
             recorder = _WriteErrors(f)
             try:
@@ -47,6 +52,17 @@ def write_atomic(path, mode, write):
         if isinstance(exc, OSError):
             raise SimRegError(_write_error(f'write {path}', folder, exc)) from None
         raise
+
+
+def umask():
+    """The process's umask, read without changing it (os.umask sets it, which races with other threads' files)."""
+    with contextlib.suppress(OSError, ValueError), open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (or a kernel before 4.7)
+    os.umask(mask)
+    return mask
 
 
 class _WriteErrors:
@@ -114,8 +130,75 @@ def resume_candidates(ckpt_dir):
     return ([last] if os.path.exists(last) else []) + [path for _, path in sorted(epochs, reverse=True)]
 
 
+def non_finite(state, prefix=''):
+    """The names of the floating-point tensors in ``state`` (nested dicts, lists) that hold a NaN or an infinity:
+    one pass over each tensor and one host sync per device."""
+    tensors = {}
+    _float_tensors(state, prefix, tensors)
+    bad = []
+    for device in {t.device for t in tensors.values()}:
+        names = [name for name, t in tensors.items() if t.device == device]
+        finite = torch.stack([tensors[name].isfinite().all() for name in names]).tolist()
+        bad += [name for name, ok in zip(names, finite) if not ok]
+    return sorted(bad)
+
+
+def _float_tensors(state, prefix, found):
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            found[prefix or 'tensor'] = state.detach()
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            _float_tensors(value, f'{prefix}.{key}' if prefix else str(key), found)
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            _float_tensors(value, f'{prefix}.{i}' if prefix else str(i), found)
+
+
+def describe_non_finite(bad):
+    """'3 tensors (state_dict.fc.weight, ...)': a short account of ``non_finite``'s names."""
+    return f'{len(bad)} tensor{"s" if len(bad) > 1 else ""} ({", ".join(bad[:2])}{", ..." if len(bad) > 2 else ""})'
+
+
+LOCK_NAME = 'run.lock'
+_held_locks = {}  # lock path -> file descriptor, held until release_experiment_locks or the process ends
+
+
+def lock_experiment(exp_dir):
+    """Rank 0, before anything else is written in ``exp_dir``: hold an exclusive flock on ``exp_dir/run.lock`` for
+    the whole run, and write in it who holds it. A run already holding it is a SimRegError naming its host and pid.
+    The kernel drops the lock when the process ends, however it ends (kill -9 too): a dead run never blocks."""
+    path = os.path.join(exp_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise SimRegError(_write_error(f'create the lock file {path}', exp_dir, exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 300, 0).decode('utf-8', 'replace').strip() or 'it is starting'
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise SimRegError(f'{exp_dir} is in use by another run ({holder}): wait for it to end or stop it, or '
+                              f'choose another --exp') from None
+        raise SimRegError(f'cannot lock {path} ({exc.strerror or exc}): its file system does not support flock; '
+                          'choose a --base_dir on one that does (local disks, NFS, GPFS, CephFS, BeeGFS, Lustre '
+                          'mounted with -o flock)') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}, since '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+    _held_locks[path] = fd
+
+
+def release_experiment_locks():
+    """The run is over: drop the locks this process holds (the lock files stay: removing one would race a start)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
 def remove_stale_temp_files(folder):
-    """Delete the ``.<name>*.tmp`` files of writes killed midway in ``folder``; returns their names."""
+    """Delete the ``.<name>*.tmp`` files of writes killed midway in ``folder`` (only under the experiment's lock: a
+    running write's temp file looks the same); returns their names."""
     stale = sorted(glob.glob(os.path.join(glob.escape(folder), '.*.tmp')))
     for path in stale:
         os.remove(path)
@@ -139,6 +222,44 @@ def ignore_in_loader_worker(worker_id):
                 os._exit(0)
 
     threading.Thread(target=take_signals, daemon=True).start()
+
+
+class StoppedBeforeTraining(BaseException):
+    """A stop signal came before the first step (a BaseException, so that no ``except Exception`` swallows it)."""
+
+
+class StartupSignals:
+    """From the first line of ``main`` until ``StopRequest`` takes over (``training()``): SIGTERM and SIGUSR1 raise
+    ``StoppedBeforeTraining`` at once, wherever start-up is (a write in progress drops its temp file). If that has not
+    ended the process within ``deadline_s`` (a call that does not return), it exits RESUME_EXIT_CODE anyway."""
+
+    def __init__(self, deadline_s=60.0):
+        self.deadline_s, self.pid, self.active, self.signal = deadline_s, os.getpid(), True, None
+        self.done = threading.Event()
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid or not self.active or self.signal is not None:
+            return  # a loader worker (its loader ends it), a signal after start-up, or the same request again
+        self.signal = signal.Signals(signum).name
+        threading.Thread(target=self._watchdog, daemon=True).start()
+        raise StoppedBeforeTraining(f'{self.signal} received before training started')
+
+    def _watchdog(self):
+        if not self.done.wait(self.deadline_s):
+            print(f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
+                  file=sys.stderr, flush=True)
+            record_exit_code(RESUME_EXIT_CODE)
+            os._exit(RESUME_EXIT_CODE)
+
+    def training(self):
+        """``StopRequest`` handles the signals from here on (and restores these handlers, now inert, at its end)."""
+        self.active = False
+
+    def close(self):
+        self.done.set()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class StopRequest:
@@ -204,18 +325,23 @@ class Checkpointer:
     epochs, at 0 and the last, and ``last.pth``. ``after_step(meter)``: ``last.pth`` every ``--ckpt_every_steps``
     steps or ``--ckpt_every_min`` minutes, and when ``stop`` (``StopRequest``) ends the run, then ``Preempted``.
     ``state_fn(epoch, meter)``: the state after ``epoch`` completed epochs (and the ``MetricLogger`` inside one).
-    ``start``: where the run started (``{'epoch', 'step'}``, and ``meter`` when it resumed inside an epoch)."""
+    ``start``: where the run started (``{'epoch', 'step'}``, and ``meter`` and ``path`` when it resumed).
+    Nothing that is not finite is written (``finite``)."""
 
     def __init__(self, ckpt_dir, state_fn, args, stop, start):
         self.ckpt_dir, self.path, self.state_fn = ckpt_dir, os.path.join(ckpt_dir, 'last.pth'), state_fn
         self.every_steps, self.every_s = args.ckpt_every_steps, 60 * args.ckpt_every_min
         self.save_freq, self.epochs, self.stop, self.start = args.save_freq, args.epochs, stop, start
         self.writer = is_main_process()
+        self.written = [start['path']] if start.get('path') else []  # the files holding the weights trained on
+        self.first_finite = None  # (rank 0) whether the first step from those weights had a finite loss
         self.wrote()
 
-    def wrote(self):
-        """A checkpoint was written: the intervals start again."""
+    def wrote(self, *paths):
+        """A checkpoint was written (to ``paths``): the intervals start again."""
         self.steps, self.since = 0, time.monotonic()
+        if paths:
+            self.written, self.first_finite = list(paths), None
 
     def resumed_meter(self, epoch):
         """The meter's state to continue when the run resumed inside ``epoch``, else None."""
@@ -223,23 +349,50 @@ class Checkpointer:
 
     def save(self, epoch):
         if self.writer:
-            state = self.state_fn(epoch)
+            state, paths = self.finite(self.state_fn(epoch), f'after epoch {epoch}'), []
             if epoch == 0 or epoch % self.save_freq == 0 or epoch == self.epochs:
-                save_atomic(state, os.path.join(self.ckpt_dir, f'ckpt_epoch_{epoch}.pth'))
+                paths.append(os.path.join(self.ckpt_dir, f'ckpt_epoch_{epoch}.pth'))
             if epoch > 0:
-                save_atomic(state, self.path)
+                paths.append(self.path)
+            for path in paths:
+                save_atomic(state, path)
+            self.wrote(*(paths if epoch > 0 else []))  # the untrained student is never set aside
         self.wrote()
+
+    def finite(self, state, when):
+        """``state``, if its weights, optimizer state and loss sums are all finite; else a SimRegError and no write
+        (the loss is checked every --print_freq steps only, and a step can make the weights non-finite with a finite
+        loss). When the first step from the weights last written already had a non-finite loss, those weights
+        diverge at once: their files are renamed ``<name>.diverged`` so that --resume auto takes an earlier one."""
+        bad = non_finite(state)
+        if not bad:
+            return state
+        loss = any(name.startswith('meter.') for name in bad)
+        kept = 'the last good checkpoint is kept'
+        if loss and self.written and self.first_finite is not None and not bool(self.first_finite):
+            for path in self.written:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path + '.diverged')
+            names = ' and '.join(os.path.basename(path) for path in self.written)
+            kept = f'the first step from the weights of {names} already had a non-finite loss: renamed *.diverged'
+        raise SimRegError(f'{"the loss" if loss else f"the state ({describe_non_finite(bad)})"} is not finite {when}: '
+                          f'training diverged; nothing was written, {kept}: lower --learning_rate or use '
+                          f'--precision fp32, then --resume auto (the newest good checkpoint)')
 
     def after_step(self, meter):
         """Write ``last.pth`` when due; raise ``Preempted`` once written when the run must stop. At an epoch's last
         step a due checkpoint is left to ``save``, which writes one anyway."""
         self.steps += 1
+        if self.steps == 1 and self.writer:  # the sums were finite at the last write: this step's loss decides
+            self.first_finite = meter.epoch_sum.isfinite().all()  # no host sync until ``finite`` needs it
         stop = self.stop.agreed()
         due = (self.every_steps and self.steps >= self.every_steps) or \
               (self.every_s and time.monotonic() - self.since >= self.every_s)
         if stop or (due and meter.step < meter.steps):
             if self.writer:
-                save_atomic(self.state_fn(meter.epoch - 1, meter), self.path)
+                state = self.finite(self.state_fn(meter.epoch - 1, meter), f'at epoch {meter.epoch} step {meter.step}')
+                save_atomic(state, self.path)
+                self.wrote(self.path)
             self.wrote()
         if stop:
             raise Preempted(self.stop.signal or 'a signal on another process', meter.epoch, meter.step, meter.steps,

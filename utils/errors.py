@@ -80,9 +80,9 @@ def exit_on_user_error(main):
 
 
 def end_broken_group(code):
-    """Exit with ``code`` after a process group failed: with os._exit (the code recorded, the streams flushed) while
-    the group is initialised, since at interpreter exit gloo's destructors can abort the process (exit -6 instead of
-    ``code``) or block on the dead peer."""
+    """Exit with ``code`` where the process group may be broken (a peer failed, or a stop signal before training):
+    with os._exit (the code recorded, the streams flushed) while the group is initialised, since at interpreter exit
+    gloo's destructors can abort the process (exit -6 instead of ``code``) or block on a dead peer."""
     dist = sys.modules.get('torch.distributed')
     if dist is not None and dist.is_available() and dist.is_initialized():
         record_exit_code(code)
