@@ -5,9 +5,11 @@
 set -euo pipefail
 
 EXP=${EXP:-moco_r50_to_r18}                            # experiment name used by run.sh
+EPOCH_GIVEN=${EPOCH:+1}                                # --epoch is passed when EPOCH is set or picks WEIGHTS
 EPOCH=${EPOCH:-130}                                    # checkpoint epoch to evaluate
 BASE_DIR=${BASE_DIR:-.}                                # folder that holds exp/
 DATA=${DATA:-path/to/imagenet/dataset/root}            # holds train/ and val/
+if [ -z "${WEIGHTS:-}" ]; then EPOCH_GIVEN=1; fi
 WEIGHTS=${WEIGHTS:-$BASE_DIR/exp/$EXP/checkpoints/ckpt_epoch_$EPOCH.pth}
 SAVE=${SAVE:-$BASE_DIR/exp/$EXP/features}              # cached features, logs and results
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
@@ -18,7 +20,7 @@ source "$(dirname "$0")/scripts/launch.sh"             # launched: torchrun for 
 launched "$(dirname "$0")/eval_knn.py" \
     ${ARCH:+--arch "$ARCH"} \
     --batch-size "$BATCH_SIZE" \
-    --epoch "$EPOCH" \
+    ${EPOCH_GIVEN:+--epoch "$EPOCH"} \
     --weights "$WEIGHTS" \
     --save "$SAVE" \
     "$@" \

@@ -5,9 +5,11 @@
 set -euo pipefail
 
 EXP=${EXP:-moco_r50_to_r18}                            # experiment name used by run.sh
+EPOCH_GIVEN=${EPOCH:+1}                                # --epoch is passed when EPOCH is set or picks WEIGHTS
 EPOCH=${EPOCH:-130}                                    # checkpoint epoch to evaluate
 BASE_DIR=${BASE_DIR:-.}                                # folder that holds exp/
 DATA=${DATA:-path/to/imagenet/dataset/root}            # holds train/ and val/
+if [ -z "${WEIGHTS:-}" ]; then EPOCH_GIVEN=1; fi
 WEIGHTS=${WEIGHTS:-$BASE_DIR/exp/$EXP/checkpoints/ckpt_epoch_$EPOCH.pth}
 SAVE=${SAVE:-$BASE_DIR/exp/$EXP/linear}                # feature cache, probe checkpoints and results
 ARCH=${ARCH:-}                                         # only for plain backbone/teacher files
@@ -22,6 +24,7 @@ if [ "$USE_CACHE" = 1 ]; then CACHE_FLAG=(--use_cache); fi
 launched "$(dirname "$0")/eval_linear.py" \
     ${ARCH:+--arch "$ARCH"} \
     --eval-freq "$EVAL_FREQ" \
+    ${EPOCH_GIVEN:+--epoch "$EPOCH"} \
     --weights "$WEIGHTS" \
     --save "$SAVE" \
     "${CACHE_FLAG[@]}" \
