@@ -224,6 +224,24 @@ def test_the_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
     release_experiment_locks()
 
 
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """A loader worker forked by the holder lingers after a kill -9 of its parent: it must not hold the lock."""
+    lock_experiment(str(tmp_path))
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child waits until the parent has let go, then exits without cleanup
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        release_experiment_locks()  # the parent's run ends (as a kill would end it); the child still runs
+        lock_experiment(str(tmp_path))  # refused if the child's copy of the descriptor still held the lock
+        release_experiment_locks()
+    finally:
+        os.write(write, b'x')
+        os.waitpid(child, 0)
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_experiment_one_is_refused_and_the_other_is_whole(ws, tmp_path):
     """Run A (lr 0.05) holds the experiment; B (a fresh start, lr 0.01) and C (a resubmitted --resume auto) are

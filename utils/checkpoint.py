@@ -196,6 +196,10 @@ def release_experiment_locks():
         os.close(_held_locks.popitem()[1])
 
 
+# A forked child (a loader worker) closes its copy: else the lock outlives a killed run while its workers linger.
+os.register_at_fork(after_in_child=release_experiment_locks)
+
+
 def remove_stale_temp_files(folder):
     """Delete the ``.<name>*.tmp`` files of writes killed midway in ``folder`` (only under the experiment's lock: a
     running write's temp file looks the same); returns their names."""
