@@ -152,8 +152,8 @@ def bench_teacher_cache(quick):
 
 
 def write_cache_sidecar_only(path, n):
-    """Sidecar for an array written in place, with only what TeacherFeatureCache reads."""
-    write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': n}})
+    """Sidecar for an array written in place, with only what TeacherFeatureCache checks (no real dataset)."""
+    write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': n, 'root': '', 'file_list_sha256': ''}})
 
 
 # ------------------------------------------------------------------ train step

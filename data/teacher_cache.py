@@ -110,7 +110,7 @@ class TeacherFeatureCache:
         rows = indices[:, 0] * self.num_views + indices[:, 1] if indices.dim() == 2 else indices
         out = torch.empty((len(rows), self.feat_dim), dtype=self.table.dtype, pin_memory=pin_memory)
         torch.index_select(self.table, 0, rows, out=out)
-        if not torch.isfinite(out.sum(dtype=torch.float32)):  # one cheap sum: any NaN or inf makes it non-finite
+        if not torch.isfinite(torch.stack(torch.aminmax(out))).all():  # one pass, no temporary: NaN/inf propagate
             bad = int(indices[~torch.isfinite(out).all(1)][0].view(-1)[0])
             raise self.damaged(f'NaN or infinite features of sample {bad}')
         return out
