@@ -228,11 +228,13 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     """A loader worker forked by the holder lingers after a kill -9 of its parent: it must not hold the lock."""
     lock_experiment(str(tmp_path))
     read, write = os.pipe()
+    ready_read, ready_write = os.pipe()
     child = os.fork()
-    if child == 0:  # the child waits until the parent has let go, then exits without cleanup
-        os.close(write)
+    if child == 0:  # the child (its fork hooks have run) says so, waits until the parent has let go, then exits
+        os.write(ready_write, b'r')
         os.read(read, 1)
         os._exit(0)
+    os.read(ready_read, 1)
     try:
         release_experiment_locks()  # the parent's run ends (as a kill would end it); the child still runs
         lock_experiment(str(tmp_path))  # refused if the child's copy of the descriptor still held the lock
@@ -240,6 +242,8 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     finally:
         os.write(write, b'x')
         os.waitpid(child, 0)
+        for fd in (read, write, ready_read, ready_write):
+            os.close(fd)
 
 
 @pytest.mark.slow
