@@ -32,8 +32,16 @@ def out(lines):
     sys.stderr.writelines(lines)
     sys.stderr.flush()
 
+def lines():  # as they come, with the "\r" updates of progress bars (reading by "\n" would hold them back)
+    rest = b""
+    while chunk := os.read(0, 65536):
+        *done, rest = re.split(rb"(?<=[\r\n])", rest + chunk)
+        yield from (part.decode(errors="replace") for part in done)
+    if rest:
+        yield rest.decode(errors="replace")
+
 seen, held, report, rules = set(), [], False, 0
-for line in sys.stdin:
+for line in lines():
     if held:  # a traceback: the launcher one (its report then follows between two rules of "="), or a process one
         held.append(line)
         report = report or "ChildFailedError" in line
