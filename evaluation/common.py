@@ -1,7 +1,6 @@
 """What the evaluation scripts share: their flags (``add_data_args``, ``add_feature_args``), their start-up
 (``start``), the extraction of each split's features (``open_features``, ``extract_splits``), the epoch of the
 checkpoint (``checkpoint_epoch``), and the guard every writer of a named output uses (``check_output``)."""
-import argparse
 import logging
 import os
 import re
@@ -13,7 +12,7 @@ import torch
 from data.folders import add_dataset_arg, build_dataset, restrict_folder
 from data.transforms import eval_transform
 from evaluation import features
-from utils.checkpoint import LEGACY_MAGIC, ZIP_MAGIC, read_checkpoint, writable_folder
+from utils.checkpoint import read_checkpoint, writable_folder
 from utils.distributed import add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process
 from utils.errors import SimRegError
 from utils.logging import setup_logger
@@ -138,7 +137,7 @@ def checkpoint_epoch(weights, given=None):
     """The epoch of the student in ``weights``: its checkpoint's 'epoch', else n of a file named
     ``ckpt_epoch_<n>.pth``; ``given`` (--epoch) must agree, and is taken for a file that knows none (a teacher).
     None when neither says."""
-    ckpt = read_checkpoint(weights)
+    ckpt = read_checkpoint(weights, mmap=True)  # only its keys are needed
     student = isinstance(ckpt, dict) and (isinstance(ckpt.get('args'), dict) or 'opt' in ckpt)
     named = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', os.path.basename(weights))
     known, source = ((ckpt['epoch'], 'its checkpoint says') if student and isinstance(ckpt.get('epoch'), int)
@@ -174,13 +173,8 @@ def check_output(path, flag, inputs):
 def is_training_checkpoint(path):
     """Whether ``path`` is a torch.save file holding 'optimizer' or 'epoch' (a training run's checkpoint, of a
     student or a probe); its tensors are only mapped, not read."""
-    with open(path, 'rb') as f:
-        head = f.read(len(LEGACY_MAGIC))
-    if not head.startswith(ZIP_MAGIC) and not head.startswith(LEGACY_MAGIC):
-        return False
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=head.startswith(ZIP_MAGIC))
-    except Exception:  # damaged, or not this project's kind of file: nothing a run can resume
+        ckpt = read_checkpoint(path, mmap=True)
+    except SimRegError:  # damaged, or not a PyTorch file: nothing a run can resume
         return False
     return isinstance(ckpt, dict) and ('optimizer' in ckpt or 'epoch' in ckpt)

@@ -347,3 +347,17 @@ def test_training_outputs_are_0644_under_umask_022(ws):
     exp_dir = ws / 'runs' / 'exp' / 'modes'
     modes = {p.name: p.stat().st_mode & 0o777 for p in exp_dir.rglob('*') if p.is_file()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize('finished', [False, True])
+def test_the_watchdog_exits_75_only_when_the_stop_does_not_finish(finished):
+    """A run stuck after a stop signal ends with RESUME_EXIT_CODE once the deadline passes; one that finishes in
+    time is left alone."""
+    code = ('import threading, time\n'
+            'from utils.checkpoint import start_watchdog\n'
+            'done = threading.Event()\n'
+            'start_watchdog(done, 0.2, lambda: print("stuck", flush=True))\n'
+            f'done.set() if {finished} else None\n'
+            'time.sleep(3)\n')  # a stuck run that the watchdog does not end exits 0 here
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == ((0, '') if finished else (RESUME_EXIT_CODE, 'stuck\n'))

@@ -228,6 +228,17 @@ def ignore_in_loader_worker(worker_id):
     threading.Thread(target=take_signals, daemon=True).start()
 
 
+def start_watchdog(done, deadline_s, say):
+    """After a stop signal: a thread that calls ``say()`` and exits RESUME_EXIT_CODE unless ``done`` is set within
+    ``deadline_s`` (the run is stuck in a call that does not return)."""
+    def watch():
+        if not done.wait(deadline_s):
+            say()
+            record_exit_code(RESUME_EXIT_CODE)
+            os._exit(RESUME_EXIT_CODE)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class StoppedBeforeTraining(BaseException):
     """A stop signal came before the first step (a BaseException, so that no ``except Exception`` swallows it)."""
 
@@ -246,15 +257,10 @@ class StartupSignals:
         if os.getpid() != self.pid or not self.active or self.signal is not None:
             return  # a loader worker (its loader ends it), a signal after start-up, or the same request again
         self.signal = signal.Signals(signum).name
-        threading.Thread(target=self._watchdog, daemon=True).start()
+        start_watchdog(self.done, self.deadline_s, lambda: print(
+            f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
+            file=sys.stderr, flush=True))
         raise StoppedBeforeTraining(f'{self.signal} received before training started')
-
-    def _watchdog(self):
-        if not self.done.wait(self.deadline_s):
-            print(f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
-                  file=sys.stderr, flush=True)
-            record_exit_code(RESUME_EXIT_CODE)
-            os._exit(RESUME_EXIT_CODE)
 
     def training(self):
         """``StopRequest`` handles the signals from here on (and restores these handlers, now inert, at its end)."""
@@ -281,14 +287,9 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
         self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
                          self.signal, RESUME_EXIT_CODE)
-        threading.Thread(target=self._watchdog, daemon=True).start()
-
-    def _watchdog(self):
-        if not self.done.wait(self.deadline_s):
-            self.log.warning('==> the step and checkpoint did not finish within %.0f s of %s: exiting now; '
-                             'the previous checkpoint is intact', self.deadline_s, self.signal)
-            record_exit_code(RESUME_EXIT_CODE)
-            os._exit(RESUME_EXIT_CODE)
+        start_watchdog(self.done, self.deadline_s, lambda: self.log.warning(
+            '==> the step and checkpoint did not finish within %.0f s of %s: exiting now; the previous checkpoint '
+            'is intact', self.deadline_s, self.signal))
 
     def agreed(self):
         """Whether to stop after this step; every rank gets the same answer at the same step."""
@@ -421,9 +422,10 @@ ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6
 LEGACY_MAGIC = pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)  # what the legacy format pickles first
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """torch.load on CPU with weights_only=True (and argparse.Namespace, which SimReg's main.py saved); a
-    damaged file is one line saying what it is (from its first bytes) and the fix."""
+    damaged file is one line saying what it is (from its first bytes) and the fix. ``mmap``: a zip-format file's
+    tensors are mapped, not read (to look at its keys)."""
     if not os.path.isfile(path):
         raise SimRegError(f'checkpoint {path} does not exist: check the path')
     kind, head = _checkpoint_kind(path)
@@ -441,7 +443,7 @@ def read_checkpoint(path):
                           f'file is truncated; download or copy it again')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and kind == 'zip')
     except Exception as exc:  # torch.load signals a damaged file with many exception types
         if isinstance(exc, pickle.UnpicklingError) and 'weights only load failed' in str(exc).lower():
             reason = next((ln.strip() for ln in str(exc).splitlines() if 'GLOBAL' in ln), 'unsupported object')
