@@ -30,17 +30,16 @@ from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
 from models.head import build_head
 from models.loading import load_strict
-from models.simreg import AUTOCAST_DTYPES, SimReg, default_precision, in_float64
+from models.simreg import AUTOCAST_DTYPES, SimReg, build_teachers, default_precision, in_float64
 from models.student import student_checkpoint
-from models.teachers import build_teachers
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import (Checkpointer, Preempted, StartupSignals, StopRequest, StoppedBeforeTraining,
-                              describe_non_finite, ignore_in_loader_worker, lock_experiment, make_folder, non_finite,
-                              read_checkpoint, release_experiment_locks, remove_stale_temp_files, resume_candidates,
-                              writable_folder)
+from utils.checkpoint import (describe_non_finite, lock_experiment, make_folder, non_finite, read_checkpoint,
+                              release_experiment_locks, remove_stale_temp_files, resume_candidates, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, end_broken_group, exit_on_user_error
-from utils.logging import Logs, MetricLogger, setup_logger
+from utils.logging import Logs, setup_logger
+from utils.training import (Checkpointer, MetricLogger, Preempted, StartupSignals, StopRequest, StoppedBeforeTraining,
+                            ignore_in_loader_worker)
 
 
 def get_args_parser():

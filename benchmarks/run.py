@@ -164,8 +164,7 @@ def bench_train_step(quick):
     import train_student
     from models.backbones import build_backbone
     from models.head import build_head
-    from models.simreg import SimReg
-    from models.teachers import LiveTeacher
+    from models.simreg import LiveTeacher, SimReg
     from data.transforms import DeviceInput, normalize
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -1,7 +1,26 @@
-"""SimReg: the trained student (backbone + regression head) and the autocast dtype (teachers:
-``models.teachers``)."""
+"""The distillation pair: the trained student (``SimReg``: backbone + regression head) and the frozen teachers it
+regresses, and the autocast dtype both run in.
+
+A teacher is called on a batch: ``teacher(index, view)`` returns its targets for those samples. A ``LiveTeacher``
+runs its network on the teacher's view; a ``CachedTeacher`` reads the rows of a feature cache
+(``data.teacher_cache``) by sample index and needs no view. ``needs_view`` says which, and is the one thing the rest
+of the code asks (the loader draws a teacher view only when some teacher needs one). Several teachers
+(``--arch_teacher a,b``) give one head each, named by ``head_names``; the per-teacher flags (``--teacher_weights``,
+``--teacher_feats``) are comma-separated lists.
+"""
+import os
+
 import torch
 import torch.nn as nn
+
+from data.teacher_cache import open_teacher_cache
+from models.backbones import TEACHER_ARCHS
+from models.loading import load_backbone
+from models.presets import resolve_weights
+from models.vit import channels_last_helps
+from utils import distributed as dist_utils
+from utils.checkpoint import file_sha256
+from utils.errors import SimRegError
 
 # --precision: the autocast dtype of each choice (fp32: autocast off)
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -47,3 +66,115 @@ def _inputs_to_float64(module, inputs):
 def freeze(teacher):
     """Eval mode and no gradients: the teacher is a fixed function of its input."""
     return teacher.eval().requires_grad_(False)
+
+
+class LiveTeacher:
+    """A frozen network run on the teacher's view of each batch."""
+
+    needs_view = True
+    boxes = None
+
+    def __init__(self, network, info):
+        self.network = freeze(network)
+        self.feat_dim = network.feat_dim
+        self.info = info
+
+    def to(self, device, memory_format=torch.contiguous_format, dtype=None):
+        """On ``device``; ``dtype``: the autocast dtype on GPUs, so that autocast does not cast the frozen
+        weights again at every step."""
+        if not channels_last_helps(self.network):
+            memory_format = torch.contiguous_format  # --channels_last is for the convolutional nets
+        self.network.to(device, dtype, memory_format=memory_format)
+        return self
+
+    def __call__(self, index, view, amp_dtype=None):
+        with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
+                                                    enabled=amp_dtype is not None):
+            features = self.network(view)
+        # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
+        return features.clone()
+
+
+class CachedTeacher:
+    """Teacher features read from a ``data.teacher_cache`` by sample index, or by (sample index, view)
+    for a multi-view cache, whose stored view ``boxes`` the student replays; no network, no view."""
+
+    needs_view = False
+
+    def __init__(self, cache, info):
+        self.cache = cache
+        self.feat_dim = cache.feat_dim
+        self.info = info
+        self.boxes = cache.boxes
+        self.device = torch.device('cpu')
+
+    def to(self, device, memory_format=None, dtype=None):
+        self.device = device  # the rows stay fp16; the loss casts them to the prediction's dtype
+        return self
+
+    def __call__(self, index, view=None, amp_dtype=None):
+        return self.cache.rows(index, pin_memory=self.device.type == 'cuda').to(self.device, non_blocking=True)
+
+
+def head_names(archs):
+    """What each teacher's head is called in checkpoints: its arch, numbered when archs repeat."""
+    return [arch if archs.count(arch) == 1 else f'{arch}_{i}' for i, arch in enumerate(archs)]
+
+
+def split_per_teacher(value, count, flag):
+    """A comma-separated flag with one entry per teacher ('' where a teacher has none)."""
+    if not value:
+        return [''] * count
+    entries = value.split(',')
+    if len(entries) != count:
+        raise SimRegError(f'{flag} lists {len(entries)} entries for {count} teachers (--arch_teacher): '
+                          f'give one per teacher, empty ones included (e.g. "a.pth,")')
+    return entries
+
+
+def build_teachers(args, dataset, ctx, log):
+    """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order, on ``ctx.device`` (live ones in the
+    autocast dtype on GPUs). With --use_cache the one teacher, or each teacher that has a --teacher_feats entry,
+    is read from its cache."""
+    archs = args.arch_teacher.split(',')
+    unknown = [a for a in archs if a not in TEACHER_ARCHS]
+    if unknown:
+        raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)}')
+    weights = split_per_teacher(args.teacher_weights, len(archs), '--teacher_weights')
+    feats = split_per_teacher(args.teacher_feats, len(archs), '--teacher_feats')
+    if any(feats) and not args.use_cache:
+        raise SimRegError('--teacher_feats is read only with --use_cache: add --use_cache')
+    teachers = {}
+    for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
+        if args.use_cache and (feat or len(archs) == 1):
+            teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(ctx.device)
+        else:
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(
+                ctx.device, ctx.memory_format, ctx.amp_dtype if ctx.device.type == 'cuda' else None)
+    return teachers
+
+
+def cached_teacher(path, dataset, image_size, log):
+    cache = open_teacher_cache(path, dataset, log.info)
+    if cache.num_views and cache.meta['image_size'] != image_size:
+        raise SimRegError(f"{cache.path} holds teacher features of views cropped to {cache.meta['image_size']}px, "
+                          f"the student would replay them at {image_size}px: pass --image_size "
+                          f"{cache.meta['image_size']} (or build the cache at this size)")
+    if cache.meta.get('image_size') not in (None, image_size):
+        log.warning('note: %s holds teacher features of %spx center crops, the student trains on %dpx crops',
+                    cache.path, cache.meta['image_size'], image_size)
+    info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim}
+    return CachedTeacher(cache, info)
+
+
+def live_teacher(name, arch, weight, count, teacher_fc):
+    if not weight:
+        raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
+                          f'{arch}{", one per teacher" if count > 1 else ""})')
+    dist_utils.run_on_main(lambda: resolve_weights(weight))  # a preset is downloaded once, by rank 0
+    path = resolve_weights(weight)
+    network = load_backbone(arch, path, keep_fc=teacher_fc)
+    sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
+    info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
+            'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc}
+    return LiveTeacher(network, info)

@@ -15,7 +15,7 @@ from data.folders import build_dataset
 from data.teacher_cache import dataset_fingerprint, open_teacher_cache, sidecar_path
 from data.transforms import TwoViews, eval_transform, normalize
 from models.loading import load_backbone
-from models.teachers import LiveTeacher
+from models.simreg import LiveTeacher
 from evaluation import features
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError

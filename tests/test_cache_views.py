@@ -19,7 +19,7 @@ from data.sampler import derive_seed
 from data.teacher_cache import TeacherFeatureCache, open_teacher_cache, sidecar_path, views_path
 from data.transforms import normalize, weak_transform
 from models.loading import load_backbone
-from models.teachers import CachedTeacher, LiveTeacher
+from models.simreg import CachedTeacher, LiveTeacher
 from utils.errors import SimRegError
 
 pytestmark = pytest.mark.usefixtures('one_thread')

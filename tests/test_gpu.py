@@ -193,7 +193,7 @@ def test_cached_targets_copied_asynchronously_stay_intact(tmp_path):
     whole, and no later gather overwrites a buffer whose copy is still in flight."""
     import numpy as np
     from data.teacher_cache import TeacherFeatureCache, write_sidecar
-    from models.teachers import CachedTeacher
+    from models.simreg import CachedTeacher
     path = str(tmp_path / 'feats.npy')
     rows = np.random.RandomState(0).randn(4096, 256).astype(np.float16)
     np.save(path, rows)

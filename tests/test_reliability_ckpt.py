@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder, read_json, train_log, write_teacher_checkpoint
-from utils.checkpoint import (Checkpointer, lock_experiment, non_finite, release_experiment_locks, save_atomic,
-                              write_file_atomic)
+from utils.checkpoint import lock_experiment, non_finite, release_experiment_locks, save_atomic, write_file_atomic
 from utils.errors import RESUME_EXIT_CODE, SimRegError
+from utils.training import Checkpointer
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
 
@@ -354,7 +354,7 @@ def test_the_watchdog_exits_75_only_when_the_stop_does_not_finish(finished):
     """A run stuck after a stop signal ends with RESUME_EXIT_CODE once the deadline passes; one that finishes in
     time is left alone."""
     code = ('import threading, time\n'
-            'from utils.checkpoint import start_watchdog\n'
+            'from utils.training import start_watchdog\n'
             'done = threading.Event()\n'
             'start_watchdog(done, 0.2, lambda: print("stuck", flush=True))\n'
             f'done.set() if {finished} else None\n'

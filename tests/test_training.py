@@ -92,7 +92,7 @@ def test_channels_last_defaults_to_the_device():
 def test_live_teacher_held_in_the_autocast_dtype_gives_the_same_features():
     """On GPUs the frozen teacher is kept in the autocast dtype (autocast would cast its weights every step):
     the same features to bf16 rounding (here with CPU autocast)."""
-    from models.teachers import LiveTeacher
+    from models.simreg import LiveTeacher
     torch.manual_seed(0)
     network = build_backbone('resnet18').eval()
     views = torch.randn(4, 3, 32, 32)

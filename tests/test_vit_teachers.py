@@ -326,7 +326,7 @@ def test_vit_teacher_trains_a_resnet_live_and_cached(tmp_path, one_thread):
 
 def test_channels_last_only_for_convolutional_teachers(one_thread):
     """--channels_last puts the ResNets in NHWC; a ViT (one patch convolution) stays as it is."""
-    from models.teachers import LiveTeacher
+    from models.simreg import LiveTeacher
     vit = LiveTeacher(build_backbone('vit_small_patch16'), {}).to('cpu', torch.channels_last)
     assert vit.network.patch_embed.proj.weight.is_contiguous()
     resnet = LiveTeacher(build_backbone('resnet18'), {}).to('cpu', torch.channels_last)
@@ -335,7 +335,7 @@ def test_channels_last_only_for_convolutional_teachers(one_thread):
 
 
 def test_vit_teacher_under_bf16_autocast(one_thread):
-    from models.teachers import LiveTeacher
+    from models.simreg import LiveTeacher
     torch.manual_seed(0)
     teacher = LiveTeacher(build_backbone('vit_small_patch16'), {}).to('cpu')
     view = torch.randn(2, 3, 32, 32)

@@ -1,6 +1,6 @@
-"""Atomic checkpoint writes of finite states only, when to write inside an epoch, which checkpoint to resume from,
-the experiment's lock (one run at a time), and the stop signals (SIGTERM, SIGUSR1) that end a run with exit 75:
-after a step and a checkpoint once training runs, at once before."""
+"""Checkpoint files: atomic writes, finite states only, which checkpoint to resume from, reading any checkpoint
+with ``weights_only=True``, file digests, and the experiment's lock (one run at a time). When to write them:
+``utils.training.Checkpointer``."""
 import argparse
 import contextlib
 import errno
@@ -10,19 +10,14 @@ import hashlib
 import os
 import pickle
 import re
-import signal
 import socket
-import sys
 import tempfile
-import threading
 import time
 import zipfile
 
 import torch
-import torch.distributed as dist
 
-from utils.distributed import is_main_process
-from utils.errors import RESUME_EXIT_CODE, SimRegError, record_exit_code
+from utils.errors import SimRegError
 
 
 def write_atomic(path, mode, write):
@@ -207,201 +202,6 @@ def remove_stale_temp_files(folder):
     for path in stale:
         os.remove(path)
     return [os.path.basename(path) for path in stale]
-
-
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_in_loader_worker(worker_id):
-    """``worker_init_fn`` of the training loader: its workers outlive the stop signals a scheduler sends to every
-    process of the job (else the main process raises mid-step), while the main process's own SIGTERM, the loader
-    shutting a worker down, still ends it. Both signals are blocked, and a thread takes them with their sender."""
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-
-    def take_signals():
-        while True:
-            info = signal.sigwaitinfo(SIGNALS)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take_signals, daemon=True).start()
-
-
-def start_watchdog(done, deadline_s, say):
-    """After a stop signal: a thread that calls ``say()`` and exits RESUME_EXIT_CODE unless ``done`` is set within
-    ``deadline_s`` (the run is stuck in a call that does not return)."""
-    def watch():
-        if not done.wait(deadline_s):
-            say()
-            record_exit_code(RESUME_EXIT_CODE)
-            os._exit(RESUME_EXIT_CODE)
-    threading.Thread(target=watch, daemon=True).start()
-
-
-class StoppedBeforeTraining(BaseException):
-    """A stop signal came before the first step (a BaseException, so that no ``except Exception`` swallows it)."""
-
-
-class StartupSignals:
-    """From the first line of ``main`` until ``StopRequest`` takes over (``training()``): SIGTERM and SIGUSR1 raise
-    ``StoppedBeforeTraining`` at once, wherever start-up is (a write in progress drops its temp file). If that has not
-    ended the process within ``deadline_s`` (a call that does not return), it exits RESUME_EXIT_CODE anyway."""
-
-    def __init__(self, deadline_s=60.0):
-        self.deadline_s, self.pid, self.active, self.signal = deadline_s, os.getpid(), True, None
-        self.done = threading.Event()
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid or not self.active or self.signal is not None:
-            return  # a loader worker (its loader ends it), a signal after start-up, or the same request again
-        self.signal = signal.Signals(signum).name
-        start_watchdog(self.done, self.deadline_s, lambda: print(
-            f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
-            file=sys.stderr, flush=True))
-        raise StoppedBeforeTraining(f'{self.signal} received before training started')
-
-    def training(self):
-        """``StopRequest`` handles the signals from here on (and restores these handlers, now inert, at its end)."""
-        self.active = False
-
-    def close(self):
-        self.done.set()
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class StopRequest:
-    """Installs the handlers; ``agreed()`` is True on every rank after the same step once a signal came."""
-
-    def __init__(self, log, deadline_s=60.0):
-        self.log, self.deadline_s = log, deadline_s
-        self.signal, self.pending, self.pid, self.done = None, None, os.getpid(), threading.Event()
-        self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid or self.signal is not None:
-            return  # a loader worker (forked with this handler), or the same request again
-        self.signal = signal.Signals(signum).name
-        self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
-                         self.signal, RESUME_EXIT_CODE)
-        start_watchdog(self.done, self.deadline_s, lambda: self.log.warning(
-            '==> the step and checkpoint did not finish within %.0f s of %s: exiting now; the previous checkpoint '
-            'is intact', self.deadline_s, self.signal))
-
-    def agreed(self):
-        """Whether to stop after this step; every rank gets the same answer at the same step."""
-        if self.group is None:
-            return self.signal is not None
-        stop = False
-        if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())
-        flag = torch.tensor([int(self.signal is not None)])
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        return stop
-
-    def close(self):
-        """The run is over (finished, stopped or failed): restore the handlers, stop the watchdog."""
-        self.done.set()
-        if self.pending is not None:
-            with contextlib.suppress(RuntimeError):  # a peer that is gone: the run ends anyway
-                self.pending[0].wait()
-            self.pending = None
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Preempted(Exception):
-    """A stop signal (``StopRequest``) ended the run after a step, whose checkpoint is written."""
-
-    def __init__(self, signal, epoch, step, steps, path):
-        super().__init__(f'stopped by {signal} in epoch {epoch} after step {step}/{steps}')
-        self.signal, self.epoch, self.step, self.steps, self.path = signal, epoch, step, steps, path
-
-
-class Checkpointer:
-    """The one writer of a run's checkpoints (only rank 0 writes; every rank calls).
-
-    ``save(epoch)`` after an epoch (and at 0, the untrained student): ``ckpt_epoch_<n>.pth`` every ``--save_freq``
-    epochs, at 0 and the last, and ``last.pth``. ``after_step(meter)``: ``last.pth`` every ``--ckpt_every_steps``
-    steps or ``--ckpt_every_min`` minutes, and when ``stop`` (``StopRequest``) ends the run, then ``Preempted``.
-    ``state_fn(epoch, meter)``: the state after ``epoch`` completed epochs (and the ``MetricLogger`` inside one).
-    ``start``: where the run started (``{'epoch', 'step'}``, and ``meter`` and ``path`` when it resumed).
-    Nothing that is not finite is written (``finite``)."""
-
-    def __init__(self, ckpt_dir, state_fn, args, stop, start):
-        self.ckpt_dir, self.path, self.state_fn = ckpt_dir, os.path.join(ckpt_dir, 'last.pth'), state_fn
-        self.every_steps, self.every_s = args.ckpt_every_steps, 60 * args.ckpt_every_min
-        self.save_freq, self.epochs, self.stop, self.start = args.save_freq, args.epochs, stop, start
-        self.writer = is_main_process()
-        self.written = [start['path']] if start.get('path') else []  # the files holding the weights trained on
-        self.first_finite = None  # (rank 0) whether the first step from those weights had a finite loss
-        self.wrote()
-
-    def wrote(self, *paths):
-        """A checkpoint was written (to ``paths``): the intervals start again."""
-        self.steps, self.since = 0, time.monotonic()
-        if paths:
-            self.written, self.first_finite = list(paths), None
-
-    def resumed_meter(self, epoch):
-        """The meter's state to continue when the run resumed inside ``epoch``, else None."""
-        return self.start.get('meter') if epoch == self.start['epoch'] else None
-
-    def save(self, epoch):
-        if self.writer:
-            state, paths = self.finite(self.state_fn(epoch), f'after epoch {epoch}'), []
-            if epoch == 0 or epoch % self.save_freq == 0 or epoch == self.epochs:
-                paths.append(os.path.join(self.ckpt_dir, f'ckpt_epoch_{epoch}.pth'))
-            if epoch > 0:
-                paths.append(self.path)
-            for path in paths:
-                save_atomic(state, path)
-            self.wrote(*(paths if epoch > 0 else []))  # the untrained student is never set aside
-        self.wrote()
-
-    def finite(self, state, when):
-        """``state``, if its weights, optimizer state and loss sums are all finite; else a SimRegError and no write
-        (the loss is checked every --print_freq steps only, and a step can make the weights non-finite with a finite
-        loss). When the first step from the weights last written already had a non-finite loss, those weights
-        diverge at once: their files are renamed ``<name>.diverged`` so that --resume auto takes an earlier one."""
-        bad = non_finite(state)
-        if not bad:
-            return state
-        loss = any(name.startswith('meter.') for name in bad)
-        kept = 'the last good checkpoint is kept'
-        if loss and self.written and self.first_finite is not None and not bool(self.first_finite):
-            for path in self.written:
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, path + '.diverged')
-            names = ' and '.join(os.path.basename(path) for path in self.written)
-            kept = f'the first step from the weights of {names} already had a non-finite loss: renamed *.diverged'
-        raise SimRegError(f'{"the loss" if loss else f"the state ({describe_non_finite(bad)})"} is not finite {when}: '
-                          f'training diverged; nothing was written, {kept}: lower --learning_rate or use '
-                          f'--precision fp32, then --resume auto (the newest good checkpoint)')
-
-    def after_step(self, meter):
-        """Write ``last.pth`` when due; raise ``Preempted`` once written when the run must stop. At an epoch's last
-        step a due checkpoint is left to ``save``, which writes one anyway."""
-        self.steps += 1
-        if self.steps == 1 and self.writer:  # the sums were finite at the last write: this step's loss decides
-            self.first_finite = meter.epoch_sum.isfinite().all()  # no host sync until ``finite`` needs it
-        stop = self.stop.agreed()
-        due = (self.every_steps and self.steps >= self.every_steps) or \
-              (self.every_s and time.monotonic() - self.since >= self.every_s)
-        if stop or (due and meter.step < meter.steps):
-            if self.writer:
-                state = self.finite(self.state_fn(meter.epoch - 1, meter), f'at epoch {meter.epoch} step {meter.step}')
-                save_atomic(state, self.path)
-                self.wrote(self.path)
-            self.wrote()
-        if stop:
-            raise Preempted(self.stop.signal or 'a signal on another process', meter.epoch, meter.step, meter.steps,
-                            self.path)
 
 
 def file_digest(path, algorithm='sha256'):

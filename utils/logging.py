@@ -1,18 +1,13 @@
-"""Logging on rank 0: the text log, one JSON object per line (``log.jsonl``), TensorBoard, tqdm, and the
-training meter (``MetricLogger``, after torchvision's references/classification)."""
+"""Logging on rank 0: the text log, one JSON object per line (``log.jsonl``) and TensorBoard (the training
+meter that writes to them: ``utils.training.MetricLogger``)."""
 import json
 import logging
-import math
 import os
 import sys
-import time
 
-import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from utils.distributed import all_reduce_mean, is_main_process
-from utils.errors import SimRegError
+from utils.distributed import is_main_process
 
 
 def setup_logger(log_file=None, name='simreg'):
@@ -112,97 +107,6 @@ def knn_scalars(name, values):
     if all(not isinstance(v, dict) for v in values.values()):
         return {f'knn/{name}_{k}nn': v for k, v in values.items()}
     return {tag: v for head, inner in values.items() for tag, v in knn_scalars(f'{name}_{head}', inner).items()}
-
-
-class MetricLogger:
-    """The bookkeeping of one training epoch (after torchvision's references/classification).
-
-    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq`` steps and at
-    the epoch's last step the window's mean loss is averaged over ranks (one sync, so every rank takes the same
-    decision on a non-finite loss) and reported with the lr, the images per second and the loader-wait share."""
-
-    def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
-        self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
-        self.optimizer, self.logs = optimizer, ctx.logs
-        self.epoch_sum = torch.zeros(len(self.heads), device=ctx.device)
-        self.window_sum = torch.zeros(len(self.heads), device=ctx.device)
-        self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
-        self.start, self.bar = time.perf_counter(), None
-
-    def state_dict(self):
-        return {'step': self.step, 'window_start': self.window_start, 'epoch_sum': self.epoch_sum.cpu(),
-                'window_sum': self.window_sum.cpu()}
-
-    def load_state_dict(self, state):
-        """Continue the sums of a checkpoint written inside the epoch (None: nothing to continue)."""
-        if state is None:
-            return
-        self.step, self.window_start = state['step'], state['window_start']
-        self.epoch_sum.copy_(state['epoch_sum'])
-        self.window_sum.copy_(state['window_sum'])
-
-    def log_every(self, loader):
-        """Yield the loader's batches (the steps of the epoch not done yet), timing the wait for each."""
-        self.bar = tqdm(total=self.steps, initial=self.step, desc=f'epoch {self.epoch}',
-                        disable=not is_main_process(), dynamic_ncols=True, leave=False)
-        self.first_step, self.data_time = self.step, 0.0
-        self.start = end = time.perf_counter()
-        with self.bar:
-            for batch in loader:
-                self.data_time += time.perf_counter() - end
-                yield batch
-                end = time.perf_counter()
-
-    def update(self, losses):
-        """A step is done: add its losses; report a window every ``print_freq`` steps and at the last."""
-        self.epoch_sum += losses
-        self.window_sum += losses
-        self.step += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        if self.step % self.logs.print_freq == 0 or self.step == self.steps:
-            self.report_window()
-
-    def speed(self):
-        """Images per second over all processes, and the data-wait share, since ``log_every`` started."""
-        elapsed = time.perf_counter() - self.start
-        return {'images_per_s': (self.step - self.first_step) * self.images_per_step / elapsed,
-                'data_wait_share': self.data_time / elapsed}
-
-    def mean_losses(self, total, count):
-        """(Mean loss, {head: loss}) of ``total`` over ``count`` steps, averaged over ranks; non-finite: SimRegError."""
-        losses = all_reduce_mean(total / count).tolist()
-        loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            raise SimRegError(f'loss is {loss} at epoch {self.epoch} step {self.step}: training diverged; the '
-                              f'last good checkpoint is kept: lower --learning_rate or use '
-                              f'--precision fp32, then --resume auto')
-        return loss, dict(zip(self.heads, losses))
-
-    def report_window(self):
-        loss, heads = self.mean_losses(self.window_sum, self.step - self.window_start)
-        stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
-        self.logs.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
-                                      (self.epoch - 1) * self.steps + self.step)
-        self.logs.json.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f'{loss:.4f}')
-        if self.step % self.logs.print_freq == 0:
-            self.logs.text.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, self.step, self.steps,
-                                loss, per_head(heads), stats['images_per_s'])
-        self.window_sum.zero_()
-        self.window_start = self.step
-
-    def summary(self):
-        """The epoch's mean loss (and per head), lr, img/s and data-wait share over ranks; logged and to TensorBoard."""
-        loss, heads = self.mean_losses(self.epoch_sum, self.steps)
-        lr = self.optimizer.param_groups[0]['lr']
-        stats = {'loss': loss, 'lr': lr, **self.speed()}
-        self.logs.text.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
-                            per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
-        self.logs.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
-                                       **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
-        return {**stats, 'head_losses': heads}
 
 
 def prefixed(head_losses):
