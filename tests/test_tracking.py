@@ -3,6 +3,7 @@ the arguments and the report; a resumed run continues the same tracked runs; a m
 import glob
 import json
 import os
+import signal
 import struct
 import sys
 
@@ -82,19 +83,31 @@ def jsonl_series(exp_dir):
 
 
 @pytest.mark.slow
-def test_wandb_and_mlflow_record_the_loss_series_and_a_resume_continues_them(workspace, one_thread):
+def test_wandb_and_mlflow_record_the_loss_series_and_a_resume_continues_them(workspace, one_thread, monkeypatch):
     import mlflow
+    import train_student
     from evaluation import report
+    steps, train_step = [], train_student.train_step
+
+    def stop_in_the_third_step(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args)
+    monkeypatch.setattr(train_student, 'train_step', stop_in_the_third_step)
     exp_dir = workspace / 'runs' / 'exp' / 'tracked'
-    train(train_args(workspace, '--epochs', '1'))
+    with pytest.raises(SystemExit) as stopped:  # SIGTERM in the third step: a checkpoint after it, exit 75
+        train(train_args(workspace, '--epochs', '2'))
+    assert stopped.value.code == 75
     ids = read_json(exp_dir / 'logs' / 'tracking.json')
     assert ids['mlflow']['tracking_uri'] == f'file://{workspace}/mlruns'
     # the report, with a k-NN result: report.py gives its files and numbers to the tracked runs
     os.makedirs(exp_dir / 'features')
     (exp_dir / 'features' / 'knn_results.json').write_text(json.dumps({'majority_top1': {'1': 50.0, '20': 62.5}}))
     report.main(report.get_args_parser().parse_args([str(exp_dir)]))
+    monkeypatch.setattr(train_student, 'train_step', train_step)
     train(train_args(workspace, '--epochs', '2', '--resume', 'auto'))
-    assert resumed_from(exp_dir) == 1
+    assert train_log(exp_dir, 'start')[-1]['start_step'] == 1 and resumed_from(exp_dir) == 1
     assert read_json(exp_dir / 'logs' / 'tracking.json') == ids
     windows, epochs = jsonl_series(exp_dir)
     assert sorted(windows) == list(range(1, 5)) and sorted(epochs) == [1, 2]  # 16 images / 8 = 2 steps an epoch
@@ -115,7 +128,7 @@ def test_wandb_and_mlflow_record_the_loss_series_and_a_resume_continues_them(wor
     assert history('results/student_knn_after_1') == [(0, 50.0)] * 2  # at the report, at the resumed run's end
     run = client.get_run(run_id)
     assert run.info.status == 'FINISHED' and run.info.run_name == 'tracked'
-    assert run.data.params['arch_student'] == 'resnet18' and run.data.params['epochs'] == '1'  # the first start's
+    assert run.data.params['arch_student'] == 'resnet18' and run.data.params['resume'] == ''  # the first start's
     assert {a.path for a in client.list_artifacts(run_id)} == {'report.png', 'report.json'}
     experiment = client.get_experiment_by_name('simreg').experiment_id
     assert len(client.search_runs([experiment])) == 1
