@@ -38,6 +38,7 @@ from utils.checkpoint import (describe_non_finite, lock_experiment, make_folder,
                               release_experiment_locks, remove_stale_temp_files, resume_candidates, writable_folder)
 from utils.errors import RESUME_EXIT_CODE, SimRegError, end_broken_group, exit_on_user_error
 from utils.logging import Logs, setup_logger
+from utils.tracking import check_log_to
 from utils.training import (Checkpointer, MetricLogger, Preempted, StartupSignals, StopRequest, StoppedBeforeTraining,
                             ignore_in_loader_worker)
 
@@ -113,6 +114,8 @@ def get_args_parser():
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the student (falls back to eager where compilation fails)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--log_to', default='', help='also log to these trackers, a comma list: wandb, mlflow '
+                                                '(docs/training.md); TensorBoard and log.jsonl are always written')
     # online k-NN (evaluation/online_knn.py)
     p.add_argument('--knn_every', type=int, default=0,
                    help='every N epochs and at the last, log the 1-NN and 20-NN top-1 of the student backbone on '
@@ -167,6 +170,7 @@ def check_args(args):
     for ok, message in checks:
         if not ok:
             raise SimRegError(message)
+    check_log_to(args.log_to)
     per_rank = args.batch_size // world
     if args.bn_batch < 0 or args.bn_batch == 1:
         raise SimRegError(f'--bn_batch {args.bn_batch}: give the images per BatchNorm group, 2 or more (64, the '
@@ -224,7 +228,7 @@ def train(args, startup):
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # every step has the same shapes: autotune once
     ctx = Context(device, AUTOCAST_DTYPES.get(args.precision), mse_nonorm=args.mse_nonorm,
                   memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
-                  logs=Logs(logs_dir, args.print_freq))
+                  logs=Logs(logs_dir, args.print_freq, args.log_to))
     log = ctx.logs.text
     if args.weak_strong and args.weak_weak:
         log.warning('note: --weak_strong and --weak_weak: --weak_strong wins')

@@ -11,6 +11,7 @@ import os
 from utils.checkpoint import write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
 from utils.logging import read_json_log
+from utils.tracking import log_report
 
 SOURCES = {  # option -> its default path, relative to EXP_DIR (demo/demo.sh's layout)
     'log': os.path.join('logs', 'log.jsonl'),
@@ -241,6 +242,7 @@ def main(args):
     write_file_atomic(json.dumps(report, indent=2) + '\n', json_path)
     write_file_atomic(render_png(report, windows), png_path)
     print(f'report: {json_path}, {png_path}')
+    log_report(args.exp_dir)  # to the runs of train_student.py --log_to, if any
     return report
 
 

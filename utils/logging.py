@@ -8,6 +8,7 @@ import sys
 from torch.utils.tensorboard import SummaryWriter
 
 from utils.distributed import is_main_process
+from utils.tracking import build_trackers
 
 
 def setup_logger(log_file=None, name='simreg'):
@@ -26,10 +27,11 @@ def setup_logger(log_file=None, name='simreg'):
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0, made at the first scalar; a no-op elsewhere."""
+    """A SummaryWriter on rank 0, made at the first scalar, and the ``--log_to`` trackers, which get the same scalars
+    (``utils.tracking``); a no-op elsewhere."""
 
-    def __init__(self, log_dir):
-        self.log_dir, self.writer = log_dir, None
+    def __init__(self, log_dir, trackers=()):
+        self.log_dir, self.writer, self.trackers = log_dir, None, trackers
 
     def scalars(self, values, step):
         if not is_main_process():
@@ -39,6 +41,8 @@ class TensorBoard:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
+        for tracker in self.trackers:
+            tracker.scalars(values, step)
 
     def close(self):
         if self.writer is not None:
@@ -73,16 +77,21 @@ def read_json_log(path, event=None):
 
 class Logs:
     """A training run's log sinks, written on rank 0: ``text`` (stdout and train.log), ``json`` (log.jsonl) and
-    ``tensorboard``; ``print_freq``: the steps of a logged window."""
+    ``tensorboard`` (with the ``log_to`` trackers: a comma list of wandb, mlflow); ``print_freq``: the steps of a
+    logged window."""
 
-    def __init__(self, logs_dir, print_freq):
+    def __init__(self, logs_dir, print_freq, log_to=None):
         self.text = setup_logger(os.path.join(logs_dir, 'train.log'))
         self.json = JsonLog(json_log_path(logs_dir))
-        self.tensorboard = TensorBoard(logs_dir)
+        self.trackers = build_trackers(logs_dir, log_to) if is_main_process() else []
+        self.tensorboard = TensorBoard(logs_dir, self.trackers)
         self.print_freq = print_freq
 
     def start(self, **record):
-        """The ``start`` record; its online k-NN values (``knn_*``) also go to TensorBoard at step 0."""
+        """The ``start`` record (after train_args.json is written: the trackers start with it, a resumed run continues
+        its tracked runs); its online k-NN values (``knn_*``) also go to TensorBoard at step 0."""
+        for tracker in self.trackers:
+            tracker.start(resume=record.get('resumed_from') is not None)
         for key, value in record.items():
             if key.startswith('knn_'):
                 self.tensorboard.scalars(knn_scalars(key[len('knn_'):], value), 0)
@@ -99,6 +108,8 @@ class Logs:
 
     def close(self):
         self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def knn_scalars(name, values):
