@@ -51,7 +51,7 @@ def build_dinov3(arch):
     """A DINOv3 backbone of the release's shapes and its input attributes; its weights come from a release file."""
     if arch in DINOV3_VITS:
         model = timm.create_model(DINOV3_VITS[arch], num_classes=0, global_pool='token')
-        model.rope.__class__ = FileRope
+        model.rope.__class__ = FileRope  # the module timm built; only how it is cast changes
         # the release's files hold the RoPE periods and the k bias (masked to zero): loaded, as the release does
         model.rope._non_persistent_buffers_set.discard('periods')
         for block in model.blocks:

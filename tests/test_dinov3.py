@@ -73,8 +73,12 @@ def test_release_file_loads_strictly(tmp_path, one_thread):
         error = relative_error(model(vit_input(name)), vit_reference_output(name))
         model.rope.periods = model.rope._compute_periods()
         assert relative_error(model(vit_input(name)), vit_reference_output(name)) > 10 * error
-    model = load_backbone('dinov3_vits16', path).to(torch.bfloat16)
+    model = load_backbone('dinov3_vits16', path).to(torch.bfloat16)  # a live teacher on a GPU, under autocast
     assert model.rope.periods.dtype == torch.float32 and torch.equal(model.rope.periods, state['rope_embed.periods'])
+    with torch.no_grad():
+        out = model(vit_input(name).bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert F.cosine_similarity(out.double(), vit_reference_output(name).double()).min() > 0.99
     assert (model.input_size, model.input_mean, model.input_std) == (256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     convnext_path = write(tmp_path, release_state('dinov3_convnext_tiny_112'))
     assert detect_layout(read_checkpoint(convnext_path), convnext_path)[0].name == 'DINOv3 ConvNeXt'
