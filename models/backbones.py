@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models.dinov3 import DINOV3_ARCHS, build_dinov3
 from models.tf_resnet import byol_resnet50, simclr_resnet50
 from models.vit import VIT_ARCHS, VIT_STUDENTS, VIT_TEACHERS, build_vit
 from utils.errors import SimRegError
@@ -58,7 +59,7 @@ TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_f
 # Every --arch_student (argparse choices); 'mobilenet' is MobileNet-v2
 STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS + tuple(VIT_STUDENTS)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
-                                       'resnet50x4') + tuple(VIT_TEACHERS)
+                                       'resnet50x4') + tuple(VIT_TEACHERS) + DINOV3_ARCHS
 ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
 LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
 
@@ -106,6 +107,8 @@ def build_backbone(arch, image_size=None):
     """The network for an arch name, its final Linear removed; ``image_size``: a ViT student's size."""
     if arch in VIT_ARCHS:
         return build_vit(arch, image_size)
+    if arch in DINOV3_ARCHS:
+        return build_dinov3(arch)
     if arch == 'byol_resnet50':
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):

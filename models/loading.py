@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models import vit
+from models import dinov3, vit
 from models.backbones import build_backbone, classifier_attr, set_projection
 from models.presets import PRESETS, preset_named, resolve_weights
 from models.tf_resnet import tf_to_torchvision
@@ -42,6 +42,10 @@ LAYOUTS = (
     # DINO wraps its teacher in DDP only when it has BatchNorms: a ViT teacher's keys have no ``module.``
     Layout('DINO full checkpoint (ViT)', ('teacher',), 'backbone.', heads=('head.',), vit='DINO'),
     Layout('DeiT', ('model',), '', marker='cls_token', vit='DeiT'),
+    # DINOv3's hub files (models.dinov3): mask_token only masks in training (eval adds 0 * mask_token), local_cls_norm
+    # only norms local crops in training; the ConvNeXt's norms.3 is its norm again, checked in models.dinov3
+    Layout('DINOv3 ViT', (None,), '', marker='storage_tokens', drop=('mask_token', 'local_cls_norm.')),
+    Layout('DINOv3 ConvNeXt', (None,), '', marker='downsample_layers.'),
     Layout('DINOv2 with registers', (None,), '', marker='register_tokens', vit='DINOv2 registers'),
     Layout('DINOv2', (None,), '', marker='mask_token', vit='DINOv2'),
     Layout('DINO ViT backbone', (None,), '', marker='cls_token', vit='DINO'),
@@ -136,6 +140,8 @@ def load_backbone(arch, path, keep_fc=False):
     is_vit = arch in vit.VIT_ARCHS
     classifier = classifier_attr(model)
     backbone, head = split_backbone(layout, state, classifier)
+    if arch in dinov3.DINOV3_ARCHS or layout.name in dinov3.LAYOUT_ARCHS:
+        backbone = dinov3.timm_state(backbone, layout.name, arch, model, f'{path} as {arch}')
     if is_vit and layout.vit:
         backbone = vit.timm_state(backbone, layout.vit, arch)
         model.release = layout.vit  # the file, not the arch, says how to resize the position embedding

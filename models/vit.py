@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SwiGLUPacked, resample_abs_pos_embed
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from utils.errors import SimRegError
@@ -158,5 +159,6 @@ def check_sincos(model, what):
 
 
 def channels_last_helps(model):
-    """channels_last speeds up convolutions; a ViT is one patch convolution, then matrix products."""
-    return not isinstance(model, VisionTransformer)
+    """channels_last speeds up convolutions; a ViT (timm's Eva too: DINOv3) is one patch convolution, then matrix
+    products."""
+    return not isinstance(model, (VisionTransformer, Eva))

@@ -39,7 +39,7 @@ BIG = pytest.mark.skipif(not os.environ.get('SIMREG_TEST_BIG'), reason='big ViT 
 
 
 def _params():
-    for name in vit_reference_names():
+    for name in (n for n in vit_reference_names() if not n.startswith('dinov3_')):  # DINOv3: test_dinov3.py
         marks = () if name in FAST else (pytest.mark.slow,) if name in SLOW else (pytest.mark.slow, BIG)
         yield pytest.param(name, marks=marks, id=name)
 
