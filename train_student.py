@@ -373,15 +373,15 @@ def build_input(args, dataset, teachers, ctx):
     single_view = args.single_aug or not live  # no teacher view needed
     views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view,
                      max(net.size for net in live) if live else None)
-    nets = dict(student=NetInput(args.image_size), teachers=live)
-    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view, ctx.amp_dtype, **nets)
+    nets = NetInput(args.image_size), live
+    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view, ctx.amp_dtype).with_nets(*nets)
     replayed = replay.student_dataset(dataset, teachers, args, ctx.logs.text)  # logs that the student replays
     if replayed is not None:
         dataset = replayed
     elif args.gpu_decode:  # the workers read the files and draw the views' parameters; the device does the rest
         dataset.transform = ViewParams(views)
-        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed, ctx.amp_dtype,
-                                    **nets)
+        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed,
+                                    ctx.amp_dtype).with_nets(*nets)
     else:
         dataset.transform = views
     return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank()), to_device

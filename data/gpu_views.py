@@ -391,11 +391,10 @@ def batched_views_on(device, samples, batched, name_of, seed_of):
 class GpuDecodedInput(DeviceInput):
     """``DeviceInput`` for ``--gpu_decode`` batches (``PackedFiles``, or a list of ``EncodedSample``): the files are
     decoded and their views made on the device for the whole batch, each image's from its sample's seed in the
-    epoch; ``samples`` is the dataset's (path, label) list, which names a file that cannot be read; ``student`` and
-    ``teachers``: the nets' ``NetInput`` s, as ``DeviceInput`` takes them."""
+    epoch; ``samples`` is the dataset's (path, label) list, which names a file that cannot be read."""
 
-    def __init__(self, device, memory_format, views, samples, seed, dtype=None, student=None, teachers=()):
-        super().__init__(device, memory_format, views.single_aug, dtype, student, teachers)
+    def __init__(self, device, memory_format, views, samples, seed, dtype=None):
+        super().__init__(device, memory_format, views.single_aug, dtype)
         self.batched, self.samples, self.seed = BatchedViews(views), samples, seed
 
     def __call__(self, index, encoded, epoch):

@@ -90,14 +90,20 @@ class NetInput(collections.namedtuple('NetInput', 'size mean std', defaults=(IMA
 class DeviceInput:
     """A training batch from the loader -> (student input, teacher input): on the device, resized to each net's
     size when the view was made at another (one view for both nets is made at the larger size), normalised its
-    way, in the model's memory format; the same tensor twice when one view serves both nets alike. ``teachers``:
-    the live teachers' ``NetInput`` s; when they differ the teacher input is a dict ``NetInput`` -> tensor. On CUDA
-    with an autocast ``dtype`` the input is written once in that dtype; ``batches`` makes it one batch ahead."""
+    way (``with_nets``; by default ImageNet's at the view's size), in the model's memory format; the same tensor
+    twice when one view serves both nets alike. On CUDA with an autocast ``dtype`` the input is written once in that
+    dtype; ``batches`` makes it one batch ahead."""
 
-    def __init__(self, device, memory_format, single_view, dtype=None, student=None, teachers=()):
+    def __init__(self, device, memory_format, single_view, dtype=None):
         self.device, self.memory_format, self.single_view = device, memory_format, single_view
         self.dtype = dtype if device.type == 'cuda' else None  # the CPU keeps float32 inputs
+        self.student, self.teachers = None, [None]
+
+    def with_nets(self, student, teachers):
+        """Make the inputs of these nets (``NetInput`` s): the student's and the live teachers'; when the teachers'
+        differ, the teacher input is a dict ``NetInput`` -> tensor. Returns self."""
         self.student, self.teachers = student, list(dict.fromkeys(teachers)) or [student]
+        return self
 
     def __call__(self, index, images, epoch):
         student_view, teacher_view = (images, images) if self.single_view else images

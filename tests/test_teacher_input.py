@@ -45,15 +45,15 @@ def test_device_input_resizes_and_normalises_each_net_its_way():
     torch.manual_seed(0)
     crop = torch.randint(0, 256, (3, 3, TEACHER, TEACHER), dtype=torch.uint8)
     clip, student = NetInput(TEACHER, *NORMS['clip']), NetInput(STUDENT)
-    nets = DeviceInput(torch.device('cpu'), torch.contiguous_format, True, student=student,
-                       teachers=[clip, NetInput(STUDENT), clip])
+    nets = DeviceInput(torch.device('cpu'), torch.contiguous_format, True).with_nets(
+        student, [clip, NetInput(STUDENT), clip])
     student_in, teacher_in = nets(None, crop, 0)
     torch.testing.assert_close(student_in, by_hand(crop, STUDENT, IMAGENET_MEAN, IMAGENET_STD), rtol=0, atol=1e-5)
     assert list(teacher_in) == [clip, student] and teacher_in[student] is student_in  # one tensor per input
     torch.testing.assert_close(teacher_in[clip], by_hand(crop, TEACHER, *NORMS['clip']), rtol=0, atol=1e-5)
     small = NetInput(16, *NORMS['siglip'])  # two views: each made at its net's size, resized where it is not
-    student_in, teacher_in = DeviceInput(torch.device('cpu'), torch.contiguous_format, False, student=student,
-                                         teachers=[small])(None, (crop[:, :, :STUDENT, :STUDENT], crop), 0)
+    two_views = DeviceInput(torch.device('cpu'), torch.contiguous_format, False).with_nets(student, [small])
+    student_in, teacher_in = two_views(None, (crop[:, :, :STUDENT, :STUDENT], crop), 0)
     torch.testing.assert_close(teacher_in, by_hand(crop, 16, (0.5,) * 3, (0.5,) * 3), rtol=0, atol=1e-5)
     assert student_in.shape[-1] == STUDENT
     # the defaults: ImageNet's, no resize, one tensor for both nets (as before these flags)
@@ -63,9 +63,9 @@ def test_device_input_resizes_and_normalises_each_net_its_way():
 
 
 def test_one_view_for_both_nets_is_cut_at_the_larger_size():
-    views = TwoViews(STUDENT, weak_weak=True, single_aug=True, teacher_size=TEACHER)
-    assert views(torch.zeros(3, 48, 48, dtype=torch.uint8)).shape[-1] == TEACHER
-    student, teacher = TwoViews(STUDENT, weak_weak=True, teacher_size=TEACHER)(torch.zeros(3, 48, 48, dtype=torch.uint8))
+    image = torch.zeros(3, 48, 48, dtype=torch.uint8)
+    assert TwoViews(STUDENT, weak_weak=True, single_aug=True, teacher_size=TEACHER)(image).shape[-1] == TEACHER
+    student, teacher = TwoViews(STUDENT, weak_weak=True, teacher_size=TEACHER)(image)
     assert (student.shape[-1], teacher.shape[-1]) == (STUDENT, TEACHER)
 
 
@@ -155,6 +155,13 @@ def test_teacher_at_its_own_size_trains_caches_and_resumes(ws, arch, one_thread,
         f'error: {wrong}48px, imagenet normalisation: rebuild the cache with cache_teacher_feats.py '
         f'--teacher_image_size 48, or drop --teacher_image_size and --teacher_norm to train on the cache\'s')
     assert not os.listdir(ws / 'runs' / 'exp' / f'refused_{arch}' / 'checkpoints')
+    # a multi-view cache: the student replays the stored views cut at the teacher's (larger) size, then resized
+    build_cache(ws, f'{arch}_views.npy', '--arch_teacher', arch, '--image_size', str(STUDENT), *teacher_size,
+                '--teacher_weights', weights, '--num_workers', '0', '--cache_views', '2')
+    seen = spy(monkeypatch)
+    train(common(ws, f'views_{arch}', '--use_cache', '--teacher_feats', str(ws / f'{arch}_views.npy'),
+                 '--arch_teacher', arch, '--epochs', '1'))
+    assert seen['crop'].shape[-1] == TEACHER and 'targets' not in seen
     with pytest.raises(SimRegError, match=f'the run asks for {TEACHER}px, clip normalisation: rebuild the cache '
                                           f'with cache_teacher_feats.py --teacher_image_size {TEACHER} '
                                           f'--teacher_norm clip, or drop'):
@@ -188,16 +195,15 @@ def test_gpu_decode_gives_the_cpu_paths_teacher_input(ws, one_thread):
     views, seed, epoch, indices = TwoViews(STUDENT, weak_weak=True, single_aug=True, teacher_size=TEACHER), 3, 1, \
         [4, 0, 2, 5, 1]
     clip = NetInput(TEACHER, *NORMS['clip'])
-    cpu_input = DeviceInput(torch.device('cpu'), torch.contiguous_format, True, student=NetInput(STUDENT),
-                            teachers=[clip])
+    cpu_input = DeviceInput(torch.device('cpu'), torch.contiguous_format, True).with_nets(NetInput(STUDENT), [clip])
     cpu = build_dataset(str(ws / 'data'), 'train', views)
     student_in, teacher_in = cpu_input(None, torch.stack([SeededSamples(cpu, seed)[(epoch, i)][1] for i in indices]),
                                        epoch)
     encoded = build_dataset(str(ws / 'data'), 'train', None, encoded=True)
     encoded.transform = ViewParams(views)
     index, samples, _ = list_collate([SeededSamples(encoded, seed)[(epoch, i)] for i in indices])
-    gpu_input = GpuDecodedInput(torch.device('cpu'), torch.contiguous_format, views, encoded.samples, seed,
-                                student=NetInput(STUDENT), teachers=[clip])
+    gpu_input = GpuDecodedInput(torch.device('cpu'), torch.contiguous_format, views, encoded.samples,
+                                seed).with_nets(NetInput(STUDENT), [clip])
     gpu_student, gpu_teacher = gpu_input(index, samples, epoch)
     assert gpu_student.shape[-1] == STUDENT and gpu_teacher.shape[-1] == TEACHER
     level = 2 / 255 / min(NORMS['clip'][1])  # two grey levels, normalised
