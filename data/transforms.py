@@ -175,7 +175,9 @@ def ahead(loader, make, device):
         return out
 
     def on_compute_stream(out):
-        for tensor in out[1]:  # its memory is not reused for the side stream while the step reads it
+        student_in, teacher_in = out[1]
+        teacher_in = teacher_in.values() if isinstance(teacher_in, dict) else [teacher_in]
+        for tensor in [student_in, *teacher_in]:  # its memory is not reused for the side stream while the step reads it
             tensor.record_stream(torch.cuda.current_stream(device))
         return out
     return map(on_compute_stream, in_thread(iter(loader), on_stream, lambda: torch.cuda.set_device(stream.device)))

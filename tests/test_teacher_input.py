@@ -78,7 +78,7 @@ def test_the_family_normalisation_is_the_networks_unless_overridden():
 
 
 def spy(monkeypatch):
-    """Record the first batch's uint8 view and the live teacher's targets of it."""
+    """Record the first batch's uint8 view and the live teachers' targets (the first batch's first)."""
     seen = {}
     to_input, call = DeviceInput.__call__, LiveTeacher.__call__
 
@@ -88,7 +88,7 @@ def spy(monkeypatch):
 
     def teacher(self, index, view, amp_dtype=None):
         out = call(self, index, view, amp_dtype)
-        seen.setdefault('targets', out)
+        seen.setdefault('targets', []).append(out)
         return out
     monkeypatch.setattr(DeviceInput, '__call__', device_input)
     monkeypatch.setattr(LiveTeacher, '__call__', teacher)
@@ -118,7 +118,7 @@ def test_teacher_at_its_own_size_trains_caches_and_resumes(ws, arch, one_thread,
     assert seen['crop'].shape[-1] == TEACHER
     with torch.no_grad():
         expected = network(by_hand(seen['crop'], TEACHER, net.mean, net.std))
-    torch.testing.assert_close(seen['targets'], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen['targets'][0], expected, rtol=0, atol=1e-5)
     info = read_json(ws / 'runs' / 'exp' / f'live_{arch}' / 'logs' / 'train_args.json')['teachers'][arch]
     assert info['input'] == json.loads(json.dumps(net._asdict()))
     # resume: a run stopped after epoch 1 continues to the same weights
@@ -186,7 +186,20 @@ def test_a_teacher_carrying_its_mean_and_std_is_normalised_its_way(ws, one_threa
         network = load_backbone('resnet18', str(ws / 'resnet18.pth')).eval()
         with torch.no_grad():
             expected = network(by_hand(seen['crop'], STUDENT, *NORMS[norm]))
-        torch.testing.assert_close(seen['targets'], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(seen['targets'][0], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_teachers_each_take_their_own_input(ws, one_thread, monkeypatch):
+    seen, weights = spy(monkeypatch), str(ws / 'resnet18.pth')
+    train(common(ws, 'two', '--arch_teacher', 'resnet18,resnet18', '--teacher_weights', f'{weights},{weights}',
+                 '--teacher_image_size', f'{TEACHER},48', '--teacher_norm', 'clip,siglip', '--epochs', '1'))
+    network = load_backbone('resnet18', weights).eval()
+    assert seen['crop'].shape[-1] == TEACHER
+    for targets, (size, norm) in zip(seen['targets'], [(TEACHER, 'clip'), (48, 'siglip')]):
+        with torch.no_grad():
+            expected = network(by_hand(seen['crop'], size, *NORMS[norm]))
+        torch.testing.assert_close(targets, expected, rtol=0, atol=1e-5)
 
 
 def test_gpu_decode_gives_the_cpu_paths_teacher_input(ws, one_thread):
@@ -213,3 +226,25 @@ def test_gpu_decode_gives_the_cpu_paths_teacher_input(ws, one_thread):
     with torch.no_grad():
         ours, theirs = network(gpu_teacher), network(teacher_in)
     assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU and SIMREG_TEST_GPU=1')
+def test_on_cuda_each_net_gets_its_input_one_batch_ahead(ws):
+    """On CUDA (bf16, channels_last, made one batch ahead on a side stream): the CPU path's inputs within bf16's
+    rounding; then a --gpu_decode run with two teachers at two sizes and normalisations trains."""
+    torch.manual_seed(0)
+    crops = [torch.randint(0, 256, (4, 3, TEACHER, TEACHER), dtype=torch.uint8) for _ in range(2)]
+    nets = NetInput(STUDENT), [NetInput(TEACHER, *NORMS['clip']), NetInput(48, *NORMS['siglip'])]
+    on_cuda = DeviceInput(torch.device('cuda'), torch.channels_last, True, torch.bfloat16).with_nets(*nets)
+    on_cpu = DeviceInput(torch.device('cpu'), torch.contiguous_format, True).with_nets(*nets)
+    for (_, (student_in, teacher_in), _), crop in zip(on_cuda.batches([(None, c, None) for c in crops], 0), crops):
+        cpu_student, cpu_teacher = on_cpu(None, crop, 0)
+        assert student_in.dtype == torch.bfloat16 and student_in.is_contiguous(memory_format=torch.channels_last)
+        for ours, theirs in [(student_in, cpu_student), *((teacher_in[n], cpu_teacher[n]) for n in nets[1])]:
+            torch.testing.assert_close(ours.float().cpu(), theirs, rtol=1e-2, atol=3 / 255 / 0.26)
+    weights = str(ws / 'resnet18.pth')
+    run_command([os.sys.executable, 'train_student.py', *common(ws, 'cuda_two_teachers', '--gpu_decode'),
+                 '--arch_teacher', 'resnet18,resnet18', '--teacher_weights', f'{weights},{weights}',
+                 '--teacher_image_size', f'{TEACHER},48', '--teacher_norm', 'clip,siglip'])
+    assert checkpoint(ws, 'cuda_two_teachers')['teachers']['resnet18_1']['input']['size'] == 48
