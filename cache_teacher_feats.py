@@ -147,10 +147,11 @@ class OwnInput(nn.Module):
     def __init__(self, network, net):
         super().__init__()
         self.network, self.net = network, net
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, x):
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
-        images = (x.float() * std + mean).round_().clamp_(0, 255).to(torch.uint8)
+        images = (x.float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
         return self.network(to_net_input(images, self.net))
 
 
@@ -255,8 +256,7 @@ def main(args):
         return output
     log.info(f'{args.arch_teacher} teacher {weights} over {len(dataset)} images of {dataset.root} '
              f'({args.dataset}, {recipe["transform"]}, teacher input {net.describe()}, {args.precision}) on '
-             f'{get_world_size()} process(es): '
-             f'{len(todo)} of {len(shards.ranges)} shards to compute, into {output}')
+             f'{get_world_size()} process(es): {len(todo)} of {len(shards.ranges)} shards to compute, into {output}')
     for k in todo:
         desc = f'shard {k + 1}/{len(shards.ranges)}'
         features, views = extract_shard(args, teacher, dataset, shards.ranges[k], device, desc)

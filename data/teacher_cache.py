@@ -143,8 +143,8 @@ def write_cache(path, blocks, meta, view_blocks=None):
 def write_sidecar(path, meta):
     """The sidecar of the fp16 array at ``path``: ``format``, ``dim`` (the array's), then ``meta``: ``teacher``,
     ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size``, ``teacher_input`` (``teacher_input_of``),
-    any extra keys, and a multi-view
-    cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the array is not [N, (K,) D]."""
+    any extra keys, and a multi-view cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the
+    array is not [N, (K,) D]."""
     store, views = cache_store(path), [meta['views']] if meta.get('views') else []
     array = store.open({'features': ((meta['dataset']['num_samples'], *views, None), np.float16)})['features']
     store.write_meta({'format': FORMAT, 'dim': int(array.shape[-1]), **meta})
