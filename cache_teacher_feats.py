@@ -7,6 +7,8 @@
 
 The raw outputs on the evaluation view (or K weak views per image, ``--cache_views``) become fp16 rows in dataset
 order, built in shards of ``--shard_size`` images: a rerun after an interruption computes only the missing ones.
+The view is cut at the larger of ``--image_size`` and ``--teacher_image_size``; the teacher's input is resized from
+it on the device and normalised its family's way (or ``--teacher_norm``'s), as training gives a live teacher.
 """
 import argparse
 import os
@@ -14,18 +16,19 @@ import shutil
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from data.folders import add_dataset_arg, build_dataset
 from data.replay import VIEW_COLUMNS, ShardWeakViews, view_spec
-from data.teacher_cache import cache_store, dataset_fingerprint, sidecar_path, views_path, write_cache
-from data.transforms import eval_transform
+from data.teacher_cache import cache_store, dataset_fingerprint, sidecar_path, teacher_input_of, views_path, write_cache
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput, eval_transform, to_net_input
 from evaluation.common import check_output
 from evaluation.features import extract_features
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone
 from models.presets import resolve_weights
-from models.simreg import AUTOCAST_DTYPES, default_precision
+from models.simreg import AUTOCAST_DTYPES, default_precision, teacher_input
 from utils.checkpoint import file_sha256
 from utils.distributed import (add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process,
                                run_on_main)
@@ -45,6 +48,10 @@ def get_args_parser():
                    help="cache the teacher's pretrained projection (a plain Linear fc) output")
     p.add_argument('--image_size', type=int, default=224,
                    help='center crop size (resized to size*256/224 first); with --cache_views the views\' size')
+    p.add_argument('--teacher_image_size', type=int,
+                   help="the teacher's input size (default: --image_size), resized on the device from the view")
+    p.add_argument('--teacher_norm', choices=list(NORMS), default='',
+                   help="the teacher's normalisation (default: its family's, else ImageNet's)")
     p.add_argument('--cache_views', type=int, metavar='K',
                    help='cache K weak views per image instead of the center crop: the student then trains on them')
     p.add_argument('--seed', type=int, default=0,
@@ -68,6 +75,8 @@ def check_args(args):
                           f'raise it (each process extracts part of every shard)')
     if args.output and not args.output.endswith('.npy'):
         raise SimRegError(f'--output {args.output} must end in .npy (the sidecar goes beside it as .json)')
+    if args.teacher_image_size is not None and args.teacher_image_size < 1:
+        raise SimRegError(f'--teacher_image_size {args.teacher_image_size}: give the teacher\'s input size in pixels')
     if args.cache_views is not None and args.cache_views < 1:
         raise SimRegError(f'--cache_views {args.cache_views}: give the number of views per image (1 or more)')
     if args.cache_views and args.seed < 0:
@@ -77,18 +86,26 @@ def check_args(args):
 def default_output(args, sha256):
     fc = '_fc' if args.teacher_fc else ''
     views = f'_views{args.cache_views}' if args.cache_views else ''
+    own = (f'_t{args.teacher_image_size}' if args.teacher_image_size not in (None, args.image_size) else '') + (
+        f'_{args.teacher_norm}' if args.teacher_norm else '')
     return os.path.join('teacher_feats',
-                        f'{args.arch_teacher}{fc}_{sha256[:8]}_{args.dataset}_{args.image_size}{views}.npy')
+                        f'{args.arch_teacher}{fc}_{sha256[:8]}_{args.dataset}_{args.image_size}{own}{views}.npy')
 
 
-def describe(args, dataset, weights):
-    """The cache's recipe: its sidecar entries but ``format`` and ``dim``, what shards record too."""
+def crop_size(args):
+    """The size the view is cut at: the larger of the student's and the teacher's."""
+    return max(args.image_size, args.teacher_image_size or args.image_size)
+
+
+def describe(args, dataset, weights, net):
+    """The cache's recipe: its sidecar entries but ``format`` and ``dim``, what shards record too; ``net``: the
+    teacher's ``NetInput``."""
     teacher = {'arch': args.arch_teacher, 'weights': os.path.abspath(weights),
                'sha256': file_sha256(weights), 'teacher_fc': args.teacher_fc}
-    size = args.image_size
+    size = crop_size(args)
     recipe = {'teacher': teacher, 'dataset': dataset_fingerprint(dataset),
               'transform': f'eval_transform: Resize({int(round(size * 256 / 224))}) + CenterCrop({size})',
-              'image_size': size, 'precision': args.precision}
+              'image_size': args.image_size, 'teacher_input': net._asdict(), 'precision': args.precision}
     if args.cache_views:
         recipe.update(transform=f'{args.cache_views} weak views per image, boxes and flips in the .views.npy',
                       views=args.cache_views, view_spec=view_spec(size, args.seed))
@@ -99,7 +116,7 @@ def comparable(meta):
     """What makes two caches the same: everything but where the weights file and the images lie."""
     teacher = {k: v for k, v in meta.get('teacher', {}).items() if k != 'weights'}
     dataset = {k: v for k, v in meta.get('dataset', {}).items() if k != 'root'}
-    return {**meta, 'teacher': teacher, 'dataset': dataset}
+    return {**meta, 'teacher': teacher, 'dataset': dataset, 'teacher_input': teacher_input_of(meta)._asdict()}
 
 
 def shard_ranges(n_samples, shard_size):
@@ -121,6 +138,21 @@ class ShardImages(Dataset):
     def __getitem__(self, position):
         _, image, label = self.dataset[self.start + position]
         return position, image, label
+
+
+class OwnInput(nn.Module):
+    """The teacher on its own input ``net``: ``extract_features`` hands it the view normalised ImageNet's way; its
+    grey levels come back exactly (whole numbers), then are resized and normalised as training does."""
+
+    def __init__(self, network, net):
+        super().__init__()
+        self.network, self.net = network, net
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x):
+        images = (x.float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+        return self.network(to_net_input(images, self.net))
 
 
 class ShardStore:
@@ -186,7 +218,7 @@ def extract_shard(args, teacher, dataset, rows, device, desc):
         features = extract_features(teacher, ShardImages(dataset, rows), args.batch_size, args.num_workers,
                                     device, **extract)
         return (None, None) if features is None else (features.numpy(), None)
-    views = ShardWeakViews(dataset, rows, args.cache_views, args.image_size, args.seed)
+    views = ShardWeakViews(dataset, rows, args.cache_views, crop_size(args), args.seed)
     features, boxes = extract_features(teacher, views, args.batch_size, args.num_workers, device,
                                        with_extras=True, **extract)
     if features is None:
@@ -204,11 +236,15 @@ def main(args):
     log = setup_logger()
     check_args(args)
     # with --cache_views the images stay decoded uint8, and ShardWeakViews cuts each view from them
-    dataset = build_dataset(args.data, 'train', None if args.cache_views else eval_transform(args.image_size),
+    dataset = build_dataset(args.data, 'train', None if args.cache_views else eval_transform(crop_size(args)),
                             args.dataset)
     run_on_main(lambda: resolve_weights(args.teacher_weights))  # a preset is downloaded once, by rank 0
     weights = resolve_weights(args.teacher_weights)
-    recipe = run_on_main(lambda: describe(args, dataset, weights))
+    teacher = load_backbone(args.arch_teacher, weights, keep_fc=args.teacher_fc)
+    net = teacher_input(teacher, args.teacher_image_size or args.image_size, args.teacher_norm)
+    if net != NetInput(crop_size(args)):  # not the view as it is, normalised ImageNet's way
+        teacher = OwnInput(teacher, net)
+    recipe = run_on_main(lambda: describe(args, dataset, weights, net))
     output = args.output or default_output(args, recipe['teacher']['sha256'])
     for path in (output, sidecar_path(output), views_path(output)):  # what a build writes
         check_output(path, '--output', {'--teacher_weights': weights})
@@ -219,9 +255,8 @@ def main(args):
         cleanup()
         return output
     log.info(f'{args.arch_teacher} teacher {weights} over {len(dataset)} images of {dataset.root} '
-             f'({args.dataset}, {recipe["transform"]}, {args.precision}) on {get_world_size()} process(es): '
-             f'{len(todo)} of {len(shards.ranges)} shards to compute, into {output}')
-    teacher = load_backbone(args.arch_teacher, weights, keep_fc=args.teacher_fc) if todo else None
+             f'({args.dataset}, {recipe["transform"]}, teacher input {net.describe()}, {args.precision}) on '
+             f'{get_world_size()} process(es): {len(todo)} of {len(shards.ranges)} shards to compute, into {output}')
     for k in todo:
         desc = f'shard {k + 1}/{len(shards.ranges)}'
         features, views = extract_shard(args, teacher, dataset, shards.ranges[k], device, desc)

@@ -24,7 +24,7 @@ from data import replay
 from data.folders import add_dataset_arg, build_dataset
 from data.gpu_views import GpuDecodedInput, ViewParams, packed_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
-from data.transforms import DeviceInput, TwoViews
+from data.transforms import NORMS, DeviceInput, NetInput, TwoViews
 from evaluation.online_knn import OnlineKnn
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
@@ -84,6 +84,12 @@ def get_args_parser():
     p.add_argument('--weak_strong', action='store_true', help='teacher weak view, student strong view')
     p.add_argument('--weak_weak', action='store_true', help='weak views for both nets')
     p.add_argument('--image_size', type=int, default=224, help='crop size')
+    p.add_argument('--teacher_image_size', default='',
+                   help="the teacher's input size (default: --image_size); with several teachers one for all or a "
+                        "comma-separated list")
+    p.add_argument('--teacher_norm', default='',
+                   help=f"the teacher's normalisation, {'|'.join(NORMS)} (default: its family's); with several "
+                        f"teachers one for all or a comma-separated list, empty for the family's")
     p.add_argument('--mse_nonorm', action='store_true', help='squared error of un-normalised vectors')
     # weights
     p.add_argument('--teacher_weights', help='teacher checkpoint (any layout models.loading accepts, or a '
@@ -171,6 +177,7 @@ def check_args(args):
         if not ok:
             raise SimRegError(message)
     check_log_to(args.log_to)
+    check_teacher_input(args.teacher_image_size, args.teacher_norm)
     per_rank = args.batch_size // world
     if args.bn_batch < 0 or args.bn_batch == 1:
         raise SimRegError(f'--bn_batch {args.bn_batch}: give the images per BatchNorm group, 2 or more (64, the '
@@ -182,6 +189,17 @@ def check_args(args):
     if args.bn_batch and group != per_rank and (
             per_rank % group if group < per_rank else (group % per_rank or args.batch_size % group)):
         raise bad_grouping(args.bn_batch, args.batch_size, world)
+
+
+def check_teacher_input(sizes, norms):
+    """--teacher_image_size and --teacher_norm (also cache_teacher_feats.py's): each entry empty or valid."""
+    for size in filter(None, sizes.split(',')):
+        if not size.isdigit() or int(size) < MIN_IMAGE_SIZE:
+            raise SimRegError(f'--teacher_image_size {sizes}: give sizes of {MIN_IMAGE_SIZE} pixels or more, one '
+                              f'for all teachers or one per teacher')
+    if unknown := [n for n in norms.split(',') if n and n not in NORMS]:
+        raise SimRegError(f'--teacher_norm {",".join(unknown)}: choose from {", ".join(NORMS)} (empty: the '
+                          f'teacher family\'s)')
 
 
 @dataclass
@@ -355,15 +373,19 @@ def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
 def build_input(args, dataset, teachers, ctx):
     """(the training loader, the step's input maker): views made by the loader's workers on the CPU, made on the
     device (``--gpu_decode``), or a multi-view teacher cache's views replayed for the student."""
-    single_view = args.single_aug or not any(t.needs_view for t in teachers.values())  # no teacher view needed
-    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view)
-    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view, ctx.amp_dtype)
+    live = [t.input for t in teachers.values() if t.needs_view]  # the live teachers' NetInputs
+    single_view = args.single_aug or not live  # no teacher view needed
+    views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view,
+                     max(net.size for net in live) if live else None)
+    nets = NetInput(args.image_size), live
+    to_device = DeviceInput(ctx.device, ctx.memory_format, single_view, ctx.amp_dtype).with_nets(*nets)
     replayed = replay.student_dataset(dataset, teachers, args, ctx.logs.text)  # logs that the student replays
     if replayed is not None:
         dataset = replayed
     elif args.gpu_decode:  # the workers read the files and draw the views' parameters; the device does the rest
         dataset.transform = ViewParams(views)
-        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed, ctx.amp_dtype)
+        to_device = GpuDecodedInput(ctx.device, ctx.memory_format, views, dataset.samples, args.seed,
+                                    ctx.amp_dtype).with_nets(*nets)
     else:
         dataset.transform = views
     return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank()), to_device

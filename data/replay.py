@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from data.sampler import derive_seed, seeded
+from data.teacher_cache import teacher_input_of
 from data.transforms import WEAK_SCALE
 from utils.errors import SimRegError
 
@@ -92,4 +93,6 @@ def student_dataset(dataset, teachers, args, log):
                           f'--weak_weak (without --weak_strong{", --gpu_decode" if args.gpu_decode else ""})')
     log.info('==> the student replays the teacher\'s views: one of the %d cached per image, each step',
              cache.boxes.shape[1])
-    return ReplayedViews(dataset, cache.boxes, args.image_size)
+    # cut at the size the teachers' views were cut at, the larger of the nets' (the device resizes the student's)
+    size = max([args.image_size] + [teacher_input_of(c.meta).size for c in with_views.values()])
+    return ReplayedViews(dataset, cache.boxes, size)

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NetInput
 from utils.checkpoint import file_sha256
 from utils.errors import SimRegError
 from utils.store import Store, StoreMismatch, sidecar_path
@@ -22,6 +23,14 @@ def views_path(npy_path):
 def cache_store(npy_path):
     """The features at ``npy_path``, the views of a multi-view cache beside them, and their sidecar."""
     return Store(sidecar_path(npy_path), {'features': npy_path, 'views': views_path(npy_path)})
+
+
+def teacher_input_of(meta):
+    """The ``NetInput`` the cache's teacher took: its sidecar's ``teacher_input``; a cache without one took
+    ImageNet's normalisation at its ``image_size``."""
+    recorded = meta.get('teacher_input') or {'size': meta.get('image_size'), 'mean': IMAGENET_MEAN,
+                                             'std': IMAGENET_STD}
+    return NetInput(recorded['size'], tuple(recorded['mean']), tuple(recorded['std']))
 
 
 def dataset_fingerprint(dataset):
@@ -133,8 +142,9 @@ def write_cache(path, blocks, meta, view_blocks=None):
 
 def write_sidecar(path, meta):
     """The sidecar of the fp16 array at ``path``: ``format``, ``dim`` (the array's), then ``meta``: ``teacher``,
-    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size``, any extra keys, and a multi-view
-    cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the array is not [N, (K,) D]."""
+    ``dataset`` (``dataset_fingerprint``), ``transform``, ``image_size``, ``teacher_input`` (``teacher_input_of``),
+    any extra keys, and a multi-view cache's ``views`` (K), ``view_spec`` and ``views_sha256``. StoreMismatch: the
+    array is not [N, (K,) D]."""
     store, views = cache_store(path), [meta['views']] if meta.get('views') else []
     array = store.open({'features': ((meta['dataset']['num_samples'], *views, None), np.float16)})['features']
     store.write_meta({'format': FORMAT, 'dim': int(array.shape[-1]), **meta})

@@ -1,6 +1,8 @@
 """The training and evaluation views on uint8 image tensors (``data.folders.decode_rgb``), and their
-normalisation on the device (``normalize``, ``DeviceInput``): the values of ``ToTensor() + Normalize()``.
+normalisation on the device (``normalize``, ``DeviceInput``): the values of ``ToTensor() + Normalize()``, with the
+mean/std of each net's family (``NetInput``).
 """
+import collections
 import functools
 import math
 import queue
@@ -12,6 +14,10 @@ from torchvision.transforms import v2
 WEAK_SCALE = (0.2, 1.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# --teacher_norm: each family's mean / std in 0-1 units
+NORMS = {'imagenet': (IMAGENET_MEAN, IMAGENET_STD),
+         'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+         'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 BLUR_SIGMA = (0.1, 2.0)
 # MoCo-v2's blur is PIL's GaussianBlur(radius=sigma): a kernel reaching 3 sigma covers it
 BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
@@ -47,15 +53,18 @@ def eval_transform(size):
 class TwoViews:
     """(student view, teacher view): teacher weak and student strong for --weak_strong (which wins when both flags
     are given), both weak for --weak_weak, both strong otherwise; --single_aug: one student view, fed to both nets.
+    Each view is made at its net's size (``teacher_size``: default ``size``); one view for both at the larger size.
     """
 
-    def __init__(self, size, weak_strong=False, weak_weak=False, single_aug=False):
+    def __init__(self, size, weak_strong=False, weak_weak=False, single_aug=False, teacher_size=None):
+        teacher_size = teacher_size or size
+        size = max(size, teacher_size) if single_aug else size
         if weak_strong:
-            teacher_t, student_t = weak_transform(size), strong_transform(size)
+            teacher_t, student_t = weak_transform(teacher_size), strong_transform(size)
         elif weak_weak:
-            teacher_t, student_t = weak_transform(size), weak_transform(size)
+            teacher_t, student_t = weak_transform(teacher_size), weak_transform(size)
         else:
-            teacher_t, student_t = strong_transform(size), strong_transform(size)
+            teacher_t, student_t = strong_transform(teacher_size), strong_transform(size)
         self.student_transform, self.teacher_transform = student_t, teacher_t
         self.single_aug = single_aug
 
@@ -70,59 +79,84 @@ class TwoViews:
                 f' teacher={self.teacher_transform})')
 
 
+class NetInput(collections.namedtuple('NetInput', 'size mean std', defaults=(IMAGENET_MEAN, IMAGENET_STD))):
+    """What a net takes: square images of ``size`` pixels, normalised with ``mean`` / ``std`` (0-1 units)."""
+
+    def describe(self):
+        names = [name for name, norm in NORMS.items() if norm == (tuple(self.mean), tuple(self.std))]
+        return f'{self.size}px, ' + (f'{names[0]} normalisation' if names else f'mean {self.mean} std {self.std}')
+
+
 class DeviceInput:
-    """A training batch from the loader -> (student input, teacher input): on the device, normalised, in the
-    model's memory format; the same tensor twice when one view serves both nets. On CUDA with an autocast
-    ``dtype`` the input is written once in that dtype; ``batches`` makes it one batch ahead."""
+    """A training batch from the loader -> (student input, teacher input): on the device, resized to each net's
+    size when the view was made at another (one view for both nets is made at the larger size), normalised its
+    way (``with_nets``; by default ImageNet's at the view's size), in the model's memory format; the same tensor
+    twice when one view serves both nets alike. On CUDA with an autocast ``dtype`` the input is written once in that
+    dtype; ``batches`` makes it one batch ahead."""
 
     def __init__(self, device, memory_format, single_view, dtype=None):
         self.device, self.memory_format, self.single_view = device, memory_format, single_view
         self.dtype = dtype if device.type == 'cuda' else None  # the CPU keeps float32 inputs
+        self.student, self.teachers = None, [None]
+
+    def with_nets(self, student, teachers):
+        """Make the inputs of these nets (``NetInput`` s): the student's and the live teachers'; when the teachers'
+        differ, the teacher input is a dict ``NetInput`` -> tensor. Returns self."""
+        self.student, self.teachers = student, list(dict.fromkeys(teachers)) or [student]
+        return self
 
     def __call__(self, index, images, epoch):
-        if self.single_view:
-            student_in = teacher_in = self.to_input(images)
-        else:
-            student_in, teacher_in = self.to_input(images[0]), self.to_input(images[1])
-        return student_in, teacher_in
+        student_view, teacher_view = (images, images) if self.single_view else images
+        student_in = self.to_input(student_view, self.student)
+        teacher_in = {net: student_in if self.single_view and net == self.student else self.to_input(teacher_view, net)
+                      for net in self.teachers}
+        return student_in, next(iter(teacher_in.values())) if len(teacher_in) == 1 else teacher_in
 
     def batches(self, loader, epoch):
         """The loader's batches as (index, (student input, teacher input), label)."""
         return ahead(loader, lambda batch: (batch[0], self(batch[0], batch[1], epoch), batch[2]), self.device)
 
-    def to_input(self, uint8_images):
-        images = uint8_images.to(self.device, non_blocking=True)
-        if self.dtype is not None:
-            return normalize_as(images, self.dtype, self.memory_format)
-        return normalize(images).contiguous(memory_format=self.memory_format)
+    def to_input(self, uint8_images, net=None):
+        return to_net_input(uint8_images.to(self.device, non_blocking=True), net, self.dtype, self.memory_format)
+
+
+def to_net_input(images, net=None, dtype=None, memory_format=torch.contiguous_format):
+    """A uint8 NCHW batch -> ``net`` 's input (``NetInput``; None: ImageNet's at the batch's size): resized on its
+    device as torchvision's Resize does (bilinear, antialiased) when its size differs, then normalised."""
+    net = net or NetInput(images.shape[-1])
+    if tuple(images.shape[-2:]) != (net.size, net.size):
+        images = v2.functional.resize(images, [net.size, net.size], antialias=True)
+    if dtype is not None:
+        return normalize_as(images, dtype, memory_format, net.mean, net.std)
+    return normalize(images, net.mean, net.std).contiguous(memory_format=memory_format)
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std_255(device):
+def _mean_std_255(device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The normalisation constants on ``device``, made once: building them per call is a blocking
     host-to-GPU copy, a sync on every training step."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     return mean, std
 
 
-def normalize(images):
-    """uint8 NCHW batch on any device -> float32, ImageNet mean/std normalised."""
-    mean, std = _mean_std_255(images.device)
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 NCHW batch on any device -> float32, normalised with ``mean`` / ``std`` (ImageNet's by default)."""
+    mean, std = _mean_std_255(images.device, tuple(mean), tuple(std))
     return (images.float() - mean) / std
 
 
-def normalize_as(images, dtype, memory_format):
+def normalize_as(images, dtype, memory_format, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """``normalize`` as one kernel that reads the uint8 batch once and writes ``dtype`` in ``memory_format`` once:
     x / std - mean / std, in float32."""
-    shift, scale = _shift_scale(images.device)
+    shift, scale = _shift_scale(images.device, tuple(mean), tuple(std))
     out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=memory_format)
     return torch.addcmul(shift, images, scale, out=out)
 
 
 @functools.lru_cache(maxsize=None)
-def _shift_scale(device):
-    mean, std = _mean_std_255(device)
+def _shift_scale(device, mean, std):
+    mean, std = _mean_std_255(device, mean, std)
     return -mean / std, 1 / std
 
 
@@ -141,7 +175,9 @@ def ahead(loader, make, device):
         return out
 
     def on_compute_stream(out):
-        for tensor in out[1]:  # its memory is not reused for the side stream while the step reads it
+        student_in, teacher_in = out[1]
+        teacher_in = teacher_in.values() if isinstance(teacher_in, dict) else [teacher_in]
+        for tensor in [student_in, *teacher_in]:  # its memory is not reused for the side stream while the step reads it
             tensor.record_stream(torch.cuda.current_stream(device))
         return out
     return map(on_compute_stream, in_thread(iter(loader), on_stream, lambda: torch.cuda.set_device(stream.device)))

@@ -6,14 +6,19 @@ runs its network on the teacher's view; a ``CachedTeacher`` reads the rows of a 
 (``data.teacher_cache``) by sample index and needs no view. ``needs_view`` says which, and is the one thing the rest
 of the code asks (the loader draws a teacher view only when some teacher needs one). Several teachers
 (``--arch_teacher a,b``) give one head each, named by ``head_names``; the per-teacher flags (``--teacher_weights``,
-``--teacher_feats``) are comma-separated lists.
+``--teacher_feats``, ``--teacher_image_size``, ``--teacher_norm``) are comma-separated lists.
+
+Each teacher takes its own input (``data.transforms.NetInput``): ``--teacher_image_size`` (default: the student's)
+and its family's mean/std (the network's ``input_mean`` / ``input_std`` where it has them, else ImageNet's), or
+``--teacher_norm``'s; a cached teacher's is the one its cache records.
 """
 import os
 
 import torch
 import torch.nn as nn
 
-from data.teacher_cache import open_teacher_cache
+from data.teacher_cache import open_teacher_cache, teacher_input_of
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput
 from models.backbones import TEACHER_ARCHS
 from models.loading import load_backbone
 from models.presets import resolve_weights
@@ -74,10 +79,11 @@ class LiveTeacher:
     needs_view = True
     boxes = None
 
-    def __init__(self, network, info):
+    def __init__(self, network, info, net_input=None):
         self.network = freeze(network)
         self.feat_dim = network.feat_dim
         self.info = info
+        self.input = net_input  # its NetInput: the key of its view when the teachers take different ones
 
     def to(self, device, memory_format=torch.contiguous_format, dtype=None):
         """On ``device``; ``dtype``: the autocast dtype on GPUs, so that autocast does not cast the frozen
@@ -88,6 +94,7 @@ class LiveTeacher:
         return self
 
     def __call__(self, index, view, amp_dtype=None):
+        view = view[self.input] if isinstance(view, dict) else view
         with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
                                                     enabled=amp_dtype is not None):
             features = self.network(view)
@@ -132,6 +139,20 @@ def split_per_teacher(value, count, flag):
     return entries
 
 
+def per_teacher(value, count, flag):
+    """A per-teacher flag given once for every teacher, or as a comma-separated list of one per teacher."""
+    return split_per_teacher(value, count, flag) if ',' in (value or '') else [value or ''] * count
+
+
+def teacher_input(network, size, norm=''):
+    """The ``NetInput`` of a teacher network at ``size``: ``norm`` 's mean/std (a ``NORMS`` name), else its family's
+    (the network's ``input_mean`` / ``input_std``), else ImageNet's."""
+    if norm:
+        return NetInput(size, *NORMS[norm])
+    return NetInput(size, tuple(getattr(network, 'input_mean', IMAGENET_MEAN)),
+                    tuple(getattr(network, 'input_std', IMAGENET_STD)))
+
+
 def build_teachers(args, dataset, ctx, log):
     """{head name: LiveTeacher | CachedTeacher}, in --arch_teacher order, on ``ctx.device`` (live ones in the
     autocast dtype on GPUs). With --use_cache the one teacher, or each teacher that has a --teacher_feats entry,
@@ -142,32 +163,46 @@ def build_teachers(args, dataset, ctx, log):
         raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)}')
     weights = split_per_teacher(args.teacher_weights, len(archs), '--teacher_weights')
     feats = split_per_teacher(args.teacher_feats, len(archs), '--teacher_feats')
+    sizes = per_teacher(args.teacher_image_size, len(archs), '--teacher_image_size')
+    norms = per_teacher(args.teacher_norm, len(archs), '--teacher_norm')
     if any(feats) and not args.use_cache:
         raise SimRegError('--teacher_feats is read only with --use_cache: add --use_cache')
     teachers = {}
-    for name, arch, weight, feat in zip(head_names(archs), archs, weights, feats):
+    for name, arch, weight, feat, size, norm in zip(head_names(archs), archs, weights, feats, sizes, norms):
         if args.use_cache and (feat or len(archs) == 1):
-            teachers[name] = cached_teacher(feat, dataset, args.image_size, log).to(ctx.device)
+            teachers[name] = cached_teacher(feat, dataset, args.image_size, log, int(size or 0), norm).to(ctx.device)
         else:
-            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc).to(
+            teachers[name] = live_teacher(name, arch, weight, len(archs), args.teacher_fc,
+                                          int(size or args.image_size), norm).to(
                 ctx.device, ctx.memory_format, ctx.amp_dtype if ctx.device.type == 'cuda' else None)
     return teachers
 
 
-def cached_teacher(path, dataset, image_size, log):
+def cached_teacher(path, dataset, image_size, log, teacher_size=0, norm=''):
+    """The teacher of a cache; ``teacher_size`` / ``norm`` (--teacher_image_size, --teacher_norm), where given,
+    must be the input the cache's teacher took."""
     cache = open_teacher_cache(path, dataset, log.info)
     if cache.num_views and cache.meta['image_size'] != image_size:
         raise SimRegError(f"{cache.path} holds teacher features of views cropped to {cache.meta['image_size']}px, "
                           f"the student would replay them at {image_size}px: pass --image_size "
                           f"{cache.meta['image_size']} (or build the cache at this size)")
+    cached = teacher_input_of(cache.meta)
+    cached = cached._replace(size=cached.size or teacher_size or None)  # a converted original cache: unknown
+    wanted = NetInput(teacher_size or cached.size, *(NORMS[norm] if norm else (cached.mean, cached.std)))
+    if wanted != cached:
+        raise SimRegError(f'{cache.path} was built with teacher input {cached.describe()}, the run asks for '
+                          f'{wanted.describe()}: rebuild the cache with cache_teacher_feats.py --teacher_image_size '
+                          f'{wanted.size}{f" --teacher_norm {norm}" if norm else ""}, or drop --teacher_image_size '
+                          f'and --teacher_norm to train on the cache\'s')
     if cache.meta.get('image_size') not in (None, image_size):
         log.warning('note: %s holds teacher features of %spx center crops, the student trains on %dpx crops',
                     cache.path, cache.meta['image_size'], image_size)
-    info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim}
+    info = {**cache.meta['teacher'], 'cache': os.path.abspath(cache.path), 'feat_dim': cache.feat_dim,
+            'input': cached._asdict()}
     return CachedTeacher(cache, info)
 
 
-def live_teacher(name, arch, weight, count, teacher_fc):
+def live_teacher(name, arch, weight, count, teacher_fc, size, norm=''):
     if not weight:
         raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
                           f'{arch}{", one per teacher" if count > 1 else ""})')
@@ -175,6 +210,7 @@ def live_teacher(name, arch, weight, count, teacher_fc):
     path = resolve_weights(weight)
     network = load_backbone(arch, path, keep_fc=teacher_fc)
     sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
+    net_input = teacher_input(network, size, norm)
     info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
-            'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc}
-    return LiveTeacher(network, info)
+            'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc, 'input': net_input._asdict()}
+    return LiveTeacher(network, info, net_input)
