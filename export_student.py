@@ -172,20 +172,29 @@ def library_build(backbone):
 def evaluations(checkpoint, sha256):
     """knn and linear: the k-NN (eval_knn.py) and linear probe (eval_linear.py) results of this very file's backbone
     where demo.sh and knn_eval.sh put them (evaluation/report.py SOURCES); null where there are none."""
-    exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))  # <exp>/checkpoints/<file>
-    found = {}
-    for key, source in (('knn', 'after_knn'), ('linear', 'linear')):
-        path = source_paths(exp_dir)[source]
-        result = read_result(path)
-        settings = (result or {}).get('settings', {})
-        if result is not None and (settings.get('weights_sha256'), settings.get('stage')) != (sha256, 'backbone'):
-            print(f'note: {path} is not of this checkpoint\'s backbone: left out')
-            result = None
-        found[key] = result and {'dataset': settings.get('dataset'), 'image_size': settings.get('image_size'),
-                                 **({'majority_top1': result['majority_top1'], 'num_classes': settings.get(
-                                     'num_classes')} if key == 'knn' else {'top1': result['best']['top1'],
-                                                                           'epoch': result['best']['epoch']})}
-    return found
+    paths = source_paths(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))))  # <exp>/checkpoints/<file>
+    knn, linear = (own_result(paths[source], sha256) for source in ('after_knn', 'linear'))
+    return {'knn': knn and {**measured_on(knn['settings']), 'num_classes': knn['settings'].get('num_classes'),
+                            'majority_top1': knn['majority_top1']},
+            'linear': linear and {**measured_on(linear['settings']), **linear['best']}}
+
+
+def own_result(path, sha256):
+    """The result file at ``path`` when measured on the backbone of the file whose sha256 is ``sha256``, else None
+    (with a note when it is another file's)."""
+    result = read_result(path)
+    settings = (result or {}).get('settings', {})
+    if result is not None and (settings.get('weights_sha256'), settings.get('stage')) != (sha256, 'backbone'):
+        print(f'note: {path} is not of this checkpoint\'s backbone: left out')
+        return None
+    return result
+
+
+def measured_on(settings):
+    """The images of an evaluation: their folder's name (not its local path), --dataset, --image_size."""
+    data = settings.get('data')
+    return {'data': data and os.path.basename(os.path.normpath(data)), 'dataset': settings.get('dataset'),
+            'image_size': settings.get('image_size')}
 
 
 def model_card(config, license):
@@ -194,11 +203,11 @@ def model_card(config, license):
     teachers = ', '.join(t['arch'] or 'unknown' for t in config['teachers'])
     training = {**config['training'], 'epoch': config['epoch']}
     rows = [f'| {k} | {v} |' for k, v in training.items() if v is not None]
-    results = ([f"- k-NN top-1 (majority vote, {config['knn']['dataset']}, {config['knn']['image_size']} px): " +
-                ', '.join(f'{k}-NN {v:.2f}%' for k, v in config['knn']['majority_top1'].items())]
-               if config['knn'] else [])
-    results += ([f"- linear probe top-1 ({config['linear']['dataset']}): {config['linear']['top1']:.2f}% "
-                 f"(epoch {config['linear']['epoch']})"] if config['linear'] else [])
+    knn, linear = config['knn'], config['linear']
+    results = ([f"- k-NN top-1 (majority vote) on {knn['data']} ({knn['num_classes']} classes, {knn['image_size']} "
+                f"px): " + ', '.join(f'{k}-NN {v:.2f}%' for k, v in knn['majority_top1'].items())] if knn else [])
+    results += ([f"- linear probe top-1 on {linear['data']} ({linear['image_size']} px): {linear['top1']:.2f}% "
+                 f"(epoch {linear['epoch']})"] if linear else [])
     classifier = config['missing_keys'][0].rsplit('.', 1)[0] if config['missing_keys'] else None
     strict = ', strict=False' if config['missing_keys'] else ''
     missing = f"  # missing: {', '.join(config['missing_keys'])}" if config['missing_keys'] else ''

@@ -60,7 +60,7 @@ def write_result(path, sha256, **result):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
         json.dump({**result, 'settings': {'weights_sha256': sha256, 'stage': 'backbone', 'dataset': 'imagenet',
-                                          'image_size': 32, 'num_classes': 10}}, f)
+                                          'data': '/data/sets/tiny/', 'image_size': 32, 'num_classes': 10}}, f)
 
 
 def read_card(path):
@@ -96,19 +96,20 @@ def test_hf_folder_loads_into_torchvision_resnet18(tmp_path, capsys):
         'missing_keys': ['fc.weight', 'fc.bias'], 'num_features': 512, 'student': 'resnet18', 'epoch': 3,
         'checkpoint_sha256': file_sha256(checkpoint), 'heads': None, 'linear': None}
     assert config['teachers'] == [{'head': None, 'arch': 'resnet50', 'sha256': 'ab' * 32, 'feat_dim': 2048}]
-    assert config['knn'] == {'dataset': 'imagenet', 'image_size': 32, 'majority_top1': knn, 'num_classes': 10}
+    assert config['knn'] == {'data': 'tiny', 'dataset': 'imagenet', 'image_size': 32, 'num_classes': 10,
+                             'majority_top1': knn}
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
     assert (config['pretrained_cfg']['mean'], config['pretrained_cfg']['std']) == ([0.485, 0.456, 0.406],
                                                                                   [0.229, 0.224, 0.225])
     assert config['training'] == {'arch_teacher': 'resnet50', 'arch_student': 'resnet18', 'epochs': 10,
                                   'batch_size': 8, 'image_size': 32, 'learning_rate': 0.05, 'dataset': 'imagenet'}
-    assert '/data/weights' not in (out / 'config.json').read_text()  # no local path goes public
+    assert '/data/' not in (out / 'config.json').read_text()  # no local path goes public
 
     header, body = read_card(out / 'README.md')
     assert header == {'library_name': 'torchvision', 'license': 'other', 'pipeline_tag': 'image-feature-extraction',
                       'tags': ['torchvision', 'safetensors', 'image-feature-extraction', 'knowledge-distillation',
                                'simreg']}
-    assert '- k-NN top-1 (majority vote, imagenet, 32 px): 1-NN 41.50%, 20-NN 45.25%' in body
+    assert '- k-NN top-1 (majority vote) on tiny (10 classes, 32 px): 1-NN 41.50%, 20-NN 45.25%' in body
     assert '| epochs | 10 |' in body and '| batch_size | 8 |' in body
     code = body.split('```python\n')[1].split('```')[0]
     assert code.splitlines() == [
@@ -184,13 +185,13 @@ def test_with_head_of_one_teacher_and_figures_of_another_file(tmp_path, capsys):
                                               f'checkpoint\'s backbone: left out\n')
     config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
     assert config['knn'] is None
-    assert config['linear'] == {'dataset': 'imagenet', 'image_size': 32, 'top1': 52.5, 'epoch': 90}
+    assert config['linear'] == {'data': 'tiny', 'dataset': 'imagenet', 'image_size': 32, 'top1': 52.5, 'epoch': 90}
     head = models.build_head(512, 16)
     head.load_state_dict(safetensors.torch.load_file(tmp_path / 'hf' / 'head.safetensors'))
     assert_equal_states(head.state_dict(), heads[None])
     assert config['heads'] == {'head.safetensors': {'teacher': None, 'in_dim': 512, 'out_dim': 16,
                                                     'n_mlp_layers': 4, 'linear_pred': False}}
-    assert '- linear probe top-1 (imagenet): 52.50% (epoch 90)' in read_card(tmp_path / 'hf' / 'README.md')[1]
+    assert '- linear probe top-1 on tiny (32 px): 52.50% (epoch 90)' in read_card(tmp_path / 'hf' / 'README.md')[1]
 
 
 def test_safetensors_format_writes_the_state_dict_alone(tmp_path, capsys):
