@@ -76,4 +76,5 @@ def test_earlier_command_lines_parse_to_the_same_values():
         data='DIR', weights='w.pth', arch_teacher='resnet50', teacher_weights='t', head='h', dataset='imagenet100',
         split='test', image_size=96, batch_size=64, workers=2, save='s', dist_timeout=5.0)
     assert parsed(export_student, 'ckpt.pth', 'out.pth', '--arch', 'resnet18') == dict(
-        checkpoint='ckpt.pth', output='out.pth', arch='resnet18', onnx=None, image_size=224, opset=17)
+        checkpoint='ckpt.pth', output='out.pth', arch='resnet18', onnx=None, image_size=224, opset=17, format='pth',
+        with_head=False, license='other', push_to_hub=None)
