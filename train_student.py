@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data import replay
-from data.folders import add_dataset_arg, build_dataset, is_labelled
+from data.folders import add_dataset_arg, build_dataset
 from data.gpu_views import GpuDecodedInput, ViewParams, packed_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.transforms import DeviceInput, TwoViews
-from evaluation.holdout import HeldOutImitation, WithoutHoldout, holdout_indices, holdout_size
-from evaluation.online_knn import OnlineKnn
+from evaluation.holdout import WithoutHoldout, held_out_images
+from evaluation.online_knn import OnlineKnn, knn_measured
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
 from models.head import build_head
@@ -243,9 +243,7 @@ def train(args, startup):
     # ---------------------------------------------------------------- data and teachers
     dataset = build_dataset(args.data, 'train', None, args.dataset, encoded=args.gpu_decode)
     teachers = build_teachers(args, dataset, ctx, log)
-    held_out = holdout_indices(len(dataset), holdout_size(args, is_labelled(args.data), len(dataset)), args.seed)
-    holdout = HeldOutImitation(dataset, held_out, args.image_size, teachers,
-                               args.batch_size // world_size) if held_out else None
+    held_out, holdout = held_out_images(args, dataset, teachers, world_size)
     loader, ctx.to_device = build_input(args, dataset, teachers, ctx, held_out)
 
     # ---------------------------------------------------------------- student, optimizer, resume
@@ -261,12 +259,10 @@ def train(args, startup):
 
     # ---------------------------------------------------------------- before the first step
     describe_run(args, teachers, loader, ctx, logs_dir)
-    knn_on = is_labelled(args.data) and (os.path.isdir(os.path.join(args.data, 'val')) or not held_out)
-    online_knn = OnlineKnn(args, device, ctx.amp_dtype) if args.knn_every > 0 and knn_on else None
+    online_knn = OnlineKnn(args, device, ctx.amp_dtype) if knn_measured(args, held_out) else None
     fresh = start['epoch'] == 1 and start['step'] == 0 and 'path' not in start  # not resumed from epoch 0
     knn_start = online_knn.at_start(teachers, model.encoder_q, ctx.memory_format) if online_knn and fresh else {}
-    if holdout:
-        knn_start.update(holdout.at_start(model, teachers, ctx, fresh, ctx.logs.json.path or ''))
+    knn_start.update(holdout.at_start(model, teachers, ctx, fresh, ctx.logs.json.path or '') if holdout else {})
     ctx.logs.start(start_epoch=start['epoch'], start_step=start['step'], resumed_from=start.get('resumed_from'),
                    epochs=args.epochs, world_size=world_size, device=str(device),
                    backend=dist_utils.backend_name(), precision=args.precision, channels_last=args.channels_last,
@@ -294,8 +290,7 @@ def train(args, startup):
             stats = train_one_epoch(ddp_model, teachers, loader, optimizer, ctx, epoch)
             due = args.knn_every > 0 and (epoch % args.knn_every == 0 or epoch == args.epochs)
             knn = online_knn.measure(model.encoder_q, ctx.memory_format) if online_knn and due else None
-            if holdout and due:
-                stats = {**stats, **holdout.at_epoch(model, teachers, ctx, epoch)}
+            stats.update(holdout.at_epoch(model, teachers, ctx, epoch) if holdout and due else {})
             ctx.logs.epoch(epoch, stats, knn)
             ctx.checkpointer.save(epoch)
             dist_utils.barrier()

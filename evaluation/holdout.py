@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data.folders import ImageList
+from data.folders import ImageList, is_labelled
 from data.sampler import derive_seed
 from data.transforms import eval_transform, normalize
 from utils.distributed import is_main_process
@@ -28,6 +28,13 @@ def holdout_size(args, labelled, num_samples):
         raise SimRegError(f'--holdout {args.holdout}: at most a tenth of the {num_samples} training images '
                           f'({num_samples // 10}) can be held out: lower it')
     return args.holdout
+
+
+def held_out_images(args, dataset, teachers, world_size):
+    """A run's held-out sample indices and their ``HeldOutImitation`` (None when none are held out)."""
+    indices = holdout_indices(len(dataset), holdout_size(args, is_labelled(args.data), len(dataset)), args.seed)
+    batch = args.batch_size // world_size  # the per-process batch: what training fits in memory
+    return indices, HeldOutImitation(dataset, indices, args.image_size, teachers, batch) if indices else None
 
 
 def holdout_indices(num_samples, count, seed):
