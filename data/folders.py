@@ -253,7 +253,7 @@ def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False
     """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps ``imagenet100_classes``
     of the classes of ``split`` (so train and val agree). The train split of a ``data_root`` without ``train/`` is
     its images at any depth, or those a text file ``data_root`` lists, unlabelled (``unlabelled_images``)."""
-    if split == 'train' and not os.path.isdir(os.path.join(data_root, 'train')):
+    if split == 'train' and not is_labelled(data_root):
         if not os.path.exists(data_root):
             raise SimRegError(f'data folder {data_root} does not exist: pass a folder of images (at any depth), a '
                               f'text file listing image paths, or a dataset root holding train/<class>/<image>')
@@ -300,7 +300,7 @@ def unlabelled_images(source, transform=None, encoded=False):
         root, paths, skipped = os.path.dirname(os.path.abspath(source)), read_image_list(source), None
     else:
         root, left_out, paths = source, {}, []
-        for folder, subfolders, names in os.walk(source, followlinks=True):
+        for folder, subfolders, names in os.walk(source, onerror=unreadable_folder, followlinks=True):
             subfolders[:] = [name for name in subfolders if not name.startswith('.')]
             paths += [os.path.join(folder, name) for name in names if is_image_file(name, left_out)]
         if not paths:
@@ -310,6 +310,10 @@ def unlabelled_images(source, transform=None, encoded=False):
         if skipped and os.environ.get('RANK', '0') == '0':
             print(skipped, flush=True)
     return ImageList(root, paths, transform, encoded, skipped)
+
+
+def unreadable_folder(exc):
+    raise SimRegError(f'cannot read folder {exc.filename} ({exc.strerror}): make it readable, or pass another folder')
 
 
 def read_image_list(path):

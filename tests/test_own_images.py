@@ -121,6 +121,14 @@ def test_unlabelled_folder_trains_and_logs_the_held_out_cosine_of_its_checkpoint
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], abs=1e-6)
 
 
+def test_a_multi_view_cache_is_refused_with_holdout(ws):
+    from evaluation.holdout import HeldOutImitation
+    dataset = build_dataset(str(ws / 'images'), 'train', None)
+    cached = types.SimpleNamespace(boxes=np.zeros((N_IMAGES, 2, 5)))  # what a multi-view CachedTeacher carries
+    with pytest.raises(SimRegError, match='the cache of resnet18 holds weak views only: pass --holdout 0'):
+        HeldOutImitation(dataset, [1, 2], 32, {'resnet18': cached}, 8)
+
+
 def samples_drawn(ws, held_out, world_size):
     """The sample indices one epoch of the training loader draws, over all ranks, and the steps of the epoch."""
     import train_student
