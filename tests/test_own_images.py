@@ -95,7 +95,6 @@ def test_default_holdout_is_a_tenth_up_to_256_for_unlabelled_images_and_none_for
     assert holdout_indices(40, 4, SEED) == sorted(holdout_indices(40, 4, SEED))
 
 
-@pytest.mark.slow
 def test_unlabelled_folder_trains_and_logs_the_held_out_cosine_of_its_checkpoints(ws, one_thread):
     train(train_args(ws, 'one', '--epochs', '2'))
     exp = ws / 'runs' / 'exp' / 'one'
@@ -173,7 +172,6 @@ def test_the_held_out_set_is_the_same_on_two_processes_and_after_a_resume(ws, on
     assert last['holdout_cosine_change'] == pytest.approx(now - first, abs=1e-5)
 
 
-@pytest.mark.slow
 def test_a_file_list_and_a_cache_of_it_train_and_the_cache_rows_are_the_teacher(ws, one_thread):
     listed = sorted(os.path.relpath(p, ws / 'images') for p, _ in build_dataset(str(ws / 'images'), 'train',
                                                                                  None).samples)[:30]
