@@ -1,4 +1,5 @@
-"""Run a teacher once over ``<data>/train`` and cache its features for ``train_student.py --use_cache``.
+"""Run a teacher once over ``<data>/train`` (or the unlabelled images of ``<data>``, as training takes them) and cache
+its features for ``train_student.py --use_cache``.
 
     torchrun --nproc_per_node=8 cache_teacher_feats.py /path/to/imagenet \
         --arch_teacher resnet50 --teacher_weights moco_v2_800ep
@@ -39,7 +40,8 @@ from utils.store import differing
 
 def get_args_parser():
     p = argparse.ArgumentParser('Cache teacher features for SimReg --use_cache training', add_help=True)
-    p.add_argument('data', help='dataset root holding train/<class>/<image>')
+    p.add_argument('data', help='dataset root holding train/<class>/<image>; or a folder of images at any depth, or '
+                                'a text file listing image paths (one per line), as train_student.py takes it')
     add_dataset_arg(p, ' (as the training run will use)')
     p.add_argument('--arch_teacher', default='resnet50', choices=TEACHER_ARCHS, help='teacher architecture')
     p.add_argument('--teacher_weights', required=True,

@@ -25,7 +25,8 @@ from data.folders import add_dataset_arg, build_dataset
 from data.gpu_views import GpuDecodedInput, ViewParams, packed_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.transforms import NORMS, DeviceInput, NetInput, TwoViews
-from evaluation.online_knn import OnlineKnn
+from evaluation.holdout import WithoutHoldout, held_out_images
+from evaluation.online_knn import OnlineKnn, knn_measured
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
 from models.head import build_head
@@ -45,7 +46,8 @@ from utils.training import (Checkpointer, MetricLogger, Preempted, StartupSignal
 
 def get_args_parser():
     p = argparse.ArgumentParser('SimReg distillation', add_help=True)
-    p.add_argument('data', help='dataset root holding train/<class>/<image>')
+    p.add_argument('data', help='dataset root holding train/<class>/<image>; or a folder of images at any depth, or '
+                                'a text file listing image paths (one per line), unlabelled')
     add_dataset_arg(p)
     p.add_argument('--base_dir', default='./', help='outputs go to <base_dir>/exp/<exp>/')
     p.add_argument('--exp', default='outputs', help='experiment name')
@@ -129,6 +131,10 @@ def get_args_parser():
                         'untrained student\'s at the start); 0: off')
     p.add_argument('--knn_train_per_class', type=int, default=20,
                    help='train images per class for the online k-NN, chosen once from --seed')
+    p.add_argument('--holdout', type=int, metavar='N',
+                   help='leave N training images (drawn from --seed) out of training and log the imitation cosine '
+                        'on them with the online k-NN (default: 256, at most a tenth of the images, for unlabelled '
+                        'images with --knn_every; 0 for class folders)')
     dist_utils.add_distributed_args(p)
     return p
 
@@ -152,6 +158,10 @@ def check_args(args):
         count('num_workers', 0, 'the loader processes per process'), count('print_freq', 1, 'the steps per log line'),
         count('save_freq', 1, 'the epochs between kept checkpoints'),
         count('knn_every', 0, 'the epochs between online k-NN measures (0: off)'),
+        (not args.holdout or args.knn_every > 0, f'--holdout {args.holdout} is measured every --knn_every epochs: '
+                                                 f'pass --knn_every N too, or drop --holdout'),
+        (args.holdout is None or args.holdout >= 0,
+         f'--holdout {args.holdout}: give the images to hold out, 0 or more'),
         count('ckpt_every_steps', 0, 'the steps between checkpoints inside epochs (0: off)'),
         count('seed', 0, 'the seed'),
         (not args.knn_every or args.knn_train_per_class >= 1,
@@ -255,7 +265,8 @@ def train(args, startup):
     # ---------------------------------------------------------------- data and teachers
     dataset = build_dataset(args.data, 'train', None, args.dataset, encoded=args.gpu_decode)
     teachers = build_teachers(args, dataset, ctx, log)
-    loader, ctx.to_device = build_input(args, dataset, teachers, ctx)
+    held_out, holdout = held_out_images(args, dataset, teachers, world_size)
+    loader, ctx.to_device = build_input(args, dataset, teachers, ctx, held_out)
 
     # ---------------------------------------------------------------- student, optimizer, resume
     model = build_student(args, teachers)
@@ -270,9 +281,10 @@ def train(args, startup):
 
     # ---------------------------------------------------------------- before the first step
     describe_run(args, teachers, loader, ctx, logs_dir)
-    online_knn = OnlineKnn(args, device, ctx.amp_dtype) if args.knn_every > 0 else None
+    online_knn = OnlineKnn(args, device, ctx.amp_dtype) if knn_measured(args, held_out) else None
     fresh = start['epoch'] == 1 and start['step'] == 0 and 'path' not in start  # not resumed from epoch 0
     knn_start = online_knn.at_start(teachers, model.encoder_q, ctx.memory_format) if online_knn and fresh else {}
+    knn_start.update(holdout.at_start(model, teachers, ctx, fresh, ctx.logs.json.path or '') if holdout else {})
     ctx.logs.start(start_epoch=start['epoch'], start_step=start['step'], resumed_from=start.get('resumed_from'),
                    epochs=args.epochs, world_size=world_size, device=str(device),
                    backend=dist_utils.backend_name(), precision=args.precision, channels_last=args.channels_last,
@@ -298,9 +310,9 @@ def train(args, startup):
                 group['lr'] = cosine_lr(epoch, args)
             loader.batch_sampler.set_epoch(epoch, start['step'] if epoch == start['epoch'] else 0)
             stats = train_one_epoch(ddp_model, teachers, loader, optimizer, ctx, epoch)
-            knn = None
-            if online_knn and (epoch % args.knn_every == 0 or epoch == args.epochs):
-                knn = online_knn.measure(model.encoder_q, ctx.memory_format)
+            due = args.knn_every > 0 and (epoch % args.knn_every == 0 or epoch == args.epochs)
+            knn = online_knn.measure(model.encoder_q, ctx.memory_format) if online_knn and due else None
+            stats.update(holdout.at_epoch(model, teachers, ctx, epoch) if holdout and due else {})
             ctx.logs.epoch(epoch, stats, knn)
             ctx.checkpointer.save(epoch)
             dist_utils.barrier()
@@ -370,9 +382,10 @@ def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
                           f'--overwrite to start it again, or another --exp')
 
 
-def build_input(args, dataset, teachers, ctx):
+def build_input(args, dataset, teachers, ctx, held_out=()):
     """(the training loader, the step's input maker): views made by the loader's workers on the CPU, made on the
-    device (``--gpu_decode``), or a multi-view teacher cache's views replayed for the student."""
+    device (``--gpu_decode``), or a multi-view teacher cache's views replayed for the student; ``held_out``: the
+    sample indices left out of training."""
     live = [t.input for t in teachers.values() if t.needs_view]  # the live teachers' NetInputs
     single_view = args.single_aug or not live  # no teacher view needed
     views = TwoViews(args.image_size, args.weak_strong, args.weak_weak, single_view,
@@ -388,15 +401,17 @@ def build_input(args, dataset, teachers, ctx):
                                     ctx.amp_dtype).with_nets(*nets)
     else:
         dataset.transform = views
-    return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank()), to_device
+    return make_loader(dataset, args, dist_utils.get_world_size(), dist_utils.get_rank(), held_out), to_device
 
 
-def make_loader(dataset, args, world_size, rank):
+def make_loader(dataset, args, world_size, rank, held_out=()):
     """This process's share of each global batch (``data.sampler``): (index, view(s), label) batches; (index,
     encoded files, label) with --gpu_decode; ((index, view), view, label) over ``ReplayedViews``. Every sample is
-    made from its own seed, so workers and ranks do not matter."""
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
-    return DataLoader(SeededSamples(dataset, args.seed), batch_sampler=sampler, num_workers=args.num_workers,
+    made from its own seed, so workers and ranks do not matter; the ``held_out`` indices are never drawn."""
+    samples = SeededSamples(dataset, args.seed)
+    samples = WithoutHoldout(samples, held_out) if held_out else samples
+    sampler = GlobalBatchSampler(len(samples), args.batch_size, world_size, rank, args.seed)
+    return DataLoader(samples, batch_sampler=sampler, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_loader_worker,
                       collate_fn=packed_collate if args.gpu_decode else None)
 

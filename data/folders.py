@@ -1,5 +1,5 @@
-"""Image folders: ImageFolder with sample indices, image decoding with clear errors, the one subsetter
-(ImageNet-100, the k-NN train subset) and the --dataset flag."""
+"""Image folders: ImageFolder with sample indices, unlabelled images (a folder at any depth or a list of files),
+image decoding with clear errors, the one subsetter (ImageNet-100, the k-NN train subset) and the --dataset flag."""
 import io
 import os
 import struct
@@ -251,7 +251,16 @@ def restrict_folder(dataset, classes=None, per_class=None, seed=0):
 
 def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False):
     """``<data_root>/<split>`` as an IndexedImageFolder; ``dataset='imagenet100'`` keeps ``imagenet100_classes``
-    of the classes of ``split`` (so train and val agree)."""
+    of the classes of ``split`` (so train and val agree). The train split of a ``data_root`` without ``train/`` is
+    its images at any depth, or those a text file ``data_root`` lists, unlabelled (``unlabelled_images``)."""
+    if split == 'train' and not is_labelled(data_root):
+        if not os.path.exists(data_root):
+            raise SimRegError(f'data folder {data_root} does not exist: pass a folder of images (at any depth), a '
+                              f'text file listing image paths, or a dataset root holding train/<class>/<image>')
+        if dataset != 'imagenet':
+            raise SimRegError(f'--dataset {dataset} picks classes of {data_root}/train/<class>, which does not '
+                              f'exist: drop --dataset for a folder of unlabelled images')
+        return unlabelled_images(data_root, transform, encoded)
     folder = IndexedImageFolder(os.path.join(data_root, split), transform=transform, encoded=encoded)
     if dataset == 'imagenet100':
         if len(folder.classes) < 100:
@@ -259,3 +268,69 @@ def build_dataset(data_root, split, transform, dataset='imagenet', encoded=False
                               f'{data_root}/{split} has {len(folder.classes)}')
         restrict_folder(folder, imagenet100_classes(folder.classes))
     return folder
+
+
+def is_labelled(data_root):
+    """Whether the training images are class folders (``<data_root>/train/<class>/<image>``)."""
+    return os.path.isdir(os.path.join(data_root, 'train'))
+
+
+class ImageList(torch.utils.data.Dataset):
+    """``(index, image, 0)`` samples of image files without classes, decoded (or left encoded) as
+    ``IndexedImageFolder``'s; ``root``: the folder the paths are keyed relative to (teacher caches)."""
+
+    def __init__(self, root, paths, transform=None, encoded=False, skipped=None):
+        self.root, self.transform, self.skipped = root, transform, skipped
+        self.loader = read_checked if encoded else decode_rgb
+        self.samples = [(path, 0) for path in paths]
+        self.targets = [0] * len(paths)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image = self.loader(self.samples[index][0])
+        return index, self.transform(image) if self.transform is not None else image, 0
+
+
+def unlabelled_images(source, transform=None, encoded=False):
+    """An ImageList of the images in the folder ``source`` and its sub-folders (hidden ones left out, paths
+    sorted), or of the files a text file ``source`` lists, one per line, relative to its folder or absolute."""
+    if os.path.isfile(source):
+        root, paths, skipped = os.path.dirname(os.path.abspath(source)), read_image_list(source), None
+    else:
+        root, left_out, paths = source, {}, []
+        for folder, subfolders, names in os.walk(source, onerror=unreadable_folder, followlinks=True):
+            subfolders[:] = [name for name in subfolders if not name.startswith('.')]
+            paths += [os.path.join(folder, name) for name in names if is_image_file(name, left_out)]
+        if not paths:
+            raise SimRegError(f'{source} holds no images (at any depth): put images in it (e.g. '
+                              f'{" ".join(e[1:] for e in IMAGE_EXTENSIONS[:5])}), or pass another folder')
+        paths, skipped = sorted(paths), skipped_line(source, left_out)
+        if skipped and os.environ.get('RANK', '0') == '0':
+            print(skipped, flush=True)
+    return ImageList(root, paths, transform, encoded, skipped)
+
+
+def unreadable_folder(exc):
+    raise SimRegError(f'cannot read folder {exc.filename} ({exc.strerror}): make it readable, or pass another folder')
+
+
+def read_image_list(path):
+    """The image paths a text file lists, one per line (blank lines skipped), each checked to be a file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SimRegError(f'cannot read {path} as a list of image paths ({str(exc).splitlines()[0]}): pass a '
+                          f'folder of images or a text file with one image path per line') from None
+    folder = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.join(folder, line) for line in lines if line]  # an absolute line stays as it is
+    if not paths:
+        raise SimRegError(f'image list {path} names no images: write one image path per line (relative to '
+                          f'{folder}, or absolute)')
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SimRegError(f'image list {path} names {len(missing)} file(s) that do not exist (e.g. {missing[0]}): '
+                          f'fix the list (paths are relative to {folder}, or absolute)')
+    return paths

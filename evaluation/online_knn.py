@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from data.folders import build_dataset, restrict_folder
+from data.folders import build_dataset, is_labelled, restrict_folder
 from data.transforms import eval_transform
 from evaluation import knn
 from evaluation.features import check_same_classes, extract_features
@@ -15,6 +15,13 @@ from utils.distributed import is_distributed, is_main_process
 from utils.errors import SimRegError
 
 KS = (1, 20)
+
+
+def knn_measured(args, held_out):
+    """Whether a run measures the online k-NN: with --knn_every, on class folders; without their val/ only when no
+    images are held out (``OnlineKnn`` then names the fix)."""
+    has_val = os.path.isdir(os.path.join(args.data, 'val'))
+    return args.knn_every > 0 and is_labelled(args.data) and (has_val or not held_out)
 
 
 class OnlineKnn:

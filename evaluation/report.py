@@ -60,6 +60,8 @@ def training_curves(records):
     knn_epochs = [(epoch, r['knn']) for epoch, r in epochs if r.get('knn')]
     ks = sorted({k for _, knn in knn_epochs for k in knn}, key=int)
     last_start = lambda key: next((r[key] for r in reversed(starts) if r.get(key)), None)
+    holdout = [(0, last_start('holdout_cosine_init'))] if last_start('holdout_cosine_init') is not None else []
+    holdout += [(epoch, r['holdout_cosine']) for epoch, r in epochs if r.get('holdout_cosine') is not None]
     entries = {
         'loss_by_epoch': {'epoch': [e for e, _ in epochs], 'loss': [r['loss'] for _, r in epochs],
                           'lr': [r.get('lr') for _, r in epochs]} if epochs else None,
@@ -67,6 +69,7 @@ def training_curves(records):
         if knn_epochs else None,
         'online_knn_teacher': last_start('knn_teacher'),
         'online_knn_init': last_start('knn_init'),
+        'holdout_cosine': {'epoch': [e for e, _ in holdout], 'cosine': [c for _, c in holdout]} if holdout else None,
     }
     return entries, [(epoch - 1 + step / r['steps'], r['loss']) for (epoch, step), r in windows]
 
@@ -149,14 +152,21 @@ def plot_knn(ax, report):
 
 
 def plot_imitation(ax, report):
-    cosine = report['imitation_cosine']
+    """cos(head, teacher) by epoch: eval_imitation.py's on its split, and the one training logs on its held-out
+    training images (--holdout)."""
+    cosine, holdout = report['imitation_cosine'] or {}, report['holdout_cosine']
     epochs = sorted(cosine, key=int)
-    ax.plot([int(e) for e in epochs], [cosine[e] for e in epochs], 'o-', color='C4', label='student head')
+    if cosine:
+        ax.plot([int(e) for e in epochs], [cosine[e] for e in epochs], 'o-', color='C4',
+                label=f"student head on {report['imitation_split']}")
     for e in epochs:
         ax.annotate(f'{cosine[e]:.3f}', (int(e), cosine[e]), textcoords='offset points', xytext=(0, 8),
                     ha='center')
-    ax.set(title=f"Imitation of the teacher on {report['imitation_split']}", xlabel='epoch',
-           ylabel='mean cos(head, teacher)', ylim=(min(0.0, min(cosine.values()) - 0.05), 1.05))
+    if holdout:
+        ax.plot(holdout['epoch'], holdout['cosine'], 's--', color='C5', label='student head on held-out train images')
+    lowest = min([*cosine.values(), *(holdout['cosine'] if holdout else [])])
+    ax.set(title='Imitation of the teacher', xlabel='epoch', ylabel='mean cos(head, teacher)',
+           ylim=(min(0.0, lowest - 0.05), 1.05))
 
 
 def panels(report):
@@ -164,7 +174,8 @@ def panels(report):
     knn = any(report[key] for key in ('teacher_knn', 'student_knn_before', 'student_knn_after', 'online_knn',
                                       'online_knn_teacher', 'online_knn_init')) or report['linear_top1'] is not None
     return [name for name, present in [('loss', report['loss_by_epoch']), ('knn', knn),
-                                       ('imitation', report['imitation_cosine'])] if present]
+                                       ('imitation', report['imitation_cosine'] or report['holdout_cosine'])]
+            if present]
 
 
 def render_png(report, windows):
@@ -211,6 +222,10 @@ def print_table(report):
         first, last = min(cosine, key=int), max(cosine, key=int)
         rows.append((f"cos(head, teacher) on {report['imitation_split']}, epoch {first} -> {last}",
                      f'{cosine[first]:.3f} -> {cosine[last]:.3f}'))
+    if report['holdout_cosine']:
+        holdout = report['holdout_cosine']
+        rows.append((f"cos(head, teacher) on held-out train images, epoch {holdout['epoch'][0]} -> "
+                     f"{holdout['epoch'][-1]}", f"{holdout['cosine'][0]:.3f} -> {holdout['cosine'][-1]:.3f}"))
     if report['wall_time_s'] is not None:
         rows.append(('wall time', f"{report['wall_time_s'] / 60:.1f} min"))
     if not rows:
