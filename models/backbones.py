@@ -59,8 +59,14 @@ TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_f
 STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS + tuple(VIT_STUDENTS)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4') + tuple(VIT_TEACHERS)
+OPENCLIP = 'open_clip/'  # --arch open_clip/<name>: a CLIP or SigLIP image tower (models/openclip.py)
 ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
 LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
+
+
+def is_teacher_arch(arch):
+    """Whether ``arch`` can be a teacher: one of TEACHER_ARCHS, or open_clip/<name>."""
+    return arch in TEACHER_ARCHS or arch.startswith(OPENCLIP)
 
 
 def _torchvision_classifier(name):
@@ -106,6 +112,9 @@ def build_backbone(arch, image_size=None):
     """The network for an arch name, its final Linear removed; ``image_size``: a ViT student's size."""
     if arch in VIT_ARCHS:
         return build_vit(arch, image_size)
+    if arch.startswith(OPENCLIP):  # open_clip's own initialisation; imported here: models.openclip imports this
+        from models.openclip import ImageTower, create_clip
+        return ImageTower(create_clip(arch), arch)
     if arch == 'byol_resnet50':
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):
