@@ -98,17 +98,17 @@ class DeviceInput:
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std_255(device):
+def _mean_std_255(device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The normalisation constants on ``device``, made once: building them per call is a blocking
     host-to-GPU copy, a sync on every training step."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     return mean, std
 
 
-def normalize(images):
-    """uint8 NCHW batch on any device -> float32, ImageNet mean/std normalised."""
-    mean, std = _mean_std_255(images.device)
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 NCHW batch on any device -> float32, normalised with ``mean``/``std`` (0-1 units; ImageNet's)."""
+    mean, std = _mean_std_255(images.device, tuple(mean), tuple(std))
     return (images.float() - mean) / std
 
 
