@@ -145,7 +145,7 @@ def checkpoint_epoch(weights, given=None):
     """The epoch of the student in ``weights``: its checkpoint's 'epoch', else n of a file named
     ``ckpt_epoch_<n>.pth``; ``given`` (--epoch) must agree, and is taken for a file that knows none (a teacher).
     None when neither says."""
-    ckpt = read_checkpoint(weights, mmap=True)  # only its keys are needed
+    ckpt = None if weights.endswith('.safetensors') else read_checkpoint(weights, mmap=True)  # only its keys
     student = isinstance(ckpt, dict) and (isinstance(ckpt.get('args'), dict) or 'opt' in ckpt)
     named = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', os.path.basename(weights))
     known, source = ((ckpt['epoch'], 'its checkpoint says') if student and isinstance(ckpt.get('epoch'), int)

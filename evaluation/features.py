@@ -117,7 +117,7 @@ def _is_arch(backbone, arch):
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
     """Any checkpoint the project can load, as a FeatureModel. Students carry their architecture and head (``arch``
     is only checked, ``head_name`` picks a several-teacher student's head); any other file is a plain backbone."""
-    checkpoint = read_checkpoint(weights)
+    checkpoint = None if weights.endswith('.safetensors') else read_checkpoint(weights)  # open_clip's: no student
     if _holds_student(checkpoint):
         backbone, head = load_student(weights, head=head_name, backbone_only=not stage.startswith('head'))
         if arch is not None and not _is_arch(backbone, arch):
@@ -140,9 +140,9 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
                      amp_dtype=None, l2_normalize=True, with_extras=False, memory_format=torch.contiguous_format):
-    """L2-normalised (or raw) float16 features of ``dataset`` (normalised as ``input_norm(model)``) in dataset order on rank 0, None elsewhere; each
-    rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images in ``memory_format`` (a
-    channels_last network's). ``with_extras=True``: (features, the third item of every sample), a label or e.g.
+    """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
+    rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images normalised ``input_norm(model)``'s
+    way, in ``memory_format`` (a channels_last network's). ``with_extras=True``: (features, the third item of every sample), a label or e.g.
     a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:

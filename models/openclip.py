@@ -22,7 +22,7 @@ class ImageTower(nn.Module):
     """``clip.encode_image`` as a backbone, with ``feat_dim`` and the input the model expects: ``input_size`` (px)
     and ``input_mean``/``input_std`` (0-1 units), those of its pretrained releases."""
 
-    def __init__(self, clip, arch, tag=None):
+    def __init__(self, clip, arch, weights=None):
         super().__init__()
         name = arch.removeprefix(OPENCLIP)
         self.visual = clip.visual
@@ -30,8 +30,9 @@ class ImageTower(nn.Module):
         self.feat_dim = config['embed_dim']
         size = config['vision_cfg']['image_size']
         self.input_size = size if isinstance(size, int) else size[0]
-        # a state-dict file says nothing of its normalisation: that of the model's first pretrained release
-        tags = [tag] if tag else open_clip.list_pretrained_tags_by_model(name)[:1]
+        # ``weights``: a pretrained tag says its release; a file says nothing: the model's first release's
+        is_tag = weights and not os.path.isfile(weights)
+        tags = [weights] if is_tag else open_clip.list_pretrained_tags_by_model(name)[:1]
         release = open_clip.get_pretrained_cfg(name, tags[0]) if tags else {}
         self.input_mean = tuple(release.get('mean', open_clip.OPENAI_DATASET_MEAN))
         self.input_std = tuple(release.get('std', open_clip.OPENAI_DATASET_STD))
@@ -92,4 +93,4 @@ def load_clip(arch, spec):
 
 def load_image_tower(arch, spec):
     """``ImageTower`` of ``arch`` with the weights ``spec``, in eval mode."""
-    return ImageTower(load_clip(arch, spec), arch, None if os.path.isfile(spec) else spec).eval()
+    return ImageTower(load_clip(arch, spec), arch, spec).eval()
