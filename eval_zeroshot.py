@@ -63,11 +63,11 @@ def main(args):
         run.logger.info(f'zero-shot {who} * Acc@1 {acc["top1"]:.2f} Acc@5 {acc["top5"]:.2f}')
     report = {**results, 'settings': {
         'weights': os.path.abspath(args.weights), 'head': args.head, 'teacher_arch': arch,
-        'teacher_weights': os.path.abspath(weights_file(arch, spec)), 'data': os.path.abspath(args.data), 'split': args.split,
-        'dataset': args.dataset, 'image_size': size, 'num_images': len(dataset), 'num_classes': len(names),
-        'templates': len(templates), 'teacher_mean': list(teacher.input_mean),
-        'teacher_std': list(teacher.input_std),
-        'amp': args.amp, 'processes': run.world_size, 'minutes': round(run.minutes(), 3)}}
+        'teacher_weights': os.path.abspath(weights_file(arch, spec)), 'data': os.path.abspath(args.data),
+        'split': args.split, 'dataset': args.dataset, 'image_size': size, 'num_images': len(dataset),
+        'num_classes': len(names), 'templates': len(templates), 'teacher_mean': list(teacher.input_mean),
+        'teacher_std': list(teacher.input_std), 'amp': args.amp, 'processes': run.world_size,
+        'minutes': round(run.minutes(), 3)}}
     write_file_atomic(json.dumps(report, indent=2) + '\n', os.path.join(run.save, 'zeroshot.json'))
     run.logger.info(f'=> results in {os.path.join(run.save, "zeroshot.json")}')
     return report

@@ -142,8 +142,8 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
                      amp_dtype=None, l2_normalize=True, with_extras=False, memory_format=torch.contiguous_format):
     """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
     rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images normalised ``input_norm(model)``'s
-    way, in ``memory_format`` (a channels_last network's). ``with_extras=True``: (features, the third item of every sample), a label or e.g.
-    a view's crop box. Samples are indexed by their position."""
+    way, in ``memory_format`` (a channels_last network's). ``with_extras=True``: (features, the third item of every
+    sample), a label or e.g. a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '

@@ -84,8 +84,8 @@ def test_strict_loading_names_the_key_and_wrong_names_say_where_to_look(vit_b32,
                                   f'weights file')
     with pytest.raises(SimRegError) as wrong:
         load_backbone('open_clip/ViT-B-33', path)
-    assert str(wrong.value) == ('open_clip has no model \'ViT-B-33\' (open_clip/ViT-B-33): python -c "import open_clip; '
-                                'print(*open_clip.list_models())" lists the valid names')
+    assert str(wrong.value) == ('open_clip has no model \'ViT-B-33\' (open_clip/ViT-B-33): python -c "import '
+                                'open_clip; print(*open_clip.list_models())" lists the valid names')
 
 
 def test_a_pretrained_tag_is_read_from_the_local_cache_only(vit_b32, tmp_path, monkeypatch):
