@@ -13,10 +13,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
+import cache_teacher_feats
 import eval_knn
 import eval_zeroshot
 from data.folders import build_dataset
 from evaluation import zeroshot
+from models.backbones import is_teacher_arch
 from models.loading import load_backbone
 from models.student import load_student
 from tests.conftest import make_image_folder, read_json, write_student_checkpoint
@@ -151,3 +153,14 @@ def test_zeroshot_equals_open_clips_classifier_for_teacher_and_student(vit_b32, 
         assert report[who]['top5'] == 100.0  # three classes
     settings = report['settings']
     assert (settings['teacher_arch'], settings['num_images'], settings['templates']) == ('open_clip/ViT-B-32', 6, 1)
+
+
+def test_open_clip_names_are_teacher_archs(capsys):
+    parser = cache_teacher_feats.get_args_parser()
+    assert parser.parse_args(['D', '--teacher_weights', 't', '--arch_teacher', 'open_clip/ViT-B-32']).arch_teacher \
+        == 'open_clip/ViT-B-32'
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(['D', '--teacher_weights', 't', '--arch_teacher', 'openclip/ViT-B-32'])
+    assert refused.value.code == 2
+    assert "'openclip/ViT-B-32' is no teacher: choose from resnet18" in capsys.readouterr().err
+    assert is_teacher_arch('open_clip/ViT-B-16-SigLIP') and not is_teacher_arch('mobilenet')
