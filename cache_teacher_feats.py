@@ -26,8 +26,9 @@ from data.teacher_cache import cache_store, dataset_fingerprint, sidecar_path, t
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput, eval_transform, to_net_input
 from evaluation.common import check_output
 from evaluation.features import extract_features
-from models.backbones import TEACHER_ARCHS
+from models.backbones import TEACHER_ARCHS, is_teacher_arch
 from models.loading import load_backbone
+from models.openclip import weights_file
 from models.presets import resolve_weights
 from models.simreg import AUTOCAST_DTYPES, default_precision, teacher_input
 from utils.checkpoint import file_sha256
@@ -38,14 +39,23 @@ from utils.logging import setup_logger
 from utils.store import differing
 
 
+def teacher_arch(arch):
+    if not is_teacher_arch(arch):
+        raise argparse.ArgumentTypeError(f'{arch!r} is no teacher: choose from {", ".join(TEACHER_ARCHS)} '
+                                         f'or open_clip/<model name>')
+    return arch
+
+
 def get_args_parser():
     p = argparse.ArgumentParser('Cache teacher features for SimReg --use_cache training', add_help=True)
     p.add_argument('data', help='dataset root holding train/<class>/<image>; or a folder of images at any depth, or '
                                 'a text file listing image paths (one per line), as train_student.py takes it')
     add_dataset_arg(p, ' (as the training run will use)')
-    p.add_argument('--arch_teacher', default='resnet50', choices=TEACHER_ARCHS, help='teacher architecture')
+    p.add_argument('--arch_teacher', default='resnet50', type=teacher_arch,
+                   help=f'teacher architecture: {", ".join(TEACHER_ARCHS)} or open_clip/<model name>')
     p.add_argument('--teacher_weights', required=True,
-                   help='teacher checkpoint (any layout models.loading accepts) or a preset name')
+                   help='teacher checkpoint (any layout models.loading accepts), a preset name, or an open_clip '
+                        'pretrained tag in the local cache')
     p.add_argument('--teacher_fc', action='store_true',
                    help="cache the teacher's pretrained projection (a plain Linear fc) output")
     p.add_argument('--image_size', type=int, default=224,
@@ -240,6 +250,7 @@ def main(args):
     # with --cache_views the images stay decoded uint8, and ShardWeakViews cuts each view from them
     dataset = build_dataset(args.data, 'train', None if args.cache_views else eval_transform(crop_size(args)),
                             args.dataset)
+    args.teacher_weights = weights_file(args.arch_teacher, args.teacher_weights)  # an open_clip tag: its file
     run_on_main(lambda: resolve_weights(args.teacher_weights))  # a preset is downloaded once, by rank 0
     weights = resolve_weights(args.teacher_weights)
     teacher = load_backbone(args.arch_teacher, weights, keep_fc=args.teacher_fc)

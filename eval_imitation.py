@@ -69,6 +69,7 @@ def main(args):
     arch, teacher_path, teacher_fc = recorded_teacher(ckpt, args)
     student = features.load_feature_model(args.weights, stage='head', head_name=args.head)
     teacher = features.FeatureModel(load_backbone(arch, teacher_path, keep_fc=teacher_fc), None)
+    common.resolve_image_size(args, student.backbone)
     dataset = build_dataset(args.data, args.split, eval_transform(args.image_size), args.dataset)
     both = features.extract_features(HeadAndTeacher(student, teacher), dataset, args.batch_size, args.workers, device,
                                      desc='student head and teacher', l2_normalize=False)

@@ -8,6 +8,7 @@ import json
 import os
 
 from evaluation import common, knn
+from models.openclip import weights_file
 from utils.checkpoint import write_file_atomic
 from utils.errors import exit_on_user_error
 
@@ -29,6 +30,7 @@ def get_args_parser():
 
 def main(args):
     """The knn_results.json report on rank 0, None elsewhere."""
+    args.weights = weights_file(args.arch, args.weights)  # an open_clip pretrained tag: its file in the local cache
     args.epoch = common.checkpoint_epoch(args.weights, args.epoch)
     run = common.start(args, 'knn_logs')
     extracted = common.extract_splits(run, ('train', 'val'), args.dataset)

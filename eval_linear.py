@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data.folders import build_dataset
 from evaluation import common, features, probe
+from models.openclip import weights_file
 from utils.checkpoint import read_checkpoint, save_atomic, write_file_atomic
 from utils.distributed import barrier, cleanup, get_rank, is_main_process, run_on_main, seed_everything
 from utils.errors import SimRegError, exit_on_user_error
@@ -53,6 +54,7 @@ def parse_milestones(text):
 def main(args):
     """Train the probe (or, with --evaluate, validate one); returns on rank 0 the linear_results.json
     report (with --evaluate, linear_evaluate.json's), None elsewhere."""
+    args.weights = weights_file(args.arch, args.weights)  # an open_clip pretrained tag: its file in the local cache
     args.epoch = common.checkpoint_epoch(args.weights, getattr(args, 'epoch', None))
     run = common.start(args, 'logs')
     device, logger, save = run.device, run.logger, run.save

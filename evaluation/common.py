@@ -28,8 +28,9 @@ def add_data_args(p, data_help, dataset=True, save=OUTPUTS,
         add_dataset_arg(p)
     p.add_argument('-j', '--workers', default=8, type=int, help='data loading workers per process')
     p.add_argument('-b', '--batch-size', default=256, type=int, help='total batch size over all processes')
-    p.add_argument('--image_size', default=224, type=int,
-                   help='crop size (the evaluation view resizes to size*256/224, then center-crops)')
+    p.add_argument('--image_size', default=None, type=int,
+                   help='crop size (the evaluation view resizes to size*256/224, then center-crops); default: the '
+                        'model\'s own input size for open_clip models, else 224')
     p.add_argument('--save', default=save, help=save_help)
     add_distributed_args(p)
 
@@ -96,6 +97,7 @@ def open_features(run, splits, name):
     args = run.args
     model = features.load_feature_model(args.weights, args.arch, run.stage, getattr(args, 'linear_pred', False),
                                         head_name=args.head)
+    resolve_image_size(args, model.backbone)
     datasets = {split: build_dataset(args.data, split, eval_transform(args.image_size),
                                      getattr(args, 'dataset', 'imagenet')) for split in splits}
     features.check_same_classes(datasets)
@@ -106,6 +108,12 @@ def open_features(run, splits, name):
     recipe = dict(stage=run.stage, dataset=name, image_size=args.image_size, amp=args.amp)
     cache = features.FeatureCache(run.save, args.weights, recipe, hint)
     return model, datasets, cache
+
+
+def resolve_image_size(args, network):
+    """--image_size when given, else the network's own input size (open_clip's), else the protocol's 224."""
+    args.image_size = args.image_size or getattr(network, 'input_size', 224)
+    return args.image_size
 
 
 @dataclass
@@ -137,7 +145,7 @@ def checkpoint_epoch(weights, given=None):
     """The epoch of the student in ``weights``: its checkpoint's 'epoch', else n of a file named
     ``ckpt_epoch_<n>.pth``; ``given`` (--epoch) must agree, and is taken for a file that knows none (a teacher).
     None when neither says."""
-    ckpt = read_checkpoint(weights, mmap=True)  # only its keys are needed
+    ckpt = None if weights.endswith('.safetensors') else read_checkpoint(weights, mmap=True)  # only its keys
     student = isinstance(ckpt, dict) and (isinstance(ckpt.get('args'), dict) or 'opt' in ckpt)
     named = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', os.path.basename(weights))
     known, source = ((ckpt['epoch'], 'its checkpoint says') if student and isinstance(ckpt.get('epoch'), int)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.teacher_cache import dataset_fingerprint
-from data.transforms import normalize
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from models.backbones import build_backbone
 from models.loading import load_backbone
 from models.student import load_student
@@ -45,6 +45,9 @@ class FeatureModel(nn.Module):
                               f"{', '.join(valid)}")
         self.stage = stage
         self.backbone = backbone
+        # the input the backbone expects (an open_clip model's own); students train on ImageNet-normalised input
+        self.input_mean = getattr(backbone, 'input_mean', IMAGENET_MEAN)
+        self.input_std = getattr(backbone, 'input_std', IMAGENET_STD)
         self.head = None
         if stage == 'head':
             self.head = head
@@ -114,7 +117,7 @@ def _is_arch(backbone, arch):
 def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, head_name=None):
     """Any checkpoint the project can load, as a FeatureModel. Students carry their architecture and head (``arch``
     is only checked, ``head_name`` picks a several-teacher student's head); any other file is a plain backbone."""
-    checkpoint = read_checkpoint(weights)
+    checkpoint = None if weights.endswith('.safetensors') else read_checkpoint(weights)  # open_clip's: no student
     if _holds_student(checkpoint):
         backbone, head = load_student(weights, head=head_name, backbone_only=not stage.startswith('head'))
         if arch is not None and not _is_arch(backbone, arch):
@@ -138,9 +141,9 @@ def load_feature_model(weights, arch=None, stage='backbone', linear_pred=False, 
 def extract_features(model, dataset, batch_size, workers, device, amp=False, desc='features',
                      amp_dtype=None, l2_normalize=True, with_extras=False, memory_format=torch.contiguous_format):
     """L2-normalised (or raw) float16 features of ``dataset`` in dataset order on rank 0, None elsewhere; each
-    rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images in ``memory_format`` (a
-    channels_last network's). ``with_extras=True``: (features, the third item of every sample), a label or e.g.
-    a view's crop box. Samples are indexed by their position."""
+    rank extracts a contiguous slice of ``batch_size`` / ranks batches, its images normalised ``input_norm(model)``'s
+    way, in ``memory_format`` (a channels_last network's). ``with_extras=True``: (features, the third item of every
+    sample), a label or e.g. a view's crop box. Samples are indexed by their position."""
     world, rank = get_world_size(), get_rank()
     if len(dataset) < world:
         raise SimRegError(f'{len(dataset)} images cannot be split over {world} processes: '
@@ -152,7 +155,8 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
     model.eval().to(device)
     local = {}  # 'features' (and 'extras') of this rank's slice
     for indices, images, extras in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True):
-        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        images = normalize(images.to(device, non_blocking=True), *input_norm(model)).contiguous(
+            memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             output = model(images).float()
         output = (F.normalize(output, dim=1) if l2_normalize else output).half().cpu()
@@ -162,6 +166,11 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
             local[name][indices - start] = values
     features = gather_in_order(local['features'], bounds, device)
     return (features, gather_in_order(local['extras'], bounds, device)) if with_extras else features
+
+
+def input_norm(model):
+    """(mean, std) the network normalises its input with: its own ``input_mean``/``input_std``, else ImageNet's."""
+    return getattr(model, 'input_mean', IMAGENET_MEAN), getattr(model, 'input_std', IMAGENET_STD)
 
 
 def gather_in_order(local, bounds, device):

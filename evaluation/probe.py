@@ -106,7 +106,7 @@ def train_epoch_images(feature_model, probe, loader, optimizer, device, amp=Fals
     probe.train()
     totals = torch.zeros(3, device=device)  # loss sum, correct predictions, images seen
     for _, images, targets in loader:
-        images = normalize(images.to(device, non_blocking=True))
+        images = normalize(images.to(device, non_blocking=True), feature_model.input_mean, feature_model.input_std)
         targets = targets.to(device, non_blocking=True)
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             features = feature_model(images)

@@ -60,8 +60,14 @@ TORCHVISION_STUDENTS = tuple(n for n in TORCHVISION_CLASSIFIERS if torchvision_f
 STUDENT_ARCHS = ('mobilenet',) + TORCHVISION_STUDENTS + TIMM_STUDENTS + tuple(VIT_STUDENTS)
 TEACHER_ARCHS = TORCHVISION_RESNETS + ('sup_resnet50', 'byol_resnet50', 'resnet50x1', 'resnet50x2',
                                        'resnet50x4') + tuple(VIT_TEACHERS) + DINOV3_ARCHS
+OPENCLIP = 'open_clip/'  # --arch open_clip/<name>: a CLIP or SigLIP image tower (models/openclip.py)
 ALIASES = {'mobilenet': 'mobilenet_v2', 'sup_resnet50': 'resnet50'}  # this project's names of torchvision models
 LIST_STUDENTS = 'python -c "import models.backbones as b; print(*b.STUDENT_ARCHS)" lists them'
+
+
+def is_teacher_arch(arch):
+    """Whether ``arch`` can be a teacher: one of TEACHER_ARCHS, or open_clip/<name>."""
+    return arch in TEACHER_ARCHS or arch.startswith(OPENCLIP)
 
 
 def _torchvision_classifier(name):
@@ -109,6 +115,9 @@ def build_backbone(arch, image_size=None):
         return build_vit(arch, image_size)
     if arch in DINOV3_ARCHS:
         return build_dinov3(arch)
+    if arch.startswith(OPENCLIP):  # open_clip's own initialisation; imported here: models.openclip imports this
+        from models.openclip import ImageTower, create_clip
+        return ImageTower(create_clip(arch), arch)
     if arch == 'byol_resnet50':
         return byol_resnet50()
     if arch in ('resnet50x1', 'resnet50x2', 'resnet50x4'):

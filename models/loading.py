@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from models import dinov3, vit
-from models.backbones import build_backbone, classifier_attr, set_projection
+from models.backbones import OPENCLIP, build_backbone, classifier_attr, set_projection
 from models.presets import PRESETS, preset_named, resolve_weights
 from models.tf_resnet import tf_to_torchvision
 from utils.checkpoint import read_checkpoint
@@ -130,6 +130,9 @@ def unloaded(build, *args):
 def load_backbone(arch, path, keep_fc=False):
     """Backbone ``arch`` with the weights ``path`` (a file or a preset name), in eval mode. ``keep_fc``
     (``--teacher_fc``) keeps the file's plain-Linear projection on top: ``feat_dim`` is then its output."""
+    if arch.startswith(OPENCLIP):  # the whole CLIP model's state dict; imported here: models.openclip imports this
+        from models.openclip import load_image_tower
+        return load_image_tower(arch, path)
     preset = preset_named(path)
     if preset and arch not in PRESETS[preset].archs:
         raise SimRegError(f'preset {preset} is a {PRESETS[preset].arch_name}, not {arch}: '

@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from data.teacher_cache import open_teacher_cache, teacher_input_of
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput
-from models.backbones import TEACHER_ARCHS
+from models.backbones import TEACHER_ARCHS, is_teacher_arch
 from models.loading import load_backbone
+from models.openclip import weights_file
 from models.presets import resolve_weights
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
@@ -158,9 +159,10 @@ def build_teachers(args, dataset, ctx, log):
     autocast dtype on GPUs). With --use_cache the one teacher, or each teacher that has a --teacher_feats entry,
     is read from its cache."""
     archs = args.arch_teacher.split(',')
-    unknown = [a for a in archs if a not in TEACHER_ARCHS]
+    unknown = [a for a in archs if not is_teacher_arch(a)]
     if unknown:
-        raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)}')
+        raise SimRegError(f'unknown --arch_teacher {",".join(unknown)}: choose from {", ".join(TEACHER_ARCHS)} '
+                          f'or open_clip/<model name>')
     weights = split_per_teacher(args.teacher_weights, len(archs), '--teacher_weights')
     feats = split_per_teacher(args.teacher_feats, len(archs), '--teacher_feats')
     sizes = per_teacher(args.teacher_image_size, len(archs), '--teacher_image_size')
@@ -206,6 +208,7 @@ def live_teacher(name, arch, weight, count, teacher_fc, size, norm=''):
     if not weight:
         raise SimRegError(f'no weights for teacher {name}: pass --teacher_weights PATH (a checkpoint of '
                           f'{arch}{", one per teacher" if count > 1 else ""})')
+    weight = weights_file(arch, weight)  # an open_clip pretrained tag: its file in the local cache
     dist_utils.run_on_main(lambda: resolve_weights(weight))  # a preset is downloaded once, by rank 0
     path = resolve_weights(weight)
     network = load_backbone(arch, path, keep_fc=teacher_fc)

@@ -35,9 +35,10 @@ def test_imitation_shares_the_data_flags(dest):
 
 
 def test_one_default_per_meaning():
+    # --image_size None: the model's own input size (open_clip's), else 224
     for module in (*FEATURE_SCRIPTS, eval_imitation):
         args = parsed(module, 'DIR', '--weights', 'w.pth')
-        assert (args['workers'], args['batch_size'], args['image_size']) == (8, 256, 224), module.__name__
+        assert (args['workers'], args['batch_size'], args['image_size']) == (8, 256, None), module.__name__
     assert parsed(cache_teacher_feats, 'DIR', '--teacher_weights', 't')['num_workers'] == 8
     assert train_student.get_args_parser().parse_args(['DIR']).num_workers == 8
     for module in (eval_knn, eval_linear, eval_imitation):

@@ -105,7 +105,8 @@ def test_run_sh_starts_a_process_per_gpu_torch_sees(node, tmp_path, gpus, env, n
 
 
 @pytest.mark.parametrize('script, program', [('knn_eval.sh', 'eval_knn.py'), ('lin_eval.sh', 'eval_linear.py'),
-                                             ('transfer_eval.sh', 'eval_transfer.py')])
+                                             ('transfer_eval.sh', 'eval_transfer.py'),
+                                             ('zeroshot_eval.sh', 'eval_zeroshot.py')])
 def test_eval_launchers_start_a_process_per_visible_gpu(node, script, program):
     """scripts/launch.sh, which the evaluation launchers source: torchrun with one process per GPU torch sees."""
     _, calls = node(os.path.join(ROOT, script), NODE_GPUS, CUDA_VISIBLE_DEVICES='0,1')
