@@ -1,0 +1,98 @@
+"""Feature maps: what a backbone computes per location before it pools (``feature_map``), and a teacher's dense
+targets (``dense_targets``), one function per family. Each map is the tensor the backbone's own pooling takes:
+pooled the way the backbone pools (its avgpool and what follows it up to the removed Linear), it gives the
+backbone's feature. ViTs pool by taking the class token: their map is the patch tokens after the final norm,
+class token and registers excluded, as a grid."""
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+from timm.models.resnet import ResNet as TimmResNet
+from timm.models.vision_transformer import VisionTransformer
+
+from models.backbones import FIXED_SIZE, _input_size_check, torchvision_family
+from models.vit import check_size
+from utils.errors import SimRegError
+
+
+def _resnet(m, x):  # torchvision ResNet, ResNeXt, Wide ResNet; the BYOL and SimCLR teachers
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+
+def _shufflenet(m, x):
+    return m.conv5(m.stage4(m.stage3(m.stage2(m.maxpool(m.conv1(x))))))
+
+
+def _maxvit(m, x):
+    x = m.stem(x)
+    for block in m.blocks:
+        x = block(x)
+    return x
+
+
+def _as_grid(tokens, images, patch):
+    """(B, h*w, D) patch tokens -> (B, D, h, w) for ``images`` cut into ``patch``-pixel patches."""
+    return tokens.transpose(1, 2).reshape(len(tokens), -1, images.shape[-2] // patch, images.shape[-1] // patch)
+
+
+def _torchvision_vit(m, x):
+    tokens = m._process_input(x)  # checks the size; (B, h*w, D)
+    tokens = m.encoder(torch.cat([m.class_token.expand(len(x), -1, -1), tokens], dim=1))  # ends with its norm
+    return _as_grid(tokens[:, 1:], x, m.patch_size)
+
+
+def _timm_vit(m, x):  # models/vit.py's students and teachers: the class token and registers are the prefix
+    patch = m.patch_embed.patch_size[0]
+    check_size(x.shape[-2:], patch)
+    return _as_grid(m.forward_features(x)[:, m.num_prefix_tokens:], x, patch)
+
+
+# family -> its feature map. Where ``features`` is the map, the backbone pools it and passes it through what is left
+# of its classifier: convnext (LayerNorm after the pool), mobilenetv3 (Linear + Hardswish), vgg and alexnet (fc6,
+# fc7: their map is the last convolution's, 512 or 256 channels, not the 4096-d feature).
+FAMILIES = {
+    'resnet': _resnet,
+    'regnet': lambda m, x: m.trunk_output(m.stem(x)),
+    'shufflenetv2': _shufflenet,
+    'densenet': lambda m, x: F.relu(m.features(x)),  # the backbone's forward applies this ReLU before pooling
+    'mobilenetv2': lambda m, x: m.features(x),
+    'mobilenetv3': lambda m, x: m.features(x),
+    'efficientnet': lambda m, x: m.features(x),
+    'mnasnet': lambda m, x: m.layers(x),
+    'convnext': lambda m, x: m.features(x),
+    'vgg': lambda m, x: m.features(x),
+    'alexnet': lambda m, x: m.features(x),
+    'swin_transformer': lambda m, x: m.permute(m.norm(m.features(x))),  # NHWC -> NCHW, as before its pool
+    'maxvit': _maxvit,
+    'vision_transformer': _torchvision_vit,
+    'timm_resnet': lambda m, x: m.forward_features(x),  # resnet10t, resnet14t
+    'timm_vit': _timm_vit,
+}
+
+
+def family(network):
+    """The key of ``network`` in ``FAMILIES``, None for a network without a feature map here."""
+    if isinstance(network, VisionTransformer):
+        return 'timm_vit'
+    if isinstance(network, TimmResNet):
+        return 'timm_resnet'
+    if isinstance(network, tvm.ResNet):
+        return 'resnet'
+    return torchvision_family(getattr(network, 'torchvision_name', None))
+
+
+def feature_map(backbone, images):
+    """(B, C, h, w): the backbone's map before its pooling (see ``FAMILIES``)."""
+    name = family(backbone)
+    if name not in FAMILIES:
+        raise SimRegError(f'{type(backbone).__name__} has no feature map here: the families with one are '
+                          f'{", ".join(FAMILIES)}')
+    if name in FIXED_SIZE:
+        _input_size_check(backbone.torchvision_name, FIXED_SIZE[name])(backbone, (images,))
+    return FAMILIES[name](backbone, images)
+
+
+def dense_targets(teacher_network, images):
+    """(B, D, h, w): a teacher's per-location targets; ViTs: the patch tokens after the final norm (DINOv2's
+    ``x_norm_patchtokens``), ResNets: the last stage's map. A new teacher family adds its map to ``FAMILIES``."""
+    return feature_map(teacher_network, images)
