@@ -14,36 +14,30 @@ from PIL import Image
 from conftest import read_json
 from fixture_weights import FIXTURES, uniform, vit_state_dict
 from models import load_backbone
-from models.backbones import build_backbone, classifier_attr
+from models.backbones import build_backbone
 from evaluation.dense_probe import open_splits
-from models.dense import dense_targets, family, feature_map
+from models.dense import dense_targets, feature_and_map, feature_map
 from utils.errors import SimRegError, exit_on_user_error
 
-# one student of every family (and the BYOL teacher's ResNet), the input size it is checked at
+# one network of every family (students, and the BYOL teacher's ResNet), the input size it is checked at
 FAMILY_ARCHS = [('resnet18', 64), ('resnext50_32x4d', 64), ('byol_resnet50', 64), ('regnet_y_400mf', 64),
                 ('shufflenet_v2_x0_5', 64), ('densenet121', 64), ('mobilenet', 64), ('mobilenet_v3_small', 64),
                 ('efficientnet_b0', 64), ('mnasnet0_5', 64), ('convnext_tiny', 64), ('vgg11', 64), ('alexnet', 64),
-                ('swin_t', 64), ('swin_v2_t', 64), ('maxvit_t', 224), ('resnet10t', 64)]
-
-
-def pooled_as_the_backbone(model, fmap):
-    """torchvision's (timm's) forward from the map on: the pool, then what is left of the classifier."""
-    if family(model) == 'timm_resnet':
-        return model.forward_head(fmap)
-    pooled = model.avgpool(fmap) if hasattr(model, 'avgpool') else fmap.mean((2, 3), keepdim=True)
-    tail = model.get_submodule(classifier_attr(model).split('.')[0])
-    return tail(pooled if family(model) in ('convnext', 'maxvit') else pooled.flatten(1))
+                ('swin_t', 64), ('swin_v2_t', 64), ('maxvit_t', 224), ('resnet10t', 64), ('vit_tiny_patch16', 64),
+                ('vit_small_patch14_reg4_dinov2', 56), ('vit_b_16', 224)]
 
 
 @pytest.mark.parametrize('arch, size', FAMILY_ARCHS)
 def test_the_map_pooled_as_the_backbone_pools_is_its_feature(one_thread, arch, size):
+    """The feature computed from the map (a ViT: from the same tokens) is the backbone's own forward."""
     torch.manual_seed(0)
-    model = build_backbone(arch).eval()
+    model = build_backbone(arch, size if arch == 'vit_tiny_patch16' else None).eval()
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        fmap, feature = feature_map(model, images), model(images)
-    assert fmap.ndim == 4 and fmap.shape[-1] > 0
-    assert torch.allclose(pooled_as_the_backbone(model, fmap), feature, atol=1e-5, rtol=1e-5)
+        (feature, fmap), expected = feature_and_map(model, images), model(images)
+        assert fmap.ndim == 4 and fmap.shape[-1] > 0 and torch.equal(fmap, feature_map(model, images))
+    assert feature.shape == expected.shape == (2, model.feat_dim)
+    assert torch.allclose(feature, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_torchvision_vit_map_is_its_patch_tokens(one_thread):
