@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import read_json
+from conftest import read_json, write_student_checkpoint
 from fixture_weights import FIXTURES, uniform, vit_state_dict
 from models import load_backbone
 from models.backbones import build_backbone
@@ -135,11 +135,11 @@ def seg_workspace(tmp_path):
     return tmp_path
 
 
-def eval_dense(ws, *args):
+def eval_dense(ws, *args, weights=('--weights', 'resnet18.pth', '-a', 'resnet18'), save='out'):
     """eval_dense.py in this process, as its command line runs it (a SimRegError: one line, exit 2)."""
     import eval_dense
-    argv = [str(ws / 'seg'), '--weights', str(ws / 'resnet18.pth'), '-a', 'resnet18', '--image_size', '64',
-            '-j', '0', '--num_classes', '3', '--save', str(ws / 'out'), *args]
+    argv = [str(ws / 'seg'), weights[0], str(ws / weights[1]), *weights[2:], '--image_size', '64', '-j', '0',
+            '--num_classes', '3', '--save', str(ws / save), *args]
     return exit_on_user_error(lambda: eval_dense.main(eval_dense.get_args_parser().parse_args(argv)))
 
 
@@ -165,6 +165,9 @@ def test_probe_segments_colours_perfectly_and_reuses_its_cache(seg_workspace, on
     assert again['train_loss'] == report['train_loss'] and again['miou'] == 100.0
     assert 'were made with image_size=64, not for this run' in refused(
         capsys, lambda: eval_dense(ws, '--image_size', '32', '--load_cache'))
+    write_student_checkpoint(ws / 'student.pth', seed=0)  # the same resnet18 as resnet18.pth, with a head
+    student = eval_dense(ws, '--epochs', '20', '--lr', '0.01', weights=('--weights', 'student.pth'), save='student')
+    assert student['train_loss'] == report['train_loss'] and student['settings']['epoch'] == 1
 
 
 def _bad_size(ws):
@@ -188,11 +191,25 @@ def _no_mask(ws):
            f'of the same stem (remove the image or add its mask)'
 
 
-@pytest.mark.parametrize('damage', [_bad_size, _bad_label, _no_mask])
+def _colour_mask(ws):
+    path = ws / 'seg' / 'train' / 'masks' / '2_2.png'
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    return f'error: mask {path} is a RGB image, not an index mask (PNG of mode L or P, one class index per pixel): ' \
+           f'convert it'
+
+
+@pytest.mark.parametrize('damage', [_bad_size, _bad_label, _no_mask, _colour_mask])
 def test_bad_masks_are_one_line_and_exit_2_with_nothing_written(seg_workspace, capsys, damage):
     expected = damage(seg_workspace)
     assert refused(capsys, lambda: eval_dense(seg_workspace)) == expected
     assert not os.path.exists(seg_workspace / 'out')
+
+
+def test_a_plain_folder_needs_its_class_count(seg_workspace):
+    with pytest.raises(SimRegError, match=r'seg is a plain images/ \+ masks/ folder: pass --num_classes'):
+        open_splits(str(seg_workspace / 'seg'), 64)
+    with pytest.raises(SimRegError, match='is not a segmentation dataset this probe reads: a folder with train/'):
+        open_splits(str(seg_workspace), 64)
 
 
 def _png(path, values, palette=False):
