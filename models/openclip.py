@@ -7,7 +7,9 @@ import os
 
 import huggingface_hub
 import open_clip
+import torch
 import torch.nn as nn
+from open_clip.model import resize_pos_embed
 from safetensors.torch import load_file
 
 from models.backbones import OPENCLIP
@@ -20,7 +22,8 @@ LIST_NAMES = 'python -c "import open_clip; print(*open_clip.list_models())" list
 
 class ImageTower(nn.Module):
     """``clip.encode_image`` as a backbone, with ``feat_dim`` and the input the model expects: ``input_size`` (px)
-    and ``input_mean``/``input_std`` (0-1 units), those of its pretrained releases."""
+    and ``input_mean``/``input_std`` (0-1 units), those of its pretrained releases. At another size its position
+    embedding is resampled from the trained one as open_clip does when it loads a model at another size."""
 
     def __init__(self, clip, arch, weights=None):
         super().__init__()
@@ -36,9 +39,39 @@ class ImageTower(nn.Module):
         release = open_clip.get_pretrained_cfg(name, tags[0]) if tags else {}
         self.input_mean = tuple(release.get('mean', open_clip.OPENAI_DATASET_MEAN))
         self.input_std = tuple(release.get('std', open_clip.OPENAI_DATASET_STD))
+        self.arch, self.size = arch, (self.input_size,) * 2
+        self.register_buffer('trained_pos', None, persistent=False)  # set at the first resize
 
     def forward(self, images):
+        self.resize(tuple(images.shape[-2:]))
         return self.visual(images)  # = CLIP.encode_image(images, normalize=False)
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def resize(self, size):
+        """Resample the position embedding for ``size`` (h, w) from the trained one: open_clip's
+        ``resize_pos_embed`` for its own ViTs, timm's ``set_input_size`` for timm towers (SigLIP)."""
+        if size == self.size:
+            return
+        trunk = getattr(self.visual, 'trunk', None)
+        timm = hasattr(trunk, 'set_input_size')
+        owner, name = (trunk, 'pos_embed') if timm else (self.visual, 'positional_embedding')
+        if not isinstance(getattr(owner, name, None), nn.Parameter) or not (timm or hasattr(self.visual, 'grid_size')):
+            raise SimRegError(f'{self.arch} takes {self.input_size}px images only: pass --teacher_image_size '
+                              f'{self.input_size} (or --image_size {self.input_size} to evaluate it)')
+        if self.trained_pos is None:
+            self.trained_pos = getattr(owner, name).detach().clone()
+        setattr(owner, name, nn.Parameter(self.trained_pos.clone(), requires_grad=False))
+        if timm:  # from the trained grid: timm resamples from the grid it was last set to
+            trunk.patch_embed.set_input_size(img_size=(self.input_size,) * 2)
+            trunk.set_input_size(img_size=size)
+        else:
+            patch = self.visual.conv1.kernel_size
+            self.visual.grid_size = (size[0] // patch[0], size[1] // patch[1])
+            state = {'visual.positional_embedding': self.trained_pos}
+            resize_pos_embed(state, self)
+            self.visual.positional_embedding = nn.Parameter(state['visual.positional_embedding'], requires_grad=False)
+        self.size = size
 
 
 def create_clip(arch):

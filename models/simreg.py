@@ -214,6 +214,8 @@ def live_teacher(name, arch, weight, count, teacher_fc, size, norm=''):
     network = load_backbone(arch, path, keep_fc=teacher_fc)
     sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
     net_input = teacher_input(network, size, norm)
+    if hasattr(network, 'resize'):  # an open_clip tower at another size: resampled (or refused) now
+        network.resize((net_input.size,) * 2)
     info = {'arch': arch, 'weights': os.path.abspath(path), 'sha256': sha256,
             'feat_dim': network.feat_dim, 'teacher_fc': teacher_fc, 'input': net_input._asdict()}
     return LiveTeacher(network, info, net_input)

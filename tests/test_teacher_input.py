@@ -2,6 +2,7 @@
 size; each net's input resized from it on the device and normalised its way; for a live teacher, the cache
 builder and --gpu_decode alike. A cache records its teacher's input and a run that asks for another is refused.
 The teacher is a parameter (``TEACHERS``: arch -> a function writing seeded weights to a path)."""
+import functools
 import json
 import os
 import shutil
@@ -21,8 +22,17 @@ from models.loading import load_backbone
 from models.simreg import LiveTeacher, teacher_input
 from utils.errors import SimRegError
 
-TEACHERS = {'resnet18': write_teacher_checkpoint}
+def write_clip(path, seed=1):
+    """Seeded random weights of open_clip's ViT-S-32, saved as open_clip saves them (the whole model)."""
+    import open_clip
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model('ViT-S-32').state_dict(), path)
+
+
+TEACHERS = {'resnet18': write_teacher_checkpoint, 'open_clip/ViT-S-32': write_clip}
 STUDENT, TEACHER = 32, 64  # the student's and the teacher's input sizes
+# the end-to-end run's (student, teacher) sizes and a second cache's smaller teacher input, per teacher
+SIZES = {'resnet18': (STUDENT, TEACHER, (24, 'clip')), 'open_clip/ViT-S-32': (64, 96, (32, 'imagenet'))}
 
 
 def by_hand(uint8, size, mean, std):
@@ -37,7 +47,7 @@ def ws(tmp_path_factory):
     ws = tmp_path_factory.mktemp('teacher_input')
     make_image_folder(ws / 'data', n_classes=2, per_class=3, size=48, splits=('train',))
     for arch, write in TEACHERS.items():
-        write(ws / f'{arch}.pth')
+        write(ws / f'{arch.replace("/", "_")}.pth')
     return ws
 
 
@@ -95,8 +105,8 @@ def spy(monkeypatch):
     return seen
 
 
-def common(ws, exp, *extra):
-    return [str(ws / 'data'), '--arch_student', 'resnet18', '--image_size', str(STUDENT), '--batch_size', '6',
+def common(ws, exp, *extra, student=STUDENT):
+    return [str(ws / 'data'), '--arch_student', 'resnet18', '--image_size', str(student), '--batch_size', '6',
             '--epochs', '2', '--save_freq', '1', '--num_workers', '0', '--single_aug', '--weak_weak',
             '--print_freq', '1', '--base_dir', str(ws / 'runs'), '--exp', exp, *extra]
 
@@ -108,32 +118,34 @@ def checkpoint(ws, exp, name='last.pth'):
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', list(TEACHERS))
 def test_teacher_at_its_own_size_trains_caches_and_resumes(ws, arch, one_thread, monkeypatch):
-    weights, teacher_size = str(ws / f'{arch}.pth'), ['--teacher_image_size', str(TEACHER)]
+    STUDENT, TEACHER, second = SIZES[arch]  # noqa: N806
+    name, runner = arch.replace('/', '_'), functools.partial(common, student=STUDENT)
+    weights, teacher_size = str(ws / f'{name}.pth'), ['--teacher_image_size', str(TEACHER)]
     teacher = [*teacher_size, '--arch_teacher', arch, '--teacher_weights', weights]
     network = load_backbone(arch, weights).eval()
     net = teacher_input(network, TEACHER)
     # live: the targets are the teacher's on the crop resized and normalised its way, by hand
     seen = spy(monkeypatch)
-    train(common(ws, f'live_{arch}', *teacher))
+    train(runner(ws, f'live_{name}', *teacher))
     assert seen['crop'].shape[-1] == TEACHER
     with torch.no_grad():
         expected = network(by_hand(seen['crop'], TEACHER, net.mean, net.std))
     torch.testing.assert_close(seen['targets'][0], expected, rtol=0, atol=1e-5)
-    info = read_json(ws / 'runs' / 'exp' / f'live_{arch}' / 'logs' / 'train_args.json')['teachers'][arch]
+    info = read_json(ws / 'runs' / 'exp' / f'live_{name}' / 'logs' / 'train_args.json')['teachers'][arch]
     assert info['input'] == json.loads(json.dumps(net._asdict()))
     # resume: a run stopped after epoch 1 continues to the same weights
-    resumed = ws / 'runs' / 'exp' / f'resumed_{arch}' / 'checkpoints'
+    resumed = ws / 'runs' / 'exp' / f'resumed_{name}' / 'checkpoints'
     resumed.mkdir(parents=True)
-    shutil.copy(ws / 'runs' / 'exp' / f'live_{arch}' / 'checkpoints' / 'ckpt_epoch_1.pth', resumed / 'last.pth')
-    train(common(ws, f'resumed_{arch}', *teacher, '--resume', 'auto'))
-    straight, again = checkpoint(ws, f'live_{arch}')['state_dict'], checkpoint(ws, f'resumed_{arch}')['state_dict']
+    shutil.copy(ws / 'runs' / 'exp' / f'live_{name}' / 'checkpoints' / 'ckpt_epoch_1.pth', resumed / 'last.pth')
+    train(runner(ws, f'resumed_{name}', *teacher, '--resume', 'auto'))
+    straight, again = checkpoint(ws, f'live_{name}')['state_dict'], checkpoint(ws, f'resumed_{name}')['state_dict']
     assert all(torch.equal(value, again[key]) for key, value in straight.items())
     # the cache: the rows are the teacher's on the center crop cut at the larger size, resized and normalised its
     # way (a teacher smaller than the student: the crop at the student's size, resized), its input recorded
     paths = [path for path, _ in build_dataset(str(ws / 'data'), 'train', None).samples]
-    for size, norm in ((TEACHER, ''), (24, 'clip')):
+    for size, norm in ((TEACHER, ''), second):
         own = teacher_input(network, size, norm)
-        cache = f'{arch}_{size}{norm}.npy'
+        cache = f'{name}_{size}{norm}.npy'
         build_cache(ws, cache, '--arch_teacher', arch, '--image_size', str(STUDENT), '--teacher_image_size',
                     str(size), *(['--teacher_norm', norm] if norm else []), '--teacher_weights', weights,
                     '--num_workers', '0', '--precision', 'fp32')
@@ -143,29 +155,30 @@ def test_teacher_at_its_own_size_trains_caches_and_resumes(ws, arch, one_thread,
         with torch.no_grad():
             expected = network(by_hand(crops, size, own.mean, own.std))
         torch.testing.assert_close(torch.from_numpy(np.load(ws / cache)).float(), expected, rtol=1e-3, atol=1e-3)
-    cache = f'{arch}_{TEACHER}.npy'
+    cache = f'{name}_{TEACHER}.npy'
     feats = ['--use_cache', '--teacher_feats', str(ws / cache), '--arch_teacher', arch]
-    train(common(ws, f'cached_{arch}', *feats, *teacher_size, '--epochs', '1'))
-    assert checkpoint(ws, f'cached_{arch}')['teacher']['input']['size'] == TEACHER
+    train(runner(ws, f'cached_{name}', *feats, *teacher_size, '--epochs', '1'))
+    assert checkpoint(ws, f'cached_{name}')['teacher']['input']['size'] == TEACHER
     # another size or normalisation than the cache's teacher took: one line, exit 2, no checkpoint
     wrong = f'{ws / cache} was built with teacher input {net.describe()}, the run asks for '
-    result = run_command([os.sys.executable, 'train_student.py', *common(ws, f'refused_{arch}', *feats),
+    result = run_command([os.sys.executable, 'train_student.py', *runner(ws, f'refused_{name}', *feats),
                           '--teacher_image_size', '48'], expect=2)
     assert result.stderr.strip().splitlines()[-1] == (
-        f'error: {wrong}48px, imagenet normalisation: rebuild the cache with cache_teacher_feats.py '
+        f'error: {wrong}{net._replace(size=48).describe()}: rebuild the cache with cache_teacher_feats.py '
         f'--teacher_image_size 48, or drop --teacher_image_size and --teacher_norm to train on the cache\'s')
-    assert not os.listdir(ws / 'runs' / 'exp' / f'refused_{arch}' / 'checkpoints')
+    assert not os.listdir(ws / 'runs' / 'exp' / f'refused_{name}' / 'checkpoints')
     # a multi-view cache: the student replays the stored views cut at the teacher's (larger) size, then resized
-    build_cache(ws, f'{arch}_views.npy', '--arch_teacher', arch, '--image_size', str(STUDENT), *teacher_size,
+    build_cache(ws, f'{name}_views.npy', '--arch_teacher', arch, '--image_size', str(STUDENT), *teacher_size,
                 '--teacher_weights', weights, '--num_workers', '0', '--cache_views', '2')
     seen = spy(monkeypatch)
-    train(common(ws, f'views_{arch}', '--use_cache', '--teacher_feats', str(ws / f'{arch}_views.npy'),
+    train(runner(ws, f'views_{name}', '--use_cache', '--teacher_feats', str(ws / f'{name}_views.npy'),
                  '--arch_teacher', arch, '--epochs', '1'))
     assert seen['crop'].shape[-1] == TEACHER and 'targets' not in seen
-    with pytest.raises(SimRegError, match=f'the run asks for {TEACHER}px, clip normalisation: rebuild the cache '
+    other = 'siglip' if arch.startswith('open_clip/') else 'clip'  # not the family's
+    with pytest.raises(SimRegError, match=f'the run asks for {TEACHER}px, {other} normalisation: rebuild the cache '
                                           f'with cache_teacher_feats.py --teacher_image_size {TEACHER} '
-                                          f'--teacher_norm clip, or drop'):
-        train(common(ws, f'refused_norm_{arch}', *feats, *teacher_size, '--teacher_norm', 'clip'))
+                                          f'--teacher_norm {other}, or drop'):
+        train(runner(ws, f'refused_norm_{name}', *feats, *teacher_size, '--teacher_norm', other))
 
 
 @pytest.mark.slow
