@@ -164,3 +164,35 @@ def test_open_clip_names_are_teacher_archs(capsys):
     assert refused.value.code == 2
     assert "'openclip/ViT-B-32' is no teacher: choose from resnet18" in capsys.readouterr().err
     assert is_teacher_arch('open_clip/ViT-B-16-SigLIP') and not is_teacher_arch('mobilenet')
+
+
+@pytest.mark.parametrize('name', ['ViT-S-32', 'ViT-B-16-SigLIP'])
+def test_at_another_size_the_tower_is_open_clips_model_built_for_it(tmp_path, one_thread, name):
+    """A tower run at 96 px equals open_clip's own model made for 96 px (``force_image_size``) with the trained
+    weights loaded the way open_clip loads them at another size; back at its size it is the trained model again."""
+    from open_clip.model import resize_pos_embed
+    from timm.layers import resample_abs_pos_embed
+    _, state = clip_state(name)
+    torch.save(state, tmp_path / 'w.pth')
+    tower = load_backbone(f'open_clip/{name}', str(tmp_path / 'w.pth'))
+    reference = open_clip.create_model(name, force_image_size=96).eval()
+    resized = dict(state)
+    resize_pos_embed(resized, reference)  # open_clip's own ViTs
+    if 'visual.trunk.pos_embed' in resized:  # timm towers: as timm resamples a checkpoint for another size
+        resized['visual.trunk.pos_embed'] = resample_abs_pos_embed(resized['visual.trunk.pos_embed'], (6, 6),
+                                                                   num_prefix_tokens=0)
+    reference.load_state_dict(resized)
+    trained = open_clip.create_model(name).eval()
+    trained.load_state_dict(state)
+    small, full = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert F.cosine_similarity(tower(small), reference.encode_image(small)).min() > 0.9999
+        torch.testing.assert_close(tower(full), trained.encode_image(full), rtol=0, atol=1e-6)
+    assert not [key for key in tower.state_dict() if 'trained_pos' in key]  # nothing added to the weights
+
+
+def test_a_tower_that_cannot_take_another_size_says_so(tmp_path):
+    torch.save(clip_state('RN50')[1], tmp_path / 'rn50.pth')
+    tower = load_backbone('open_clip/RN50', str(tmp_path / 'rn50.pth'))
+    with pytest.raises(SimRegError, match=r'^open_clip/RN50 takes 224px images only: pass --teacher_image_size 224'):
+        tower(torch.zeros(1, 3, 96, 96))
