@@ -62,6 +62,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 EXTRA_ARGS=${EXTRA_ARGS:-}              # any other train_student.py flags
 # A ViT-S student with the ViT recipe (AdamW, warm-up, clipping) instead of the paper's SGD: uncomment these
+# EXP=moco_r50_to_vit_small
 # STUDENT_ARCH=vit_small_patch16
 # LR=5e-4
 # EXTRA_ARGS="--optimizer adamw --weight_decay 0.05 --warmup_epochs 10 --clip_grad 3.0 $EXTRA_ARGS"

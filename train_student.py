@@ -61,7 +61,7 @@ def get_args_parser():
     p.add_argument('--optimizer', choices=['sgd', 'adamw'], default='sgd',
                    help="sgd: the paper's (with --sgd_momentum); adamw: torch's AdamW with its default betas (0.9, "
                         '0.999), no weight decay on norms and biases (the ViT recipe)')
-    p.add_argument('--learning_rate', type=float, default=0.05, help='base lr, cosine-decayed per epoch')
+    p.add_argument('--learning_rate', type=float, default=0.05, help='base lr, cosine-decayed per epoch (per step with --warmup_epochs)')
     p.add_argument('--warmup_epochs', type=int, default=0,
                    help='linear lr warm-up from 0 over the first N epochs, then the cosine, both set every step')
     p.add_argument('--weight_decay', type=float, default=1e-4)
@@ -315,8 +315,8 @@ def train(args, startup):
 
 
 def train_one_epoch(model, teachers, loader, optimizer, ctx, epoch):
-    """One pass over the data: batch -> student input and teacher targets -> step -> log (and a checkpoint when
-    due; ``Preempted`` after a stop signal's). Returns the epoch's statistics."""
+    """One pass over the data: batch -> the step's lr -> step (teacher targets, student) -> log (and a checkpoint
+    when due; ``Preempted`` after a stop signal's). Returns the epoch's statistics."""
     metric_logger = MetricLogger(teachers, epoch, loader.batch_sampler.steps, loader.batch_sampler.batch_size,
                                  optimizer, ctx)
     metric_logger.load_state_dict(ctx.checkpointer.resumed_meter(epoch))

@@ -8,7 +8,7 @@ import torch
 
 import train_student
 from conftest import ROOT, make_image_folder, run_command, torchrun, train, train_log
-from test_reliability_args import digests, refused, train_argv, train_ws  # noqa: F401 (train_ws: a fixture)
+from test_reliability_args import refused
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -45,7 +45,10 @@ def largest_relative_difference(a, b):
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in floats if a[k].abs().max() >= 1e-9)
 
 
-def test_adamw_warmup_and_clipping_train_a_vit_student(ws, monkeypatch):
+@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
+def test_adamw_warmup_and_clipping_train_a_vit_student(ws, monkeypatch, precision):
+    """fp16: the grad scaler's gradients are unscaled before they are clipped (else they would be clipped to 1e-3
+    and then divided by the scale)."""
     seen = []  # at each optimizer step: the groups' (lr, weight decay, parameters) and the total gradient norm
     step = torch.optim.AdamW.step
 
@@ -55,14 +58,15 @@ def test_adamw_warmup_and_clipping_train_a_vit_student(ws, monkeypatch):
                      torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()))
         return step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, 'step', recording_step)
-    model = train(argv(ws, 'vit', '--arch_student', 'vit_tiny_patch16', '--optimizer', 'adamw', '--epochs', '2',
+    exp = f'vit_{precision}'
+    model = train(argv(ws, exp, '--arch_student', 'vit_tiny_patch16', '--optimizer', 'adamw', '--epochs', '2',
                        '--learning_rate', '1e-3', '--weight_decay', '0.05', '--warmup_epochs', '1', '--clip_grad',
-                       '1e-3'))
+                       '1e-3', '--precision', precision))
     # the lr of each step: linear from 0 over epoch 1's 3 steps, then a cosine over epoch 2's
     expected = [1e-3 * f for f in (0, 1 / 3, 2 / 3, 1, 0.75, 0.25)]
     assert [groups[0][0] for groups, _ in seen] == pytest.approx(expected, abs=1e-12)
     assert all(groups[1][0] == groups[0][0] for groups, _ in seen)
-    windows = train_log(ws / 'runs' / 'exp' / 'vit', 'window')
+    windows = train_log(ws / 'runs' / 'exp' / exp, 'window')
     assert [w['lr'] for w in windows] == pytest.approx(expected, abs=1e-12)
     # weight decay on the matrices, the patch embedding and the position embedding; none on norms and biases
     (_, decay, decayed), (_, no_decay, not_decayed) = seen[0][0]
@@ -75,10 +79,10 @@ def test_adamw_warmup_and_clipping_train_a_vit_student(ws, monkeypatch):
         {names[id(p)] for p in decayed}
     # the gradients the optimizer steps with are clipped to a total norm of 1e-3 (unclipped they are far larger)
     assert all(0.99e-3 < norm <= 1e-3 * (1 + 1e-6) for _, norm in seen)
-    losses = [r['loss'] for r in train_log(ws / 'runs' / 'exp' / 'vit', 'epoch')]
+    losses = [r['loss'] for r in train_log(ws / 'runs' / 'exp' / exp, 'epoch')]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    assert not torch.equal(weights(ws, 'vit')['encoder_q.blocks.0.attn.qkv.weight'],
-                           weights(ws, 'vit', 'ckpt_epoch_0.pth')['encoder_q.blocks.0.attn.qkv.weight'])
+    assert not torch.equal(weights(ws, exp)['encoder_q.blocks.0.attn.qkv.weight'],
+                           weights(ws, exp, 'ckpt_epoch_0.pth')['encoder_q.blocks.0.attn.qkv.weight'])
 
 
 def test_warmup_then_cosine_is_a_function_of_the_step_and_none_is_the_papers_schedule():
@@ -121,14 +125,14 @@ def test_two_processes_of_two_micro_batches_give_the_weights_of_one_process(ws, 
 
 BAD_RECIPES = [
     (['--accum_steps', '0'], '--accum_steps 0: give the micro-batches of a step, 1 or more'),
-    (['--accum_steps', '3', '--bn_batch', '2'], "--accum_steps 3 does not split each process's 8 images into "
+    (['--accum_steps', '3', '--bn_batch', '2'], "--accum_steps 3 does not split each process's 16 images into "
                                                  'micro-batches of whole BatchNorm groups of 2 (--bn_batch 2): give an '
-                                                 '--accum_steps that divides 4'),
-    (['--accum_steps', '2'], 'groups of 8 (--bn_batch 64): give --accum_steps 1, or a --bn_batch that divides 4'),
-    (['--accum_steps', '2', '--bn_batch', '0'], 'groups of 8 (--bn_batch 0): give --accum_steps 1, or a --bn_batch '
-                                                'that divides 4'),
-    (['--accum_steps', '4', '--bn_batch', '4'], 'give an --accum_steps that divides 2, or a --bn_batch that '
-                                                'divides 2'),
+                                                 '--accum_steps that divides 8'),
+    (['--accum_steps', '2'], 'groups of 16 (--bn_batch 64): give --accum_steps 1, or a --bn_batch that divides 8'),
+    (['--accum_steps', '2', '--bn_batch', '0'], 'groups of 16 (--bn_batch 0): give --accum_steps 1, or a --bn_batch '
+                                                'that divides 8'),
+    (['--accum_steps', '4', '--bn_batch', '8'], 'give an --accum_steps that divides 2, or a --bn_batch that '
+                                                'divides 4'),
     (['--warmup_epochs', '-1'], '--warmup_epochs -1: give the epochs of lr warm-up, 0 or more'),
     (['--warmup_epochs', '2'], '--warmup_epochs 2 is longer than the 1 --epochs: give 1 or fewer'),
     (['--clip_grad', '-1'], '--clip_grad -1.0: give a finite maximal total gradient norm, 0 or more (0: no '
@@ -138,22 +142,22 @@ BAD_RECIPES = [
 
 
 @pytest.mark.parametrize('flags, line', BAD_RECIPES, ids=[' '.join(f) for f, _ in BAD_RECIPES])
-def test_a_bad_recipe_flag_is_one_line_before_anything_is_written(train_ws, capsys, monkeypatch, flags, line):
+def test_a_bad_recipe_flag_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, flags, line):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    before = digests(train_ws)
-    args = train_student.get_args_parser().parse_args(train_argv(train_ws, *flags))
+    args = train_student.get_args_parser().parse_args(argv(tmp_path, 'refused', '--epochs', '1', *flags))
     refused(capsys, lambda: train_student.main(args), line)
-    assert digests(train_ws) == before and not (train_ws / 'runs').exists()
+    assert not os.listdir(tmp_path)
 
 
-def test_micro_batches_must_hold_whole_groups_of_processes_too(train_ws, capsys, monkeypatch):
-    """2 processes of 4 images, BatchNorm over 8 (both processes): no micro-batch of a process holds a group."""
+def test_micro_batches_must_hold_whole_groups_of_processes_too(tmp_path, capsys, monkeypatch):
+    """2 processes of 8 images, BatchNorm over 16 (both processes): no micro-batch of a process holds a group."""
     monkeypatch.setenv('WORLD_SIZE', '2')
-    args = train_student.get_args_parser().parse_args(train_argv(train_ws, '--bn_batch', '8', '--accum_steps', '2'))
-    refused(capsys, lambda: train_student.main(args), "each process's 4 images into micro-batches of whole "
-                                                      'BatchNorm groups of 4 (--bn_batch 8): give --accum_steps 1, '
-                                                      'or a --bn_batch that divides 2')
-    assert not (train_ws / 'runs').exists()
+    args = train_student.get_args_parser().parse_args(argv(tmp_path, 'refused', '--bn_batch', '16', '--accum_steps',
+                                                           '2'))
+    refused(capsys, lambda: train_student.main(args), "each process's 8 images into micro-batches of whole "
+                                                      'BatchNorm groups of 8 (--bn_batch 16): give --accum_steps 1, '
+                                                      'or a --bn_batch that divides 4')
+    assert not os.listdir(tmp_path)
 
 
 def test_the_recipes_settings_pass():
@@ -168,6 +172,7 @@ def test_resuming_with_another_optimizer_is_refused(ws, capsys):
     if not (ws / 'runs' / 'exp' / 'resnet18_accum1').exists():
         train(argv(ws, 'resnet18_accum1', '--arch_student', 'resnet18', '--bn_batch', '8', '--precision', 'fp64',
                    '--epochs', '1'))
+        capsys.readouterr()
     last = ws / 'runs' / 'exp' / 'resnet18_accum1' / 'checkpoints' / 'last.pth'
     args = train_student.get_args_parser().parse_args(argv(ws, 'switch', '--arch_student', 'resnet18', '--epochs',
                                                            '2', '--optimizer', 'adamw', '--resume', str(last)))
