@@ -61,6 +61,14 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 EXTRA_ARGS=${EXTRA_ARGS:-}              # any other train_student.py flags
+# A ViT-S student with the ViT recipe (AdamW, warm-up, clipping) instead of the paper's SGD: uncomment these
+# EXP=moco_r50_to_vit_small
+# STUDENT_ARCH=vit_small_patch16
+# LR=5e-4
+# EXTRA_ARGS="--optimizer adamw --weight_decay 0.05 --warmup_epochs 10 --clip_grad 3.0 $EXTRA_ARGS"
+# and on one GPU, BATCH_SIZE 256 in 4 micro-batches of 64 (a BatchNorm group each, as on the paper's 4 GPUs):
+# NGPUS=1
+# EXTRA_ARGS="--accum_steps 4 $EXTRA_ARGS"
 
 [ "$NGPUS" -ge 1 ] 2>/dev/null || NGPUS=1
 if [ -z "$DATA" ]; then

@@ -7,6 +7,7 @@
 A plain ``python train_student.py ...`` runs as a single process (CPU or one GPU).
 """
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -28,7 +29,7 @@ from data.transforms import NORMS, DeviceInput, NetInput, TwoViews
 from evaluation.holdout import WithoutHoldout, held_out_images
 from evaluation.online_knn import OnlineKnn, knn_measured
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
-from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm
+from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm, frozen_running_stats
 from models.head import build_head
 from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, build_teachers, default_precision, in_float64
@@ -60,9 +61,19 @@ def get_args_parser():
     p.add_argument('--num_workers', type=int, default=8, help='data loading workers per process')
     p.add_argument('--epochs', type=int, default=130)
     # optimisation
-    p.add_argument('--learning_rate', type=float, default=0.05, help='base lr, cosine-decayed per epoch')
+    p.add_argument('--optimizer', choices=['sgd', 'adamw'], default='sgd',
+                   help="sgd: the paper's (with --sgd_momentum); adamw: torch's AdamW with its default betas (0.9, "
+                        '0.999), no weight decay on norms and biases (the ViT recipe)')
+    p.add_argument('--learning_rate', type=float, default=0.05,
+                   help='base lr, cosine-decayed per epoch (per step with --warmup_epochs)')
+    p.add_argument('--warmup_epochs', type=int, default=0,
+                   help='linear lr warm-up from 0 over the first N epochs, then the cosine, both set every step')
     p.add_argument('--weight_decay', type=float, default=1e-4)
     p.add_argument('--sgd_momentum', type=float, default=0.9)
+    p.add_argument('--clip_grad', type=float, default=0, help='clip the total gradient norm to this (0: off)')
+    p.add_argument('--accum_steps', type=int, default=1,
+                   help="process each process's share of --batch_size in this many micro-batches, their gradients "
+                        'summed into one step (the same step, less memory)')
     # models
     p.add_argument('--arch_teacher', default='resnet50',
                    help=f'teacher architecture, or a comma-separated list for several teachers '
@@ -163,7 +174,10 @@ def check_args(args):
         (args.holdout is None or args.holdout >= 0,
          f'--holdout {args.holdout}: give the images to hold out, 0 or more'),
         count('ckpt_every_steps', 0, 'the steps between checkpoints inside epochs (0: off)'),
-        count('seed', 0, 'the seed'),
+        count('seed', 0, 'the seed'), count('accum_steps', 1, 'the micro-batches of a step'),
+        count('warmup_epochs', 0, 'the epochs of lr warm-up'),
+        (args.warmup_epochs <= args.epochs, f'--warmup_epochs {args.warmup_epochs} is longer than the '
+                                            f'{args.epochs} --epochs: give {args.epochs} or fewer'),
         (not args.knn_every or args.knn_train_per_class >= 1,
          f'--knn_train_per_class {args.knn_train_per_class}: give the train images per class the online k-NN '
          f'uses, 1 or more (or --knn_every 0 for no online k-NN)'),
@@ -172,6 +186,7 @@ def check_args(args):
         number('learning_rate', lambda v: v >= 0, 'a finite base learning rate, 0 or more (0.05: the paper)'),
         number('weight_decay', lambda v: v >= 0, 'a finite weight decay, 0 or more (1e-4: the paper)'),
         number('sgd_momentum', lambda v: 0 <= v < 1, 'a momentum from 0 up to, not including, 1 (0.9: the paper)'),
+        number('clip_grad', lambda v: v >= 0, 'a finite maximal total gradient norm, 0 or more (0: no clipping)'),
         number('ckpt_every_min', lambda v: v >= 0, 'the minutes between checkpoints inside epochs, 0 or more (0: off)'),
         number('stop_deadline', lambda v: v > 0, 'the seconds a stop signal waits for the checkpoint, more than 0'),
         number('dist_timeout', lambda v: v > 0, 'the minutes a process waits for the others, more than 0'),
@@ -199,6 +214,13 @@ def check_args(args):
     if args.bn_batch and group != per_rank and (
             per_rank % group if group < per_rank else (group % per_rank or args.batch_size % group)):
         raise bad_grouping(args.bn_batch, args.batch_size, world)
+    bn_images = group if args.bn_batch and group < per_rank else per_rank  # a process's images per BatchNorm group
+    if per_rank % (args.accum_steps * bn_images):  # micro-batches of whole groups: the statistics without them
+        fits = f'an --accum_steps that divides {per_rank // bn_images}' if per_rank > bn_images else '--accum_steps 1'
+        smaller = f', or a --bn_batch that divides {per_rank // args.accum_steps}' * (per_rank % args.accum_steps == 0)
+        raise SimRegError(f'--accum_steps {args.accum_steps} does not split each process\'s {per_rank} images into '
+                          f'micro-batches of whole BatchNorm groups of {bn_images} (--bn_batch {args.bn_batch}): '
+                          f'give {fits}{smaller}')
 
 
 def check_teacher_input(sizes, norms):
@@ -223,6 +245,9 @@ class Context:
     to_device: DeviceInput = None  # a loader batch -> (student input, teacher input)
     checkpointer: Checkpointer = None
     scaler: torch.amp.GradScaler = None  # made from amp_dtype: enabled for fp16 only
+    lr: object = None  # (epoch, step, steps) -> the step's learning rate (learning_rate)
+    accum_steps: int = 1  # micro-batches per step, their gradients summed
+    clip_grad: float = 0.0  # the total gradient norm is clipped to this (0: not clipped)
 
     def __post_init__(self):
         if self.scaler is None:
@@ -256,7 +281,8 @@ def train(args, startup):
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # every step has the same shapes: autotune once
     ctx = Context(device, AUTOCAST_DTYPES.get(args.precision), mse_nonorm=args.mse_nonorm,
                   memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
-                  logs=Logs(logs_dir, args.print_freq, args.log_to))
+                  logs=Logs(logs_dir, args.print_freq, args.log_to), lr=functools.partial(learning_rate, args=args),
+                  accum_steps=args.accum_steps, clip_grad=args.clip_grad)
     log = ctx.logs.text
     if args.weak_strong and args.weak_weak:
         log.warning('note: --weak_strong and --weak_weak: --weak_strong wins')
@@ -270,13 +296,13 @@ def train(args, startup):
 
     # ---------------------------------------------------------------- student, optimizer, resume
     model = build_student(args, teachers)
-    convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size, world_size, rank))
+    # groups of the micro-batches: check_args made each of them whole groups of the global batch
+    convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size // args.accum_steps, world_size, rank))
     model.to(device, memory_format=ctx.memory_format if channels_last_helps(model.encoder_q) else
              torch.contiguous_format)
     if args.precision == 'fp64':  # runs of different shapes then differ only by summation order
         in_float64(model, teachers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.sgd_momentum,
-                                weight_decay=args.weight_decay, fused=True if device.type == 'cuda' else None)
+    optimizer = build_optimizer(model, args, device)
     start = resume(args, model, optimizer, ctx.scaler, ckpt_dir, log) if args.resume else {'epoch': 1, 'step': 0}
 
     # ---------------------------------------------------------------- before the first step
@@ -306,8 +332,6 @@ def train(args, startup):
     # ---------------------------------------------------------------- training
     try:
         for epoch in range(start['epoch'], args.epochs + 1):
-            for group in optimizer.param_groups:
-                group['lr'] = cosine_lr(epoch, args)
             loader.batch_sampler.set_epoch(epoch, start['step'] if epoch == start['epoch'] else 0)
             stats = train_one_epoch(ddp_model, teachers, loader, optimizer, ctx, epoch)
             due = args.knn_every > 0 and (epoch % args.knn_every == 0 or epoch == args.epochs)
@@ -326,34 +350,56 @@ def train(args, startup):
 
 
 def train_one_epoch(model, teachers, loader, optimizer, ctx, epoch):
-    """One pass over the data: batch -> student input and teacher targets -> step -> log (and a checkpoint when
-    due; ``Preempted`` after a stop signal's). Returns the epoch's statistics."""
+    """One pass over the data: batch -> the step's lr -> step (teacher targets, student) -> log (and a checkpoint
+    when due; ``Preempted`` after a stop signal's). Returns the epoch's statistics."""
     metric_logger = MetricLogger(teachers, epoch, loader.batch_sampler.steps, loader.batch_sampler.batch_size,
                                  optimizer, ctx)
     metric_logger.load_state_dict(ctx.checkpointer.resumed_meter(epoch))
     model.train()
     for index, (student_in, teacher_in), _ in metric_logger.log_every(ctx.to_device.batches(loader, epoch)):
-        targets = {name: teacher(index, teacher_in, ctx.amp_dtype) for name, teacher in teachers.items()}
-        losses = train_step(model, student_in, targets, optimizer, ctx)
+        for group in optimizer.param_groups:
+            group['lr'] = ctx.lr(epoch, metric_logger.step, metric_logger.steps)
+        losses = train_step(model, teachers, (index, student_in, teacher_in), optimizer, ctx)
         metric_logger.update(losses)
         ctx.checkpointer.after_step(metric_logger)
     return metric_logger.summary()
 
 
-def train_step(model, student_in, targets, optimizer, ctx):
-    """One distillation step; ``targets`` maps head name -> teacher features. The loss is the mean of the
-    per-teacher losses (the paper's multi-teacher loss). Returns the per-teacher losses, stacked (no host sync)."""
-    with torch.autocast(student_in.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-        predictions = model(student_in)
-    if not isinstance(predictions, dict):
-        predictions = {next(iter(targets)): predictions}
-    losses = torch.stack([regression_loss(predictions[name], target, ctx.mse_nonorm)
-                          for name, target in targets.items()])
+def train_step(model, teachers, batch, optimizer, ctx):
+    """One optimizer step on ``batch``, (sample indices, student input, teacher input), in ``ctx.accum_steps``
+    micro-batches: each one's teacher targets, student forward and loss / accum_steps backward (the gradients sum
+    to the whole batch's; DDP syncs them at the last, BatchNorm's running statistics are updated at the first);
+    then clipping and the step. The loss is the mean of the per-teacher losses (the paper's multi-teacher loss).
+    Returns the per-teacher losses, stacked (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
-    ctx.scaler.scale(losses.mean()).backward()
+    total, parts = 0, (micro_batches(part, ctx.accum_steps) for part in batch)
+    for i, (index, student_in, teacher_in) in enumerate(zip(*parts)):
+        targets = {name: teacher(index, teacher_in, ctx.amp_dtype) for name, teacher in teachers.items()}
+        last = i == ctx.accum_steps - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync, contextlib.nullcontext() if i == 0 else frozen_running_stats(model):
+            with torch.autocast(student_in.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+                predictions = model(student_in)
+            if not isinstance(predictions, dict):
+                predictions = {next(iter(targets)): predictions}
+            losses = torch.stack([regression_loss(predictions[name], target, ctx.mse_nonorm)
+                                  for name, target in targets.items()])
+            ctx.scaler.scale(losses.mean() / ctx.accum_steps).backward()
+        total = total + losses.detach()
+    if ctx.clip_grad:
+        ctx.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16 scaler's
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], ctx.clip_grad)
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
-    return losses.detach()
+    return total / ctx.accum_steps
+
+
+def micro_batches(part, count):
+    """A batch's part (a tensor; a dict of them: the teachers' inputs by size and normalisation) in ``count``
+    micro-batches."""
+    if isinstance(part, dict):
+        return [dict(zip(part, values)) for values in zip(*(micro_batches(v, count) for v in part.values()))]
+    return part.chunk(count)
 
 
 def regression_loss(prediction, target, mse_nonorm=False):
@@ -465,6 +511,10 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
     if args.restart:
         log.info('==> restart from the weights of %s (epoch %d)', path, ckpt['epoch'])
         return {'epoch': 1, 'step': 0}
+    trained_with = (ckpt.get('args') or {}).get('optimizer', 'sgd')
+    if trained_with != args.optimizer:
+        raise SimRegError(f'--resume {path} was trained with --optimizer {trained_with}: pass --optimizer '
+                          f'{trained_with} to continue it, or --restart to take its weights only')
     if 'optimizer' in ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
     if 'scaler' in ckpt:
@@ -523,9 +573,32 @@ def compile_or_eager(model, log):
         return model
 
 
+def build_optimizer(model, args, device):
+    """The paper's SGD; or AdamW (torch's default betas) without weight decay on norms and biases (ndim <= 1)."""
+    fused = True if device.type == 'cuda' else None
+    if args.optimizer == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.sgd_momentum,
+                               weight_decay=args.weight_decay, fused=fused)
+    params = list(model.parameters())
+    return torch.optim.AdamW([{'params': [p for p in params if p.ndim > 1]},
+                              {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}],
+                             lr=args.learning_rate, weight_decay=args.weight_decay, fused=fused)
+
+
 def cosine_lr(epoch, args):
     """The paper's schedule: cosine over epochs, set once per epoch, epochs counted from 1."""
     return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
+
+
+def learning_rate(epoch, step, steps, args):
+    """The lr of step ``step`` (from 0) of the ``steps`` of ``epoch`` (from 1): ``cosine_lr``; with --warmup_epochs
+    N, MoCo v3's per-step schedule: linear from 0 over the first N epochs, then a cosine over the others."""
+    if not args.warmup_epochs:
+        return cosine_lr(epoch, args)
+    done, warmup = epoch - 1 + step / steps, args.warmup_epochs  # epochs done, fractional
+    if done < warmup:
+        return args.learning_rate * done / warmup
+    return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (done - warmup) / (args.epochs - warmup)))
 
 
 def exit_stopped_before_training(stopped):

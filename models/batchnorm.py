@@ -11,6 +11,7 @@ samples of the global batch:
 Running statistics come from each process's first group; rank 0's, the first ``bn_batch`` samples of the global
 batch, are the ones saved. ``convert_batchnorm`` swaps each BatchNorm's class in place: keys stay torchvision's.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,13 @@ class _GroupStats:
         if not self.training or self.groups is None:
             return super().forward(x)
         self._check_input_dim(x)
-        self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(int(self.track_running_stats))  # off: in frozen_running_stats
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         if self.groups.span == 1:
+            first = 0 if self.track_running_stats else -1  # the chunk that updates the running statistics
             chunks = x.split(self.groups.size)
-            return torch.cat([F.batch_norm(chunk, self.running_mean if i == 0 else None,
-                                           self.running_var if i == 0 else None, self.weight, self.bias,
+            return torch.cat([F.batch_norm(chunk, self.running_mean if i == first else None,
+                                           self.running_var if i == first else None, self.weight, self.bias,
                                            True, momentum, self.eps) for i, chunk in enumerate(chunks)])
         if x.is_cuda:
             return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
@@ -111,6 +113,20 @@ class GroupBatchNorm2d(_GroupStats, nn.BatchNorm2d):
 
 
 GROUPED = {nn.BatchNorm1d: GroupBatchNorm1d, nn.BatchNorm2d: GroupBatchNorm2d}
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module):
+    """Inside the block the training BatchNorms of ``module`` leave their running statistics as they are: the
+    micro-batches of a step after its first, so that one step updates them once, as without accumulation."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def convert_batchnorm(module, groups):
