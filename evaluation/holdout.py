@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from data.folders import ImageList, is_labelled
 from data.sampler import derive_seed
-from data.transforms import eval_transform, normalize
+from data.transforms import NetInput, eval_transform, to_net_input
 from utils.distributed import is_main_process
 from utils.errors import SimRegError
 from utils.logging import read_json_log
@@ -62,7 +62,8 @@ class WithoutHoldout(Dataset):
 
 
 class HeldOutImitation:
-    """The held-out images' evaluation views, decoded once on rank 0, and ``measure(model, teachers)`` on them."""
+    """The held-out images' evaluation views, decoded once on rank 0 (cut at the largest net's size, as the cache
+    builder cuts them), and ``measure(model, teachers)`` on them, each net given its own input."""
 
     def __init__(self, dataset, indices, image_size, teachers, batch_size):
         multi_view = [name for name, t in teachers.items() if getattr(t, 'boxes', None) is not None]
@@ -70,8 +71,10 @@ class HeldOutImitation:
             raise SimRegError(f'--holdout compares the student with the teacher on center crops, and the cache of '
                               f'{multi_view[0]} holds weak views only: pass --holdout 0 (or a center-crop cache)')
         self.index, self.batch_size, self.init = torch.tensor(indices), batch_size, None
+        self.student = NetInput(image_size)
+        size = max([image_size] + [t.input.size for t in teachers.values() if getattr(t, 'input', None)])
         if is_main_process():
-            images = ImageList(dataset.root, [dataset.samples[i][0] for i in indices], eval_transform(image_size))
+            images = ImageList(dataset.root, [dataset.samples[i][0] for i in indices], eval_transform(size))
             self.images = torch.stack([images[i][1] for i in range(len(images))])
 
     @torch.no_grad()
@@ -85,14 +88,15 @@ class HeldOutImitation:
         try:
             for start in range(0, len(self.index), self.batch_size):
                 index = self.index[start:start + self.batch_size]
-                images = normalize(self.images[start:start + len(index)].to(ctx.device))
-                images = images.contiguous(memory_format=ctx.memory_format)
+                uint8 = self.images[start:start + len(index)].to(ctx.device)
                 with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-                    predictions = model(images)
+                    predictions = model(to_net_input(uint8, self.student, memory_format=ctx.memory_format))
                 if not isinstance(predictions, dict):
                     predictions = {next(iter(teachers)): predictions}
                 for name, teacher in teachers.items():
-                    total += cosines(predictions[name], teacher(index, images, ctx.amp_dtype)).sum().item()
+                    view = to_net_input(uint8, teacher.input, memory_format=ctx.memory_format) if teacher.needs_view \
+                        else None  # a cached teacher gives its row
+                    total += cosines(predictions[name], teacher(index, view, ctx.amp_dtype)).sum().item()
         finally:
             model.train(was_training)
         return total / (len(self.index) * len(teachers))

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2
 
 from conftest import ROOT, check_report_png, run_command, torchrun, train, train_log, write_teacher_checkpoint
 from data.folders import build_dataset, decode_rgb
-from data.transforms import eval_transform, normalize
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, eval_transform, normalize
 from evaluation.holdout import holdout_indices, holdout_size
 from models.loading import load_backbone
 from models.student import load_student
@@ -55,14 +56,17 @@ def train_args(ws, exp, *extra, data='images'):
             '--save_freq', '1', '--knn_every', '1', '--seed', str(SEED), *extra, str(ws / data)]
 
 
-def by_hand(ws, checkpoint, paths, teacher_rows=None):
+def by_hand(ws, checkpoint, paths, teacher_rows=None, teacher_input=None):
     """Mean cos(head output, teacher feature) over ``paths``' 32 px evaluation views, from the files alone; the
-    teacher's features are ``teacher_rows`` when given (a cache's)."""
+    teacher's features are ``teacher_rows`` when given (a cache's); ``teacher_input`` (size, mean, std): the
+    teacher's own, the view then cut at its size and resized for the student."""
     backbone, head = load_student(str(checkpoint))
     teacher = load_backbone('resnet18', str(ws / 'teacher.pth')).eval()
-    images = normalize(torch.stack([eval_transform(32)(decode_rgb(p)) for p in paths]))
+    size, mean, std = teacher_input or (32, IMAGENET_MEAN, IMAGENET_STD)
+    crops = torch.stack([eval_transform(max(size, 32))(decode_rgb(p)) for p in paths])
+    images = normalize(v2.functional.resize(crops, [32, 32], antialias=True) if size > 32 else crops)
     with torch.no_grad():
-        target = teacher(images) if teacher_rows is None else teacher_rows.float()
+        target = teacher(normalize(crops, mean, std)) if teacher_rows is None else teacher_rows.float()
         return (F.normalize(head(backbone(images)), dim=1) * F.normalize(target, dim=1)).sum(1).mean().item()
 
 
@@ -118,6 +122,17 @@ def test_unlabelled_folder_trains_and_logs_the_held_out_cosine_of_its_checkpoint
     expected = [(0, start['holdout_cosine_init'])] + [(r['epoch'], r['holdout_cosine']) for r in epochs]
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], abs=1e-6)
+
+
+def test_the_held_out_teacher_takes_its_own_input(ws, one_thread):
+    train(train_args(ws, 'own_input', '--teacher_image_size', '48', '--teacher_norm', 'clip'))
+    exp = ws / 'runs' / 'exp' / 'own_input'
+    start, epoch = train_log(exp, 'start')[-1], train_log(exp, 'epoch')[-1]
+    paths, own = held_out_paths(ws, 4), (48, *NORMS['clip'])
+    assert start['holdout_cosine_init'] == pytest.approx(
+        by_hand(ws, exp / 'checkpoints' / 'ckpt_epoch_0.pth', paths, teacher_input=own), abs=1e-5)
+    assert epoch['holdout_cosine'] == pytest.approx(
+        by_hand(ws, exp / 'checkpoints' / 'ckpt_epoch_1.pth', paths, teacher_input=own), abs=1e-5)
 
 
 def test_a_multi_view_cache_is_refused_with_holdout(ws):
