@@ -17,15 +17,14 @@ import shutil
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
 from data.folders import add_dataset_arg, build_dataset
 from data.replay import VIEW_COLUMNS, ShardWeakViews, view_spec
 from data.teacher_cache import cache_store, dataset_fingerprint, sidecar_path, teacher_input_of, views_path, write_cache
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput, eval_transform, to_net_input
+from data.transforms import NORMS, NetInput, eval_transform
 from evaluation.common import check_output
-from evaluation.features import extract_features
+from evaluation.features import OwnInput, extract_features
 from models.backbones import TEACHER_ARCHS, is_teacher_arch
 from models.loading import load_backbone
 from models.openclip import weights_file
@@ -150,21 +149,6 @@ class ShardImages(Dataset):
     def __getitem__(self, position):
         _, image, label = self.dataset[self.start + position]
         return position, image, label
-
-
-class OwnInput(nn.Module):
-    """The teacher on its own input ``net``: ``extract_features`` hands it the view normalised ImageNet's way; its
-    grey levels come back exactly (whole numbers), then are resized and normalised as training does."""
-
-    def __init__(self, network, net):
-        super().__init__()
-        self.network, self.net = network, net
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-
-    def forward(self, x):
-        images = (x.float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
-        return self.network(to_net_input(images, self.net))
 
 
 class ShardStore:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.teacher_cache import dataset_fingerprint
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_net_input
 from models.backbones import build_backbone
 from models.loading import load_backbone
 from models.student import load_student
@@ -166,6 +166,21 @@ def extract_features(model, dataset, batch_size, workers, device, amp=False, des
             local[name][indices - start] = values
     features = gather_in_order(local['features'], bounds, device)
     return (features, gather_in_order(local['extras'], bounds, device)) if with_extras else features
+
+
+class OwnInput(nn.Module):
+    """A teacher on its own input ``net`` (``NetInput``): ``extract_features`` hands it the view normalised ImageNet's
+    way; its grey levels come back exactly (whole numbers), then are resized and normalised as training does."""
+
+    def __init__(self, network, net):
+        super().__init__()
+        self.network, self.net = network, net
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x):
+        images = (x.float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+        return self.network(to_net_input(images, self.net))
 
 
 def input_norm(model):

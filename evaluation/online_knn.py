@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from data.folders import build_dataset, is_labelled, restrict_folder
-from data.transforms import eval_transform
+from data.transforms import NetInput, eval_transform
 from evaluation import knn
-from evaluation.features import check_same_classes, extract_features
+from evaluation.features import OwnInput, check_same_classes, extract_features, input_norm
 from utils.distributed import is_distributed, is_main_process
 from utils.errors import SimRegError
 
@@ -32,7 +32,7 @@ class OnlineKnn:
         if not os.path.isdir(os.path.join(args.data, 'val')):
             raise SimRegError(f'--knn_every {args.knn_every} measures k-NN on {args.data}/val, which does not '
                               f'exist: add a val/ split with the train classes, or pass --knn_every 0')
-        transform = eval_transform(args.image_size)
+        transform, self.size = eval_transform(args.image_size), args.image_size
         self.train = restrict_folder(build_dataset(args.data, 'train', transform, args.dataset),
                                      per_class=args.knn_train_per_class, seed=args.seed)
         self.val = build_dataset(args.data, 'val', transform, args.dataset)
@@ -42,7 +42,9 @@ class OnlineKnn:
         self.extract = functools.partial(extract_features, batch_size=args.batch_size, workers=args.num_workers,
                                          device=device, amp=amp_dtype is not None, amp_dtype=amp_dtype)
 
-    def measure(self, network, memory_format=torch.contiguous_format):
+    def measure(self, network, memory_format=torch.contiguous_format, size=None):
+        """``size``: the center crops' (default: the student's)."""
+        self.train.transform = self.val.transform = eval_transform(size or self.size)
         if is_distributed():
             # every shard is extracted with rank 0's BatchNorm running statistics, those the checkpoint holds
             for buffer in network.buffers():
@@ -64,7 +66,10 @@ class OnlineKnn:
         """Collective: the start record's ``knn_init`` (the untrained student's) and ``knn_teacher`` (one live teacher's
         {"1", "20"}, or {head: {"1", "20"}} of several; cached ones have no network), {} on ranks other than 0."""
         live = {name: t for name, t in teachers.items() if getattr(t, 'network', None) is not None}
-        measured = {name: self.measure(t.network, memory_format) for name, t in live.items()}
+        measured = {}
+        for name, teacher in live.items():
+            network, size = self.at_input(teacher)
+            measured[name] = self.measure(network, memory_format, size)
         init = self.measure(student_backbone, memory_format)
         if not is_main_process():
             return {}
@@ -72,3 +77,11 @@ class OnlineKnn:
         if measured:
             values['knn_teacher'] = next(iter(measured.values())) if len(teachers) == 1 else measured
         return values
+
+    def at_input(self, teacher):
+        """(network, crop size) measuring a live teacher on its own input: the center crops cut at its size, resized
+        and normalised its way (None: the student's crops as they are)."""
+        net = teacher.input or NetInput(self.size)
+        if net == NetInput(self.size, *input_norm(teacher.network)):  # what extract_features gives it anyway
+            return teacher.network, None
+        return OwnInput(teacher.network, net).eval(), net.size  # eval: ``measure`` restores the mode it finds

@@ -68,6 +68,33 @@ def test_logged_values_equal_eval_knn_on_the_same_checkpoints(workspace, one_thr
     assert 'knn_init' not in train_log(exp, 'start')[-1] and len(train_log(exp, 'epoch')) == 2
 
 
+def test_the_teachers_value_is_measured_at_its_own_input(workspace, one_thread, monkeypatch):
+    """A live teacher at 48 px with CLIP's normalisation: its k-NN features are of the center crops cut at 48 px and
+    normalised CLIP's way, not of the student's 32 px crops."""
+    import torch
+    import torch.nn.functional as F
+    import train_student
+    from data.folders import decode_rgb
+    from data.transforms import NORMS, NetInput, eval_transform, normalize
+    from evaluation import knn
+    from evaluation.online_knn import OnlineKnn
+    from models.loading import load_backbone
+    from models.simreg import LiveTeacher
+    args = train_student.get_args_parser().parse_args(train_args(workspace, 'own_input'))
+    online = OnlineKnn(args, torch.device('cpu'), None)
+    net = NetInput(48, *NORMS['clip'])
+    teacher = LiveTeacher(load_backbone('resnet18', str(workspace / 'teacher.pth')), {}, net)
+    seen = []
+    monkeypatch.setattr(knn, 'evaluate', lambda train, *rest, **kw: seen.append(train) or {'majority': {1: 0, 20: 0}})
+    online.at_start({'resnet18': teacher}, load_backbone('resnet18', str(workspace / 'teacher.pth')),
+                    torch.contiguous_format)
+    crops = torch.stack([eval_transform(48)(decode_rgb(path)) for path, _ in online.train.samples])
+    with torch.no_grad():
+        expected = F.normalize(teacher.network(normalize(crops, net.mean, net.std)), dim=1)
+    assert F.cosine_similarity(seen[0].float(), expected).min() > 0.9999  # the teacher's; float16 rows
+    assert not teacher.network.training  # left as it was found: frozen, in eval mode
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_values(workspace, one_thread):
     if not (workspace / 'runs' / 'exp' / 'one').exists():
