@@ -87,8 +87,8 @@ def get_args_parser():
                    help='layers of the regression head')
     p.add_argument('--linear_pred', action='store_true', help='head = BN + Linear instead of the MLP')
     p.add_argument('--dense_weight', type=float, default=0,
-                   help="add W x the dense loss: the student's feature map, resized to each live teacher's grid, "
-                        "through a dense head, regresses the teacher's patch tokens or last feature map per location "
+                   help="add W x the dense loss: a dense head on the student's feature map, resized to each live "
+                        "teacher's grid, regresses the teacher's patch tokens or last feature map per location "
                         "(docs/training.md); 0: the paper's method")
     p.add_argument('--dense_head', type=int, default=4, choices=[2, 4],
                    help='layers of the dense head (1x1 convolutions), as --n_mlp_layers for the regression head')

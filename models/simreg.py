@@ -48,9 +48,10 @@ class SimReg(nn.Module):
     teachers stay outside: never part of DDP or the optimizer.
 
     ``dense_q`` (--dense_weight): the dense head, or a ModuleDict of one per teacher with dense targets. Given
-    ``grids`` ({head name: the teacher's (h, w)}), the forward also returns the dense predictions: the backbone's map
-    (``models.dense``, from the same forward as its feature) resized to each teacher's grid (bilinear), then the
-    dense head per location."""
+    ``grids`` ({head name: the teacher's (h, w)}), the forward also returns the dense predictions: the dense head on
+    the backbone's map (``models.dense``, from the same forward as its feature), per location, then resized to each
+    teacher's grid (bilinear). The head runs before the resize: on the student's locations, fewer than a ViT
+    teacher's (7x7 vs 16x16 at 224 px), and its BatchNorm sees the student's own locations, not interpolated ones."""
 
     def __init__(self, encoder_q, predict_q, dense_q=None):
         super().__init__()
@@ -64,7 +65,7 @@ class SimReg(nn.Module):
             return self.heads(self.encoder_q(images))
         features, fmap = feature_and_map(self.encoder_q, images)
         dense = self.dense_q.items() if isinstance(self.dense_q, nn.ModuleDict) else [(next(iter(grids)), self.dense_q)]
-        return self.heads(features), {name: head(F.interpolate(fmap, size=tuple(grids[name]), mode='bilinear'))
+        return self.heads(features), {name: F.interpolate(head(fmap), size=tuple(grids[name]), mode='bilinear')
                                       for name, head in dense}
 
     def heads(self, features):

@@ -64,9 +64,10 @@ def _args(*extra):
 
 
 def test_dense_loss_is_the_hand_computation():
-    """One fp64 step: the returned dense loss and the gradients are those of the student's map (resnet18 at 64 px:
-    2x2) resized to the ViT teacher's 4x4 grid (bilinear), the dense head, and ``2 - 2 cos`` with the teacher's patch
-    tokens at its own input, averaged over locations and images, added to the global loss times --dense_weight."""
+    """One fp64 step: the returned dense loss and the gradients are those of the dense head on the student's map
+    (resnet18 at 64 px: 2x2), resized to the ViT teacher's 4x4 grid (bilinear), and ``2 - 2 cos`` with the teacher's
+    patch tokens at its own input, averaged over locations and images, added to the global loss times
+    --dense_weight."""
     torch.manual_seed(0)
     vit = build_backbone('vit_small_patch16').double()
     teachers = {'vit_small_patch16': LiveTeacher(vit, {}, NetInput(64))}
@@ -84,7 +85,7 @@ def test_dense_loss_is_the_hand_computation():
     with torch.no_grad():
         tokens = vit.forward_features(teacher_in)
     grid = tokens[:, 1:].transpose(1, 2).reshape(4, 384, 4, 4)  # the class token excluded
-    dense_prediction = reference.dense_q(F.interpolate(fmap['map'], size=(4, 4), mode='bilinear', align_corners=False))
+    dense_prediction = F.interpolate(reference.dense_q(fmap['map']), size=(4, 4), mode='bilinear', align_corners=False)
     cos = (dense_prediction * grid).sum(1) / (dense_prediction.norm(dim=1) * grid.norm(dim=1))
     dense_loss = (2 - 2 * cos).mean()
     global_loss = (2 - 2 * F.cosine_similarity(prediction, tokens[:, 0])).mean()
