@@ -260,8 +260,7 @@ class Context:
     lr: object = None  # (epoch, step, steps) -> the step's learning rate (learning_rate)
     accum_steps: int = 1  # micro-batches per step, their gradients summed
     clip_grad: float = 0.0  # the total gradient norm is clipped to this (0: not clipped)
-    dense_weight: float = 0.0  # the weight of the dense loss (--dense_weight)
-    dense_heads: tuple = ()  # the teachers whose dense targets the student's dense heads regress
+    dense_weight: float = 0.0  # the weight of the dense loss (--dense_weight): each live teacher has a dense head
 
     def __post_init__(self):
         if self.scaler is None:
@@ -309,9 +308,7 @@ def train(args, startup):
     loader, ctx.to_device = build_input(args, dataset, teachers, ctx, held_out)
 
     # ---------------------------------------------------------------- student, optimizer, resume
-    dense = dense_teachers(args, teachers)
-    ctx.dense_heads = tuple(dense)
-    model = build_student(args, teachers, dense)
+    model = build_student(args, teachers)
     # groups of the micro-batches: check_args made each of them whole groups of the global batch
     convert_batchnorm(model, bn_groups(args.bn_batch, args.batch_size // args.accum_steps, world_size, rank))
     model.to(device, memory_format=ctx.memory_format if channels_last_helps(model.encoder_q) else
@@ -393,7 +390,7 @@ def train_step(model, teachers, batch, optimizer, ctx):
     for i, (index, student_in, teacher_in) in enumerate(zip(*parts)):
         targets, maps = {}, {}
         for name, teacher in teachers.items():
-            if name in ctx.dense_heads:  # its feature and its map from one forward
+            if ctx.dense_weight and teacher.needs_view:  # its feature and its map from one forward
                 targets[name], maps[name] = teacher(index, teacher_in, ctx.amp_dtype, dense=True)
             else:
                 targets[name] = teacher(index, teacher_in, ctx.amp_dtype)
@@ -503,9 +500,10 @@ def dense_teachers(args, teachers):
     return channels
 
 
-def build_student(args, teachers, dense=None):
-    """Fresh student with one head per teacher and one dense head per teacher in ``dense`` ({head name: channels}),
-    or the one in --weights."""
+def build_student(args, teachers):
+    """Fresh student with one head per teacher (and with --dense_weight one dense head per live teacher), or the one
+    in --weights."""
+    dense = dense_teachers(args, teachers)
     backbone = build_backbone(args.arch_student, args.image_size)
     heads = {name: build_head(backbone.feat_dim, t.feat_dim, args.n_mlp_layers, args.linear_pred)
              for name, t in teachers.items()}

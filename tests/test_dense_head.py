@@ -74,7 +74,7 @@ def test_dense_loss_is_the_hand_computation():
     args = _args('--dense_weight', '0.5', '--dense_head', '2')
     dense = train_student.dense_teachers(args, teachers)
     assert dense == {'vit_small_patch16': 384}
-    model = train_student.build_student(args, teachers, dense).double()
+    model = train_student.build_student(args, teachers).double()
     assert model.dense_q[0].in_channels == 512 and model.dense_q[-1].out_channels == 384
     reference = copy.deepcopy(model)
     student_in, teacher_in = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.randn(4, 3, 64, 64).double()
@@ -92,7 +92,7 @@ def test_dense_loss_is_the_hand_computation():
     (global_loss + 0.5 * dense_loss).backward()
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no change: the gradients stay to compare
-    ctx = train_student.Context(torch.device('cpu'), dense_weight=0.5, dense_heads=tuple(dense))
+    ctx = train_student.Context(torch.device('cpu'), dense_weight=0.5)
     losses = train_student.train_step(model, teachers, (torch.arange(4), student_in, teacher_in), optimizer, ctx)
     assert losses.shape == (2,) and 0.1 < dense_loss.item() < 4
     assert torch.allclose(losses, torch.stack([global_loss, dense_loss]).detach(), rtol=1e-10, atol=0)
@@ -211,7 +211,7 @@ def test_a_cached_teacher_beside_a_live_one_has_no_dense_head():
     teachers = {'resnet18': LiveTeacher(build_backbone('resnet18'), {}, NetInput(32)), 'resnet50': cached}
     dense = train_student.dense_teachers(args, teachers)
     assert dense == {'resnet18': 512}
-    keys = train_student.build_student(args, teachers, dense).state_dict()
+    keys = train_student.build_student(args, teachers).state_dict()
     assert {k.split('.')[1] for k in keys if k.startswith('dense_q.')} == {'resnet18'}
     odd = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     odd.feat_dim = 4

@@ -29,7 +29,7 @@ class MetricLogger:
 
     def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
-        self.optimizer, self.logs, self.dense = optimizer, ctx.logs, bool(ctx.dense_heads)
+        self.optimizer, self.logs, self.dense = optimizer, ctx.logs, ctx.dense_weight > 0
         self.epoch_sum = torch.zeros(len(self.heads) + self.dense, device=ctx.device)
         self.window_sum = torch.zeros(len(self.heads) + self.dense, device=ctx.device)
         self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
