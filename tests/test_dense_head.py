@@ -213,6 +213,9 @@ def test_a_cached_teacher_beside_a_live_one_has_no_dense_head():
     assert dense == {'resnet18': 512}
     keys = train_student.build_student(args, teachers).state_dict()
     assert {k.split('.')[1] for k in keys if k.startswith('dense_q.')} == {'resnet18'}
+    plain = _args('--arch_teacher', 'resnet18,resnet50')  # --dense_weight 0: no dense head, no map computed
+    assert train_student.dense_teachers(plain, teachers) == {}
+    assert not hasattr(train_student.build_student(plain, teachers), 'dense_q')
     odd = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     odd.feat_dim = 4
     with pytest.raises(SimRegError, match=r'^--dense_weight: teacher resnet18 has no dense targets here \(the ResNet, '
