@@ -45,8 +45,9 @@ def select_head(state, head, source):
 
 
 def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, loaded strictly (its dense heads dropped), in eval mode. ``arch``, when given, must match the
-    file; ``head`` picks a several-teacher student's head (with ``backbone_only``, the first if not named)."""
+    """(backbone, head) of a student checkpoint, loaded strictly (its dense heads dropped), in eval mode. ``arch``, when
+    given, must match the file; ``head`` picks a several-teacher student's head (with ``backbone_only``, the first
+    if not named)."""
     args, state = student_checkpoint(read_checkpoint(path), path)
     if backbone_only and head is None:
         head = next(iter(student_heads(state)), None)

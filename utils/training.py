@@ -23,9 +23,9 @@ class MetricLogger:
     """The bookkeeping of one training epoch (after torchvision's references/classification).
 
     ``update(losses)`` adds a step's per-head losses (and the dense loss last, with dense heads) on the device (no host
-    sync). Every ``print_freq`` steps and at
-    the epoch's last step the window's mean loss is averaged over ranks (one sync, so every rank takes the same
-    decision on a non-finite loss) and reported with the lr, the images per second and the loader-wait share."""
+    sync). Every ``print_freq`` steps and at the epoch's last step the window's mean loss is averaged over ranks (one
+    sync, so every rank takes the same decision on a non-finite loss) and reported with the lr, the images per second
+    and the loader-wait share."""
 
     def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
@@ -82,7 +82,7 @@ class MetricLogger:
         dense = {'loss_dense': losses.pop()} if self.dense else {}
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss + sum(dense.values())):
-            raise SimRegError(f'loss is {loss} at epoch {self.epoch} step {self.step}: training diverged; the '
+            raise SimRegError(f'loss is {loss}{dense_text(dense)} at epoch {self.epoch} step {self.step}: training diverged; the '
                               f'last good checkpoint is kept: lower --learning_rate or use '
                               f'--precision fp32, then --resume auto')
         return loss, dict(zip(self.heads, losses)), dense
