@@ -82,8 +82,8 @@ class MetricLogger:
         dense = {'loss_dense': losses.pop()} if self.dense else {}
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss + sum(dense.values())):
-            raise SimRegError(f'loss is {loss}{dense_text(dense)} at epoch {self.epoch} step {self.step}: training diverged; the '
-                              f'last good checkpoint is kept: lower --learning_rate or use '
+            raise SimRegError(f'loss is {loss}{dense_text(dense)} at epoch {self.epoch} step {self.step}: training '
+                              f'diverged; the last good checkpoint is kept: lower --learning_rate or use '
                               f'--precision fp32, then --resume auto')
         return loss, dict(zip(self.heads, losses)), dense
 
