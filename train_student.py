@@ -495,8 +495,9 @@ def dense_teachers(args, teachers):
         return {}
     channels = {name: t.map_channels() for name, t in teachers.items() if t.needs_view}
     if none := [name for name, c in channels.items() if c is None]:
-        raise SimRegError(f'--dense_weight: teacher {none[0]} has no dense targets here (the ResNet, ViT and DINOv3 '
-                          f'teachers have them): pass --dense_weight 0 or another teacher')
+        raise SimRegError(f'--dense_weight: teacher {none[0]} has no dense targets here (the ResNet, DINO, DINOv2, '
+                          f'DINOv3, MoCo v3 and DeiT teachers have them; open_clip towers do not): pass --dense_weight '
+                          f'0 or another teacher')
     return channels
 
 

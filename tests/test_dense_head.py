@@ -219,8 +219,8 @@ def test_a_cached_teacher_beside_a_live_one_has_no_dense_head():
     odd = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     odd.feat_dim = 4
     with pytest.raises(SimRegError, match=r'^--dense_weight: teacher resnet18 has no dense targets here \(the ResNet, '
-                                          r'ViT and DINOv3 teachers have them\): pass --dense_weight 0 or another '
-                                          r'teacher$'):
+                                          r'DINO, DINOv2, DINOv3, MoCo v3 and DeiT teachers have them; open_clip '
+                                          r'towers do not\): pass --dense_weight 0 or another teacher$'):
         train_student.dense_teachers(args, {'resnet18': LiveTeacher(odd, {}, NetInput(32)), 'resnet50': cached})
 
 
