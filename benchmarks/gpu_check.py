@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_student  # noqa: E402
 from benchmarks.common import median_of  # noqa: E402
+from benchmarks.reference import fixed_step  # noqa: E402
 from benchmarks.run import encoded_loader_speeds, jpeg_folder, teacher_and_cache, train_epochs  # noqa: E402
 from data.sampler import GlobalBatchSampler  # noqa: E402
 from data.transforms import DeviceInput  # noqa: E402
@@ -41,7 +42,7 @@ class MemoryLoader:
             yield torch.tensor([i for _, i in keys]), self.images, torch.zeros(len(keys), dtype=torch.int64)
 
 
-def memory_input(args, dataset, teachers, ctx):
+def memory_input(args, dataset, teachers, ctx, held_out=()):
     """``train_student.build_input`` for the step figures (no loader work)."""
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, 1, 0, args.seed)
@@ -112,7 +113,7 @@ def bn_across_processes(cfg, work):
         model = convert_batchnorm(SimReg(build_backbone('resnet18'), build_head(512, 2048)), groups)
         model.to(device, memory_format=memory_format).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        run = lambda: [train_student.train_step(model, images, targets, optimizer, ctx) for _ in range(steps)]  # noqa
+        run = lambda: [fixed_step(model, images, targets, optimizer, ctx) for _ in range(steps)]  # noqa
         run()
         speeds.append(steps * batch / median_of(run, 3, device))
     dist.destroy_process_group()

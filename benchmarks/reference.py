@@ -1,5 +1,5 @@
 """Reference paths that only the benchmarks and the tests run: ``--gpu_decode``'s views made one image at a time,
-its list collate, and per-sample seeding through ``torch.manual_seed``."""
+its list collate, per-sample seeding through ``torch.manual_seed``, and a teacher of given targets."""
 import torch
 
 from data.gpu_views import decode_batch_on
@@ -35,3 +35,22 @@ class ManualSeededSamples(SeededSamples):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             return self.dataset[index]
+
+
+class FixedTargets:
+    """A teacher whose targets are given, for ``train_student.train_step`` on precomputed features."""
+
+    needs_view = False
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __call__(self, index, view=None, amp_dtype=None):
+        return self.targets
+
+
+def fixed_step(model, images, targets, optimizer, ctx):
+    """``train_student.train_step`` on ``images`` against ``targets`` ({head name: features})."""
+    import train_student
+    teachers = {name: FixedTargets(target) for name, target in targets.items()}
+    return train_student.train_step(model, teachers, (torch.arange(len(images)), images, images), optimizer, ctx)

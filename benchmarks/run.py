@@ -29,6 +29,7 @@ from data.teacher_cache import TeacherFeatureCache, write_sidecar  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, weak_transform  # noqa: E402
 from benchmarks import bench_eval  # noqa: E402
 from benchmarks.common import best_of, median_of, report  # noqa: E402
+from benchmarks.reference import fixed_step  # noqa: E402
 
 
 # ------------------------------------------------------------------ input pipeline
@@ -170,7 +171,7 @@ def bench_train_step(quick):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gpu = device.type == 'cuda'
     size, batch, steps = (224, 128, 20) if gpu else ((64, 16, 3) if quick else (112, 32, 5))
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    images, index = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), torch.arange(batch)
 
     def build(memory_format):
         torch.manual_seed(0)
@@ -191,9 +192,8 @@ def bench_train_step(quick):
 
     def ours():  # the body of train_student.train_one_epoch
         for _ in range(steps):
-            x, teacher_in = to_device(None, images, 0)
-            targets = {'teacher': teacher(None, teacher_in, amp_dtype)}
-            train_student.train_step(model, x, targets, optimizer, ctx)
+            x, teacher_in = to_device(index, images, 0)
+            train_student.train_step(model, {'teacher': teacher}, (index, x, teacher_in), optimizer, ctx)
         if gpu:
             torch.cuda.synchronize()
 
@@ -246,7 +246,7 @@ def bench_bn_groups(quick):
         model = convert_batchnorm(SimReg(build_backbone('resnet18'), build_head(512, 2048)), groups)
         model.to(device, memory_format=memory_format).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        return lambda: [train_student.train_step(model, images, targets, optimizer, ctx)
+        return lambda: [fixed_step(model, images, targets, optimizer, ctx)
                         for _ in range(steps)]
 
     ours, reference = build(BNGroups(batch // 4)), build(None)
