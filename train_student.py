@@ -30,6 +30,7 @@ from evaluation.holdout import WithoutHoldout, held_out_images
 from evaluation.online_knn import OnlineKnn, knn_measured
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm, frozen_running_stats
+from models.dense import feature_map
 from models.head import build_head
 from models.loading import load_strict
 from models.simreg import AUTOCAST_DTYPES, SimReg, build_teachers, default_precision, in_float64
@@ -85,6 +86,12 @@ def get_args_parser():
     p.add_argument('--n_mlp_layers', type=int, default=4, choices=[2, 4],
                    help='layers of the regression head')
     p.add_argument('--linear_pred', action='store_true', help='head = BN + Linear instead of the MLP')
+    p.add_argument('--dense_weight', type=float, default=0,
+                   help="add W x the dense loss: a dense head on the student's feature map, resized to each live "
+                        "teacher's grid, regresses the teacher's patch tokens or last feature map per location "
+                        "(docs/training.md); 0: the paper's method")
+    p.add_argument('--dense_head', type=int, default=4, choices=[2, 4],
+                   help='layers of the dense head (1x1 convolutions), as --n_mlp_layers for the regression head')
     p.add_argument('--use_cache', action='store_true',
                    help='regress cached teacher features (--teacher_feats) instead of running the teacher')
     p.add_argument('--teacher_feats', help='teacher feature cache (.npy from cache_teacher_feats.py, or a SimReg '
@@ -186,6 +193,11 @@ def check_args(args):
         number('learning_rate', lambda v: v >= 0, 'a finite base learning rate, 0 or more (0.05: the paper)'),
         number('weight_decay', lambda v: v >= 0, 'a finite weight decay, 0 or more (1e-4: the paper)'),
         number('sgd_momentum', lambda v: 0 <= v < 1, 'a momentum from 0 up to, not including, 1 (0.9: the paper)'),
+        number('dense_weight', lambda v: v >= 0, "a finite dense loss weight, 0 or more (0: the paper's method)"),
+        (not (args.dense_weight and args.use_cache and (',' not in args.arch_teacher or all(
+            (args.teacher_feats or '').split(',')))),
+         f'--use_cache with --dense_weight {args.dense_weight}: a cached teacher has no dense targets (too large to '
+         f'cache): run the teacher live (drop --use_cache) or pass --dense_weight 0'),
         number('clip_grad', lambda v: v >= 0, 'a finite maximal total gradient norm, 0 or more (0: no clipping)'),
         number('ckpt_every_min', lambda v: v >= 0, 'the minutes between checkpoints inside epochs, 0 or more (0: off)'),
         number('stop_deadline', lambda v: v > 0, 'the seconds a stop signal waits for the checkpoint, more than 0'),
@@ -248,6 +260,7 @@ class Context:
     lr: object = None  # (epoch, step, steps) -> the step's learning rate (learning_rate)
     accum_steps: int = 1  # micro-batches per step, their gradients summed
     clip_grad: float = 0.0  # the total gradient norm is clipped to this (0: not clipped)
+    dense_weight: float = 0.0  # the weight of the dense loss (--dense_weight): each live teacher has a dense head
 
     def __post_init__(self):
         if self.scaler is None:
@@ -282,7 +295,7 @@ def train(args, startup):
     ctx = Context(device, AUTOCAST_DTYPES.get(args.precision), mse_nonorm=args.mse_nonorm,
                   memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
                   logs=Logs(logs_dir, args.print_freq, args.log_to), lr=functools.partial(learning_rate, args=args),
-                  accum_steps=args.accum_steps, clip_grad=args.clip_grad)
+                  accum_steps=args.accum_steps, clip_grad=args.clip_grad, dense_weight=args.dense_weight)
     log = ctx.logs.text
     if args.weak_strong and args.weak_weak:
         log.warning('note: --weak_strong and --weak_weak: --weak_strong wins')
@@ -369,22 +382,35 @@ def train_step(model, teachers, batch, optimizer, ctx):
     """One optimizer step on ``batch``, (sample indices, student input, teacher input), in ``ctx.accum_steps``
     micro-batches: each one's teacher targets, student forward and loss / accum_steps backward (the gradients sum
     to the whole batch's; DDP syncs them at the last, BatchNorm's running statistics are updated at the first);
-    then clipping and the step. The loss is the mean of the per-teacher losses (the paper's multi-teacher loss).
-    Returns the per-teacher losses, stacked (no host sync)."""
+    then clipping and the step. The loss is the mean of the per-teacher losses (the paper's multi-teacher loss), plus
+    ``ctx.dense_weight`` x the mean of the dense losses. Returns the per-teacher losses, stacked (no host sync), and
+    the dense loss last when there is one."""
     optimizer.zero_grad(set_to_none=True)
     total, parts = 0, (micro_batches(part, ctx.accum_steps) for part in batch)
     for i, (index, student_in, teacher_in) in enumerate(zip(*parts)):
-        targets = {name: teacher(index, teacher_in, ctx.amp_dtype) for name, teacher in teachers.items()}
+        targets, maps = {}, {}
+        for name, teacher in teachers.items():
+            if ctx.dense_weight and teacher.needs_view:  # its feature and its map from one forward
+                targets[name], maps[name] = teacher(index, teacher_in, ctx.amp_dtype, dense=True)
+            else:
+                targets[name] = teacher(index, teacher_in, ctx.amp_dtype)
         last = i == ctx.accum_steps - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
         with sync, contextlib.nullcontext() if i == 0 else frozen_running_stats(model):
             with torch.autocast(student_in.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-                predictions = model(student_in)
+                if maps:
+                    predictions, dense = model(student_in, {name: m.shape[-2:] for name, m in maps.items()})
+                else:
+                    predictions = model(student_in)
             if not isinstance(predictions, dict):
                 predictions = {next(iter(targets)): predictions}
             losses = torch.stack([regression_loss(predictions[name], target, ctx.mse_nonorm)
                                   for name, target in targets.items()])
-            ctx.scaler.scale(losses.mean() / ctx.accum_steps).backward()
+            loss = losses.mean()
+            if maps:  # 2 - 2 cos per location (regression_loss over the channels), averaged over locations
+                dense_loss = torch.stack([regression_loss(dense[name], m) for name, m in maps.items()]).mean()
+                loss, losses = loss + ctx.dense_weight * dense_loss, torch.cat([losses, dense_loss[None]])
+            ctx.scaler.scale(loss / ctx.accum_steps).backward()
         total = total + losses.detach()
     if ctx.clip_grad:
         ctx.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16 scaler's
@@ -462,18 +488,50 @@ def make_loader(dataset, args, world_size, rank, held_out=()):
                       collate_fn=packed_collate if args.gpu_decode else None)
 
 
+def dense_teachers(args, teachers):
+    """{head name: its dense targets' channels} of the teachers the dense heads regress (--dense_weight): every live
+    teacher (a cached one has no dense targets); {} without --dense_weight."""
+    if not args.dense_weight:
+        return {}
+    channels = {name: t.map_channels() for name, t in teachers.items() if t.needs_view}
+    if none := [name for name, c in channels.items() if c is None]:
+        raise SimRegError(f'--dense_weight: teacher {none[0]} has no dense targets here (the ResNet, DINO, DINOv2, '
+                          f'DINOv3, MoCo v3 and DeiT teachers have them; open_clip towers do not): pass --dense_weight '
+                          f'0 or another teacher')
+    return channels
+
+
 def build_student(args, teachers):
-    """Fresh student with one head per teacher, or the one in --weights."""
+    """Fresh student with one head per teacher (and with --dense_weight one dense head per live teacher), or the one
+    in --weights."""
+    dense = dense_teachers(args, teachers)
     backbone = build_backbone(args.arch_student, args.image_size)
     heads = {name: build_head(backbone.feat_dim, t.feat_dim, args.n_mlp_layers, args.linear_pred)
              for name, t in teachers.items()}
-    model = SimReg(backbone, next(iter(heads.values())) if len(heads) == 1 else nn.ModuleDict(heads))
+    dense_q = None
+    if dense:
+        with torch.no_grad():  # the map's channels, from a blank image (eval mode: no BatchNorm statistics change)
+            in_dim = feature_map(backbone.eval(), torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
+        dense_q = {name: build_head(in_dim, out_dim, args.dense_head, dense=True) for name, out_dim in dense.items()}
+        dense_q = dense_q[next(iter(dense_q))] if len(teachers) == 1 else nn.ModuleDict(dense_q)
+    model = SimReg(backbone, next(iter(heads.values())) if len(heads) == 1 else nn.ModuleDict(heads), dense_q)
     if args.weights:
         _, state = student_checkpoint(read_checkpoint(args.weights), args.weights)
-        load_strict(model, state, f'--weights {args.weights} for a {args.arch_student} student with heads '
-                                  f'for {", ".join(f"{n} ({t.feat_dim}-d)" for n, t in teachers.items())}',
-                    'SimReg student')
+        load_student_state(model, state, f'--weights {args.weights} for a {args.arch_student} student with heads '
+                                         f'for {", ".join(f"{n} ({t.feat_dim}-d)" for n, t in teachers.items())}')
     return model.train()
+
+
+def load_student_state(model, state, what):
+    """Strictly; a checkpoint with dense heads for a run without, or the other way round: one line."""
+    saved, wanted = any(k.startswith('dense_q.') for k in state), hasattr(model, 'dense_q')
+    if saved and not wanted:
+        raise SimRegError(f'{what}: the checkpoint holds a dense head (dense_q.*), trained with --dense_weight: pass '
+                          f'the --dense_weight it was trained with, or a checkpoint without one')
+    if wanted and not saved:
+        raise SimRegError(f'{what}: the checkpoint holds no dense head (dense_q.*), trained without --dense_weight: '
+                          f'pass --dense_weight 0, or a checkpoint of a run with one')
+    load_strict(model, state, what, 'SimReg student')
 
 
 def resume(args, model, optimizer, scaler, ckpt_dir, log):
@@ -507,7 +565,7 @@ def resume(args, model, optimizer, scaler, ckpt_dir, log):
         raise SimRegError(f'--resume {path} is not a training checkpoint (no epoch): use --weights to '
                           f'start from its weights')
     _, state = student_checkpoint(ckpt, path)
-    load_strict(model, state, f'--resume {path}', 'SimReg student')
+    load_student_state(model, state, f'--resume {path}')
     if args.restart:
         log.info('==> restart from the weights of %s (epoch %d)', path, ckpt['epoch'])
         return {'epoch': 1, 'step': 0}

@@ -6,10 +6,12 @@ their map is the patch tokens after the final norm, class token and registers ex
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from timm.models.convnext import ConvNeXt as TimmConvNeXt
+from timm.models.eva import Eva
 from timm.models.resnet import ResNet as TimmResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from models.backbones import FIXED_SIZE, _input_size_check, classifier_attr, torchvision_family
+from models.backbones import classifier_attr, torchvision_family
 from models.vit import check_size
 from utils.errors import SimRegError
 
@@ -35,12 +37,15 @@ def _cnn(map_of):
     on: avgpool, or the mean, then what is left of the classifier; timm's forward_head)."""
     def forward(m, x):
         fmap = map_of(m, x)
-        if isinstance(m, TimmResNet):
-            return m.forward_head(fmap), fmap
         pooled = m.avgpool(fmap) if hasattr(m, 'avgpool') else fmap.mean((2, 3), keepdim=True)
         tail = m.get_submodule(classifier_attr(m).split('.')[0])  # its final Linear is an Identity
         return tail(pooled if family(m) in ('convnext', 'maxvit') else pooled.flatten(1)), fmap
     return forward
+
+
+def _timm_cnn(m, x):  # timm's ResNet-T, DINOv3's ConvNeXt (its last stage's map): timm's own head pools it
+    fmap = m.forward_features(x)
+    return m.forward_head(fmap), fmap
 
 
 def _as_grid(tokens, images, patch):
@@ -54,7 +59,7 @@ def _torchvision_vit(m, x):
     return m.heads(tokens[:, 0]), _as_grid(tokens[:, 1:], x, m.patch_size)
 
 
-def _timm_vit(m, x):  # models/vit.py's students and teachers: the class token and registers are the prefix
+def _timm_vit(m, x):  # models/vit.py's ViTs, DINOv3's (timm's Eva): the class token and registers are the prefix
     patch = m.patch_embed.patch_size[0]
     check_size(x.shape[-2:], patch)
     tokens = m.forward_features(x)
@@ -80,8 +85,10 @@ FAMILIES = {
     'swin_transformer': _cnn(lambda m, x: m.permute(m.norm(m.features(x)))),  # NHWC -> NCHW, as before its pool
     'maxvit': _cnn(_maxvit),
     'vision_transformer': _torchvision_vit,
-    'timm_resnet': _cnn(lambda m, x: m.forward_features(x)),  # resnet10t, resnet14t
+    'timm_resnet': _timm_cnn,  # resnet10t, resnet14t
     'timm_vit': _timm_vit,
+    'dinov3_vit': _timm_vit,  # the patch tokens after the final norm, class and storage tokens excluded
+    'dinov3_convnext': _timm_cnn,
 }
 
 
@@ -91,6 +98,8 @@ def family(network):
         return 'timm_vit'
     if isinstance(network, TimmResNet):
         return 'timm_resnet'
+    if isinstance(network, (Eva, TimmConvNeXt)):  # timm's models of DINOv3's (models.dinov3)
+        return 'dinov3_vit' if isinstance(network, Eva) else 'dinov3_convnext'
     if isinstance(network, tvm.ResNet):
         return 'resnet'
     return torchvision_family(getattr(network, 'torchvision_name', None))
@@ -102,8 +111,8 @@ def feature_and_map(backbone, images):
     if name not in FAMILIES:
         raise SimRegError(f'{type(backbone).__name__} has no feature map here: the families with one are '
                           f'{", ".join(FAMILIES)}')
-    if name in FIXED_SIZE:
-        _input_size_check(backbone.torchvision_name, FIXED_SIZE[name])(backbone, (images,))
+    for hook in backbone._forward_pre_hooks.values():  # as its forward runs them: size checks, fp64's cast
+        images = (hook(backbone, (images,)) or (images,))[0]
     return FAMILIES[name](backbone, images)
 
 

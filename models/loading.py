@@ -33,7 +33,7 @@ _ANY = (None, 'state_dict', 'model')
 LAYOUTS = (
     Layout('SimReg (original code)', ('state_dict',), 'encoder_q.module.',
            drop=('predict_q.module.', 'encoder_t.module.')),
-    Layout('SimReg', ('state_dict',), 'encoder_q.', drop=('predict_q.',)),
+    Layout('SimReg', ('state_dict',), 'encoder_q.', drop=('predict_q.', 'dense_q.')),
     Layout('MoCo v1/v2', ('state_dict',), 'module.encoder_q.',
            drop=('module.encoder_k.', 'module.queue', 'module.queue_ptr')),
     Layout('MoCo v3', ('state_dict',), 'module.base_encoder.', drop=('module.momentum_encoder.', 'module.predictor.'),

@@ -16,10 +16,12 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from data.teacher_cache import open_teacher_cache, teacher_input_of
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMS, NetInput
 from models.backbones import TEACHER_ARCHS, is_teacher_arch
+from models.dense import FAMILIES, family, feature_and_map
 from models.loading import load_backbone
 from models.openclip import weights_file
 from models.presets import resolve_weights
@@ -43,15 +45,30 @@ def default_precision(device):
 class SimReg(nn.Module):
     """Student backbone ``encoder_q`` and regression head ``predict_q`` (SimReg's names, so its checkpoint keys). With
     several teachers ``predict_q`` is a ModuleDict of one head per teacher and the forward returns a dict. The frozen
-    teachers stay outside: never part of DDP or the optimizer."""
+    teachers stay outside: never part of DDP or the optimizer.
 
-    def __init__(self, encoder_q, predict_q):
+    ``dense_q`` (--dense_weight): the dense head, or a ModuleDict of one per teacher with dense targets. Given
+    ``grids`` ({head name: the teacher's (h, w)}), the forward also returns the dense predictions: the dense head on
+    the backbone's map (``models.dense``, from the same forward as its feature), per location, then resized to each
+    teacher's grid (bilinear). The head runs before the resize: on the student's locations, fewer than a ViT
+    teacher's (7x7 vs 16x16 at 224 px), and its BatchNorm sees the student's own locations, not interpolated ones."""
+
+    def __init__(self, encoder_q, predict_q, dense_q=None):
         super().__init__()
         self.encoder_q = encoder_q
         self.predict_q = predict_q
+        if dense_q is not None:  # no attribute otherwise: the paper's student, its modules and keys unchanged
+            self.dense_q = dense_q
 
-    def forward(self, images):
-        features = self.encoder_q(images)
+    def forward(self, images, grids=None):
+        if not grids:
+            return self.heads(self.encoder_q(images))
+        features, fmap = feature_and_map(self.encoder_q, images)
+        dense = self.dense_q.items() if isinstance(self.dense_q, nn.ModuleDict) else [(next(iter(grids)), self.dense_q)]
+        return self.heads(features), {name: F.interpolate(head(fmap), size=tuple(grids[name]), mode='bilinear')
+                                      for name, head in dense}
+
+    def heads(self, features):
         if isinstance(self.predict_q, nn.ModuleDict):
             return {name: head(features) for name, head in self.predict_q.items()}
         return self.predict_q(features)
@@ -94,13 +111,23 @@ class LiveTeacher:
         self.network.to(device, dtype, memory_format=memory_format)
         return self
 
-    def __call__(self, index, view, amp_dtype=None):
+    def __call__(self, index, view, amp_dtype=None, dense=False):
+        """Its features of the batch; ``dense``: (features, dense targets (B, D, h, w)) from one forward."""
         view = view[self.input] if isinstance(view, dict) else view
         with torch.inference_mode(), torch.autocast(view.device.type, dtype=amp_dtype,
                                                     enabled=amp_dtype is not None):
-            features = self.network(view)
+            out = feature_and_map(self.network, view) if dense else self.network(view)
         # cloned outside inference mode: an inference tensor cannot be saved for the loss's backward
-        return features.clone()
+        return tuple(t.clone() for t in out) if dense else out.clone()
+
+    def map_channels(self):
+        """The channels of its dense targets (a blank image at its input size), None for a family without them."""
+        if family(self.network) not in FAMILIES:
+            return None
+        weight = next(self.network.parameters())
+        blank = torch.zeros(1, 3, self.input.size, self.input.size, device=weight.device, dtype=weight.dtype)
+        with torch.inference_mode():
+            return feature_and_map(self.network, blank)[1].shape[1]
 
 
 class CachedTeacher:

@@ -45,12 +45,13 @@ def select_head(state, head, source):
 
 
 def load_student(path, arch=None, head=None, backbone_only=False):
-    """(backbone, head) of a student checkpoint, loaded strictly, in eval mode. ``arch``, when given, must match the
-    file; ``head`` picks a several-teacher student's head (with ``backbone_only``, the first if not named)."""
+    """(backbone, head) of a student checkpoint, loaded strictly (its dense heads dropped), in eval mode. ``arch``, when
+    given, must match the file; ``head`` picks a several-teacher student's head (with ``backbone_only``, the first
+    if not named)."""
     args, state = student_checkpoint(read_checkpoint(path), path)
     if backbone_only and head is None:
         head = next(iter(student_heads(state)), None)
-    state = select_head(state, head, path)
+    state = {k: v for k, v in select_head(state, head, path).items() if not k.startswith('dense_q.')}  # training only
     arch_student = args['arch_student']
     if arch is not None and arch != arch_student:
         raise SimRegError(f'{path} holds a {arch_student} student, not {arch}: pass --arch {arch_student}')

@@ -22,15 +22,16 @@ from utils.logging import per_head, prefixed
 class MetricLogger:
     """The bookkeeping of one training epoch (after torchvision's references/classification).
 
-    ``update(losses)`` adds a step's per-head losses on the device (no host sync). Every ``print_freq`` steps and at
-    the epoch's last step the window's mean loss is averaged over ranks (one sync, so every rank takes the same
-    decision on a non-finite loss) and reported with the lr, the images per second and the loader-wait share."""
+    ``update(losses)`` adds a step's per-head losses (and the dense loss last, with dense heads) on the device (no host
+    sync). Every ``print_freq`` steps and at the epoch's last step the window's mean loss is averaged over ranks (one
+    sync, so every rank takes the same decision on a non-finite loss) and reported with the lr, the images per second
+    and the loader-wait share."""
 
     def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
-        self.optimizer, self.logs = optimizer, ctx.logs
-        self.epoch_sum = torch.zeros(len(self.heads), device=ctx.device)
-        self.window_sum = torch.zeros(len(self.heads), device=ctx.device)
+        self.optimizer, self.logs, self.dense = optimizer, ctx.logs, ctx.dense_weight > 0
+        self.epoch_sum = torch.zeros(len(self.heads) + self.dense, device=ctx.device)
+        self.window_sum = torch.zeros(len(self.heads) + self.dense, device=ctx.device)
         self.step, self.window_start, self.first_step, self.data_time = 0, 0, 0, 0.0
         self.start, self.bar = time.perf_counter(), None
 
@@ -75,39 +76,46 @@ class MetricLogger:
                 'data_wait_share': self.data_time / elapsed}
 
     def mean_losses(self, total, count):
-        """(Mean loss, {head: loss}) of ``total`` over ``count`` steps, averaged over ranks; non-finite: SimRegError."""
+        """(Mean loss, {head: loss}, {'loss_dense': dense loss} or {}) of ``total`` over ``count`` steps, averaged over
+        ranks; non-finite: SimRegError."""
         losses = all_reduce_mean(total / count).tolist()
+        dense = {'loss_dense': losses.pop()} if self.dense else {}
         loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            raise SimRegError(f'loss is {loss} at epoch {self.epoch} step {self.step}: training diverged; the '
-                              f'last good checkpoint is kept: lower --learning_rate or use '
+        if not math.isfinite(loss + sum(dense.values())):
+            raise SimRegError(f'loss is {loss}{dense_text(dense)} at epoch {self.epoch} step {self.step}: training '
+                              f'diverged; the last good checkpoint is kept: lower --learning_rate or use '
                               f'--precision fp32, then --resume auto')
-        return loss, dict(zip(self.heads, losses))
+        return loss, dict(zip(self.heads, losses)), dense
 
     def report_window(self):
-        loss, heads = self.mean_losses(self.window_sum, self.step - self.window_start)
-        stats = {'loss': loss, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
+        loss, heads, dense = self.mean_losses(self.window_sum, self.step - self.window_start)
+        stats = {'loss': loss, **dense, 'lr': self.optimizer.param_groups[0]['lr'], **self.speed()}
         self.logs.tensorboard.scalars({f'train/{k}': v for k, v in {**stats, **prefixed(heads)}.items()},
                                       (self.epoch - 1) * self.steps + self.step)
         self.logs.json.write('window', epoch=self.epoch, step=self.step, steps=self.steps, **stats, **prefixed(heads))
         if self.bar is not None:
             self.bar.set_postfix(loss=f'{loss:.4f}')
         if self.step % self.logs.print_freq == 0:
-            self.logs.text.info('Train: [%d][%d/%d]  loss %.4f%s  %.1f img/s', self.epoch, self.step, self.steps,
-                                loss, per_head(heads), stats['images_per_s'])
+            self.logs.text.info('Train: [%d][%d/%d]  loss %.4f%s%s  %.1f img/s', self.epoch, self.step, self.steps,
+                                loss, per_head(heads), dense_text(dense), stats['images_per_s'])
         self.window_sum.zero_()
         self.window_start = self.step
 
     def summary(self):
         """The epoch's mean loss (and per head), lr, img/s and data-wait share over ranks; logged and to TensorBoard."""
-        loss, heads = self.mean_losses(self.epoch_sum, self.steps)
+        loss, heads, dense = self.mean_losses(self.epoch_sum, self.steps)
         lr = self.optimizer.param_groups[0]['lr']
-        stats = {'loss': loss, 'lr': lr, **self.speed()}
-        self.logs.text.info('epoch %d  lr %.5f  loss %.4f%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
-                            per_head(heads), stats['images_per_s'], 100 * stats['data_wait_share'])
-        self.logs.tensorboard.scalars({'epoch/loss': loss, 'epoch/lr': lr,
-                                       **{f'epoch/{k}': v for k, v in prefixed(heads).items()}}, self.epoch)
+        stats = {'loss': loss, **dense, 'lr': lr, **self.speed()}
+        self.logs.text.info('epoch %d  lr %.5f  loss %.4f%s%s  %.1f img/s  data wait %.0f%%', self.epoch, lr, loss,
+                            per_head(heads), dense_text(dense), stats['images_per_s'], 100 * stats['data_wait_share'])
+        scalars = {'loss': loss, 'lr': lr, **dense, **prefixed(heads)}
+        self.logs.tensorboard.scalars({f'epoch/{k}': v for k, v in scalars.items()}, self.epoch)
         return {**stats, 'head_losses': heads}
+
+
+def dense_text(dense):
+    """'  dense 0.1234' beside the loss with dense heads, '' without."""
+    return ''.join(f'  dense {v:.4f}' for v in dense.values())
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
