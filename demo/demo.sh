@@ -82,8 +82,8 @@ knn "$ckpt_dir/ckpt_epoch_0.pth" "$exp_dir/features_init" 0
 knn "$ckpt_dir/ckpt_epoch_$DEMO_EPOCHS.pth" "$exp_dir/features" "$DEMO_EPOCHS"
 if [ "$DEMO_DENSE" = 1 ]; then  # the segmentation probe of each, instead of the imitation and the linear probe
   dense() {  # dense <weights> <save> <epoch> [extra flags]
-    WEIGHTS=$1 SAVE=$2 EPOCH=$3 EXP=$DEMO_EXP DATA=$dense_data NGPUS=$NGPUS \
-      bash dense_eval.sh --image_size "$DEMO_IMAGE_SIZE" --num_classes 11 -j 2 "${@:4}"
+    WEIGHTS=$1 SAVE=$2 EPOCH=$3 EXP=$DEMO_EXP DATA=$dense_data NGPUS=$NGPUS IMAGE_SIZE=$DEMO_IMAGE_SIZE \
+      bash dense_eval.sh --num_classes 11 -j 2 --epochs 3 --probe_batch_size 64 --lr 1e-2 "${@:4}"
   }
   dense "$DEMO_TEACHER_WEIGHTS" "$exp_dir/dense_teacher" 0 --arch "$DEMO_TEACHER_ARCH"
   dense "$ckpt_dir/ckpt_epoch_0.pth" "$exp_dir/dense_init" 0

@@ -144,8 +144,9 @@ def main(args):
         top1 = accuracy(model, DataLoader(val_set, batch_size=256, num_workers=args.workers), device)
         note = f', classifier top-1 on val {top1:.1f}%'
     save_atomic({'state_dict': model.cpu().state_dict()}, args.output)
-    print(f'demo/train_teacher.py: wrote {args.output}: a {args.arch} trained WITH LABELS for {args.epochs} epochs '
-          f'{" per pixel" if args.dense else ""} at {args.image_size}px in {time.time() - started:.0f}s{note}; it stands in for a self-supervised teacher')
+    labels = 'WITH PER-PIXEL LABELS' if args.dense else 'WITH LABELS'
+    print(f'demo/train_teacher.py: wrote {args.output}: a {args.arch} trained {labels} for {args.epochs} epochs '
+          f'at {args.image_size}px in {time.time() - started:.0f}s{note}; it stands in for a self-supervised teacher')
     return args.output
 
 

@@ -91,7 +91,8 @@ def test_dense_teacher_learns_per_pixel_and_loads_as_a_teacher(tmp_path):
     result = run_command(command)
     losses = [float(m) for m in re.findall(r'teacher epoch \d/3  loss ([0-9.]+)', result.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0], result.stdout
-    assert re.search(r'per pixel at 32px in \d+s, mIoU on val through its 1x1 classifier \d+\.\d', result.stdout)
+    assert re.search(r'WITH PER-PIXEL LABELS for 3 epochs at 32px in \d+s, mIoU on val through its 1x1 classifier '
+                     r'\d+\.\d', result.stdout)
     state = torch.load(output, weights_only=True)['state_dict']
     assert set(state) == set(build_backbone('resnet18').state_dict())
     teacher = load_backbone('resnet18', str(output))
