@@ -23,6 +23,7 @@
 # SimReg distillation with the paper's settings. Edit the defaults below or override any of them from the
 # environment, e.g.  DATA=/data/imagenet TEACHER_WEIGHTS=moco_v2_800ep.pth NGPUS=4 bash run.sh
 # With DATA unset it runs the demo instead (demo/demo.sh: generated data, a few epochs, k-NN, probe, a table).
+# DEMO_DENSE=1 (DATA unset): the dense demo, a feature map distilled with --dense_weight and its segmentation probe.
 # In a SLURM job (sbatch run.sh, or bash run.sh inside salloc) srun starts one process per GPU of every node,
 # elsewhere torchrun. SIGTERM, SIGINT, SIGHUP and SIGUSR1 sent to run.sh reach every training process; on
 # SIGTERM or SIGUSR1 they checkpoint and exit 75, and so does run.sh: run it again to resume (scripts/cluster.sh).

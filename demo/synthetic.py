@@ -1,8 +1,11 @@
 """A deterministic, learnable demo dataset: one procedurally drawn shape per image, its kind the class (colour, size,
 position, rotation, background and noise are random). JPEGs in ``OUT/{train,val}/<class>/``; each image's RNG is
-seeded by (seed, split, class, index) alone.
+seeded by (seed, split, class, index) alone. ``--dense DIR`` also writes the segmentation layout eval_dense.py reads:
+``DIR/{train,val}/images/<class>_<index>.jpg`` (the same JPEGs, hard-linked) and ``masks/`` of PNG index masks, the
+shape's class inside the shape and ``num_classes`` (the background) outside.
 
     python -m demo.synthetic OUT [--num_classes 10 --train_per_class 150 --val_per_class 50 --image_size 64]
+                                 [--dense DIR]
 """
 import argparse
 import json
@@ -116,15 +119,26 @@ def shape_colour(background_mean, rng):
             return colour
 
 
-def render(kind, size, rng):
-    """One RGB uint8 image of a shape of ``kind`` on a textured, noisy background."""
+def draw(kind, size, rng):
+    """(RGB uint8 image of a shape of ``kind`` on a textured, noisy background, the shape's uint8 coverage mask)."""
     canvas = background(size, rng)
-    alpha = shape_mask(kind, size, rng)[..., None] / 255.0
+    coverage = shape_mask(kind, size, rng)
+    alpha = coverage[..., None] / 255.0
     colour = shape_colour(canvas.mean((0, 1)), rng)
     shading = (smooth_noise(size, 4, rng)[..., None] - 0.5) * rng.uniform(0, 30)
     image = canvas * (1 - alpha) + (colour + shading) * alpha
     image += rng.normal(0, rng.uniform(2, 6), image.shape)
-    return np.clip(image, 0, 255).round().astype(np.uint8)
+    return np.clip(image, 0, 255).round().astype(np.uint8), coverage
+
+
+def render(kind, size, rng):
+    """One RGB uint8 image of a shape of ``kind`` (``draw``'s image)."""
+    return draw(kind, size, rng)[0]
+
+
+def class_mask(coverage, label, num_classes):
+    """The index mask of a drawing: ``label`` where the shape covers at least half a pixel, else ``num_classes``."""
+    return np.where(coverage >= 128, label, num_classes).astype(np.uint8)
 
 
 def is_complete(out_dir, settings):
@@ -139,14 +153,17 @@ def is_complete(out_dir, settings):
         return False
 
 
+def image_rng(settings, split, label, index):
+    """The RNG of one image: independent of every other image and of the dataset's counts."""
+    return np.random.default_rng([settings['seed'], SPLITS.index(split), label, index])
+
+
 def write_split(root, split, settings):
     for label, name in enumerate(class_names(settings['num_classes'])):
         folder = os.path.join(root, split, name)
         os.makedirs(folder)
         for index in range(settings[f'{split}_per_class']):
-            # one RNG per image, independent of every other image and of the dataset's counts
-            rng = np.random.default_rng([settings['seed'], SPLITS.index(split), label, index])
-            pixels = render(SHAPES[label], settings['image_size'], rng)
+            pixels = render(SHAPES[label], settings['image_size'], image_rng(settings, split, label, index))
             # 4:4:4 chroma keeps the edges of small coloured shapes sharp
             Image.fromarray(pixels).save(os.path.join(folder, f'{index:04d}.jpg'),
                                          quality=JPEG_QUALITY, subsampling=0)
@@ -167,14 +184,13 @@ def settings_of(num_classes, train_per_class, val_per_class, image_size, seed):
             'val_per_class': val_per_class, 'image_size': image_size, 'seed': seed}
 
 
-def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, image_size=64, seed=0):
-    """Write the dataset to ``out_dir``, or reuse a complete one with the same settings; returns ``out_dir``.
-    A folder holding anything but a dataset made here is never overwritten."""
-    settings = settings_of(num_classes, train_per_class, val_per_class, image_size, seed)
+def publish(out_dir, settings, complete, write):
+    """Make ``out_dir`` with ``write(folder)`` and then the manifest in a hidden folder beside it, renamed into place
+    at the end, or reuse it when ``complete(out_dir)``; returns ``out_dir``. Only an empty folder or one made here
+    (with a manifest) is ever replaced: never a user's data."""
     out_dir = os.path.abspath(out_dir)
-    if is_complete(out_dir, settings):
+    if complete(out_dir):
         return out_dir
-    # only an empty folder or one this generator made may be replaced: never a user's data
     replaceable = os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                               or os.path.exists(os.path.join(out_dir, MANIFEST)))
     if os.path.exists(out_dir) and not replaceable:
@@ -183,17 +199,64 @@ def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, ima
     partial = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
     os.makedirs(partial)
     try:
-        for split in SPLITS:
-            write_split(partial, split, settings)
+        write(partial)
         with open(os.path.join(partial, MANIFEST), 'w') as f:
             json.dump(settings, f, indent=1)
-        if is_complete(out_dir, settings):  # another process finished the same dataset meanwhile
+        if complete(out_dir):  # another process finished the same dataset meanwhile
             return out_dir
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out_dir
+
+
+def generate(out_dir, num_classes=10, train_per_class=150, val_per_class=50, image_size=64, seed=0):
+    """Write the dataset to ``out_dir``, or reuse a complete one with the same settings; returns ``out_dir``."""
+    settings = settings_of(num_classes, train_per_class, val_per_class, image_size, seed)
+    return publish(out_dir, settings, lambda folder: is_complete(folder, settings),
+                   lambda folder: [write_split(folder, split, settings) for split in SPLITS])
+
+
+def dense_is_complete(out_dir, settings):
+    """Whether ``out_dir`` holds a finished segmentation layout of a dataset made with ``settings``."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            if json.load(f) != settings:
+                return False
+        return all(len(os.listdir(os.path.join(out_dir, split, kind))) == settings[f'{split}_per_class'] *
+                   settings['num_classes'] for split in SPLITS for kind in ('images', 'masks'))
+    except (OSError, ValueError):
+        return False
+
+
+def write_dense_split(root, out_dir, split, settings):
+    images, masks = os.path.join(out_dir, split, 'images'), os.path.join(out_dir, split, 'masks')
+    os.makedirs(images)
+    os.makedirs(masks)
+    for label, name in enumerate(class_names(settings['num_classes'])):
+        for index in range(settings[f'{split}_per_class']):
+            source, stem = os.path.join(root, split, name, f'{index:04d}.jpg'), f'{name}_{index:04d}'
+            try:
+                os.link(source, os.path.join(images, f'{stem}.jpg'))
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(source, os.path.join(images, f'{stem}.jpg'))
+            # the drawing again, from the image's own RNG: its coverage is the mask's source
+            coverage = draw(SHAPES[label], settings['image_size'], image_rng(settings, split, label, index))[1]
+            Image.fromarray(class_mask(coverage, label, settings['num_classes'])).save(
+                os.path.join(masks, f'{stem}.png'))
+
+
+def generate_dense(root, out_dir):
+    """Write the segmentation layout (see the module's doc) of the finished dataset ``root`` to ``out_dir``, or
+    reuse a complete one of a dataset with the same settings; returns ``out_dir``."""
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        raise SimRegError(f'{root} holds no synthetic dataset: make it first (python -m demo.synthetic)') from None
+    return publish(out_dir, settings, lambda folder: dense_is_complete(folder, settings),
+                   lambda folder: [write_dense_split(root, folder, split, settings) for split in SPLITS])
 
 
 def main(argv=None):
@@ -204,13 +267,17 @@ def main(argv=None):
     parser.add_argument('--val_per_class', type=int, default=50)
     parser.add_argument('--image_size', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--dense', metavar='DIR', help='also write the segmentation layout (images/ + masks/) here')
     args = parser.parse_args(argv)
-    options = {name: value for name, value in vars(args).items() if name != 'out'}
+    options = {name: value for name, value in vars(args).items() if name not in ('out', 'dense')}
     reused = is_complete(os.path.abspath(args.out), settings_of(**options))
     out_dir = generate(args.out, **options)
     total = args.num_classes * (args.train_per_class + args.val_per_class)
     print(f"{'reused' if reused else 'wrote'} {total} images of {args.num_classes} classes "
           f"({args.image_size}px, seed {args.seed}) in {out_dir}")
+    if args.dense:
+        print(f'their masks (class {args.num_classes}: background) and images in '
+              f'{generate_dense(out_dir, args.dense)}')
 
 
 if __name__ == '__main__':

@@ -20,8 +20,12 @@ SOURCES = {  # option -> its default path, relative to EXP_DIR (demo/demo.sh's l
     'after_knn': os.path.join('features', 'knn_results.json'),
     'linear': os.path.join('linear', 'linear_results.json'),
     'imitation': 'imitation',
+    'teacher_dense': os.path.join('dense_teacher', 'dense_results.json'),  # the dense demo's (DEMO_DENSE=1)
+    'before_dense': os.path.join('dense_init', 'dense_results.json'),
+    'after_dense': os.path.join('dense', 'dense_results.json'),
 }
-RESULT_FILES = {name: os.path.basename(SOURCES[name]) for name in ('teacher_knn', 'before_knn', 'after_knn', 'linear')}
+RESULT_FILES = {name: os.path.basename(path) for name, path in SOURCES.items() if name not in ('log', 'imitation')}
+DENSE = {'teacher': 'teacher_dense', 'student_before': 'before_dense', 'student_after': 'after_dense'}
 PANEL_INCHES, DPI = (5.0, 4.0), 120  # each panel of report.png: 600 x 480 pixels
 
 
@@ -94,6 +98,7 @@ def collect(exp_dir, wall_time=None, **sources):
     linear = read_result(paths['linear'])
     entries, windows = training_curves(read_result(paths['log'], read_json_log) or [])
     cosine, split = read_imitation(paths['imitation'])
+    dense = {key: read_result(paths[name]) for key, name in DENSE.items()}
     report = {
         'teacher_knn': knn['teacher_knn'] and knn['teacher_knn']['majority_top1'],
         'student_knn_before': knn['before_knn'] and knn['before_knn']['majority_top1'],
@@ -103,6 +108,8 @@ def collect(exp_dir, wall_time=None, **sources):
         'linear_best_epoch': linear and linear['best']['epoch'],
         'imitation_cosine': cosine,
         'imitation_split': split,
+        # eval_dense.py's segmentation-probe mIoU (%) of the teacher and of the student before and after
+        'dense_miou': {key: r and r['miou'] for key, r in dense.items()} if any(dense.values()) else None,
         'wall_time_s': wall_time,
         **entries,
         'exp_dir': os.path.abspath(exp_dir),
@@ -169,12 +176,22 @@ def plot_imitation(ax, report):
            ylim=(min(0.0, lowest - 0.05), 1.05))
 
 
+def plot_dense(ax, report):
+    """The segmentation probe's mIoU of the teacher, the untrained student and the trained student, as bars."""
+    names = {'teacher': 'teacher', 'student_before': 'untrained\nstudent', 'student_after': 'trained\nstudent'}
+    shown = [(names[key], value) for key, value in report['dense_miou'].items() if value is not None]
+    bars = ax.bar([name for name, _ in shown], [value for _, value in shown], color=['C2', 'C7', 'C3'][:len(shown)])
+    ax.bar_label(bars, fmt='%.1f')
+    ax.set(title='Segmentation probe on val (eval_dense.py)', ylabel='mIoU (%)', ylim=(0, 100))
+
+
 def panels(report):
     """The names of the panels the report has data for, in their order."""
     knn = any(report[key] for key in ('teacher_knn', 'student_knn_before', 'student_knn_after', 'online_knn',
                                       'online_knn_teacher', 'online_knn_init')) or report['linear_top1'] is not None
     return [name for name, present in [('loss', report['loss_by_epoch']), ('knn', knn),
-                                       ('imitation', report['imitation_cosine'] or report['holdout_cosine'])]
+                                       ('imitation', report['imitation_cosine'] or report['holdout_cosine']),
+                                       ('dense', report['dense_miou'])]
             if present]
 
 
@@ -192,10 +209,11 @@ def render_png(report, windows):
     axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
     for ax, name in zip(axes, names):
         {'loss': lambda: plot_loss(ax, report, windows), 'knn': lambda: plot_knn(ax, report),
-         'imitation': lambda: plot_imitation(ax, report)}[name]()
+         'imitation': lambda: plot_imitation(ax, report), 'dense': lambda: plot_dense(ax, report)}[name]()
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize='small')
+        if name != 'dense':  # the others are by epoch, with a legend
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize='small')
     if not names:
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, 'no training log or evaluation results found', ha='center', va='center')
@@ -226,6 +244,9 @@ def print_table(report):
         holdout = report['holdout_cosine']
         rows.append((f"cos(head, teacher) on held-out train images, epoch {holdout['epoch'][0]} -> "
                      f"{holdout['epoch'][-1]}", f"{holdout['cosine'][0]:.3f} -> {holdout['cosine'][-1]:.3f}"))
+    if report['dense_miou']:
+        teacher, before, after = ('-' if v is None else f'{v:.1f}' for v in report['dense_miou'].values())
+        rows.append(('dense probe mIoU: teacher / student before -> after', f'{teacher} / {before} -> {after}'))
     if report['wall_time_s'] is not None:
         rows.append(('wall time', f"{report['wall_time_s'] / 60:.1f} min"))
     if not rows:

@@ -1,14 +1,21 @@
 """The embedded demo end to end at a small size: `bash run.sh` with DATA unset, which runs demo.sh: the
-supervised demo teacher, the ResNet-10-T student with its online k-NN, the evaluations and the report."""
+supervised demo teacher, the ResNet-10-T student with its online k-NN, the evaluations and the report; the dense
+demo's teacher."""
 import json
 import os
 import re
 import subprocess
 
+import sys
+
 import pytest
 import torch
 
-from conftest import ROOT, check_report
+from conftest import ROOT, check_report, run_command
+from demo import synthetic
+from models.backbones import build_backbone
+from models.dense import feature_map
+from models.loading import load_backbone
 from models.student import load_student
 
 
@@ -70,3 +77,54 @@ def test_demo_leaves_every_artefact_and_the_student_imitates(tmp_path):
     losses = [float(m) for m in re.findall(r'teacher epoch \d+/8  loss ([0-9.]+)', proc.stdout)]
     assert len(losses) == 8 and losses[-1] < losses[0], losses
     assert report['wall_time_s'] > 0 and f"wall time {report['wall_time_s'] / 60:.1f} min" in ' '.join(table.split())
+
+
+@pytest.mark.slow
+def test_dense_teacher_learns_per_pixel_and_loads_as_a_teacher(tmp_path):
+    """demo/train_teacher.py --dense on a tiny segmentation layout: its loss falls, its file is a plain ResNet-18
+    that the teacher loader takes whole (the 1x1 classifier is not in it), and a second run reuses it."""
+    root = synthetic.generate(tmp_path / 'd', num_classes=3, train_per_class=8, val_per_class=2, image_size=32)
+    dense = synthetic.generate_dense(root, tmp_path / 'masks')
+    output = tmp_path / 'teacher.pth'
+    command = [sys.executable, '-m', 'demo.train_teacher', dense, '--dense', '--num_classes', '4', '--output',
+               str(output), '--image_size', '32', '--epochs', '3', '--batch_size', '8', '--workers', '0']
+    result = run_command(command)
+    losses = [float(m) for m in re.findall(r'teacher epoch \d/3  loss ([0-9.]+)', result.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0], result.stdout
+    assert re.search(r'WITH PER-PIXEL LABELS for 3 epochs at 32px in \d+s, mIoU on val through its 1x1 classifier '
+                     r'\d+\.\d', result.stdout)
+    state = torch.load(output, weights_only=True)['state_dict']
+    assert set(state) == set(build_backbone('resnet18').state_dict())
+    teacher = load_backbone('resnet18', str(output))
+    assert feature_map(teacher, torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+    assert 'reusing the demo teacher' in run_command(command).stdout
+    bad = run_command(command[:5] + ['--num_classes', '3', '--output', str(tmp_path / 'other.pth'), '--batch_size', '8',
+                                     '--workers', '0'], expect=2)
+    assert 'holds label 3, above the 3 classes' in bad.stderr
+
+
+@pytest.mark.slow
+def test_dense_demo_probes_teacher_and_student_and_reports_them(tmp_path):
+    """DEMO_DENSE=1 bash run.sh at a small size: the segmentation probe of the teacher and of the student before and
+    after, in report.json, the table and the picture; the dense student's map segments better than its untrained
+    self's."""
+    env = {**os.environ, 'BASE_DIR': str(tmp_path / 'out'), 'DEMO_DIR': str(tmp_path / 'demo_data'), 'DEMO_DENSE': '1',
+           'DEMO_TRAIN_PER_CLASS': '30', 'DEMO_VAL_PER_CLASS': '10', 'DEMO_IMAGE_SIZE': '64', 'NGPUS': '1'}
+    env.pop('DATA', None)
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'run.sh')], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'WITH PER-PIXEL LABELS' in proc.stdout and '--dense_weight 1' in proc.stderr  # set -x's trace
+    exp = tmp_path / 'out' / 'exp' / 'demo_dense'
+    report = check_report(exp, panels=3)  # loss, k-NN, and the probe (no imitation, no linear probe)
+    results = {key: json.loads((exp / folder / 'dense_results.json').read_text())
+               for key, folder in [('teacher', 'dense_teacher'), ('student_before', 'dense_init'),
+                                   ('student_after', 'dense')]}
+    assert report['dense_miou'] == {key: r['miou'] for key, r in results.items()}
+    assert [r['settings']['num_classes'] for r in results.values()] == [11] * 3
+    assert [r['settings']['epoch'] for r in results.values()][1:] == [0, 4]
+    miou = report['dense_miou']
+    assert miou['student_after'] > miou['student_before'], miou
+    assert re.search(rf"dense probe mIoU: teacher / student before -> after +{miou['teacher']:.1f} / "
+                     rf"{miou['student_before']:.1f} -> {miou['student_after']:.1f}\n", proc.stdout)
+    assert "Its segmentation probe's mIoU went" in proc.stdout

@@ -129,3 +129,19 @@ def test_bad_experiment_directories_are_one_line_errors(tmp_path, exp):
     with pytest.raises(report_module.SimRegError, match='cannot read .*linear_results.json'):
         report_of(exp)
     assert not (exp / 'report.json').exists()
+
+
+def test_dense_probe_results_give_a_row_a_panel_and_dense_miou(exp, capsys):
+    assert report_of(exp)['dense_miou'] is None  # the plain demo has no segmentation probe
+    capsys.readouterr()
+    for folder, miou in [('dense_teacher', 71.25), ('dense_init', 20.5), ('dense', 60.0)]:
+        (exp / folder).mkdir()
+        (exp / folder / 'dense_results.json').write_text(json.dumps({'miou': miou, 'per_class_iou': [miou]}))
+    report = report_of(exp)
+    assert report['dense_miou'] == {'teacher': 71.25, 'student_before': 20.5, 'student_after': 60.0}
+    assert read_json(exp / 'report.json')['dense_miou'] == report['dense_miou']
+    assert 'dense probe mIoU: teacher / student before -> after  71.2 / 20.5 -> 60.0\n' in capsys.readouterr().out
+    check_report(exp, panels=4)  # loss, k-NN, imitation and the probe's bars
+    shutil.rmtree(exp / 'dense_init')
+    assert report_of(exp)['dense_miou'] == {'teacher': 71.25, 'student_before': None, 'student_after': 60.0}
+    assert '71.2 / - -> 60.0' in capsys.readouterr().out

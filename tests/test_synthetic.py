@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torchvision.transforms import v2
 
 from data.folders import IndexedImageFolder
 from demo import synthetic
+from evaluation import dense_probe
 from conftest import run_command
 from utils.errors import SimRegError
 
@@ -172,3 +174,44 @@ def test_classes_are_learnable_from_shape(tmp_path):
         accuracy = (net(val_x).argmax(1) == val_y).float().mean().item()
     print(f'tiny CNN val accuracy {accuracy:.3f}')
     assert accuracy >= 0.5  # 0.65-0.72 over data and init seeds 0-3
+
+
+def test_masks_are_the_drawings_and_the_layout_is_what_eval_dense_reads(tmp_path):
+    root = synthetic.generate(tmp_path / 'd', **SMALL)
+    dense = synthetic.generate_dense(root, tmp_path / 'd_dense')
+    splits = dense_probe.open_splits(dense, 32, num_classes=11)  # 10 shapes and the background
+    assert {name: (split.layout, len(split)) for name, split in splits.items()} == {'train': ('folder', 30),
+                                                                                   'val': ('folder', 20)}
+    settings = json.loads((tmp_path / 'd' / 'synthetic.json').read_text())
+    for label in range(10):
+        name = synthetic.class_names(10)[label]
+        image_path = os.path.join(dense, 'val', 'images', f'{name}_0001.jpg')
+        with open(image_path, 'rb') as f, open(os.path.join(root, 'val', name, '0001.jpg'), 'rb') as g:
+            assert f.read() == g.read()  # the dataset's own JPEG
+        with Image.open(os.path.join(dense, 'val', 'masks', f'{name}_0001.png')) as mask:
+            assert (mask.mode, mask.size) == ('L', (32, 32))
+            mask = np.asarray(mask)
+        coverage = synthetic.shape_mask(synthetic.SHAPES[label], 32, shape_rng(settings, 'val', label, 1))
+        assert np.array_equal(mask == label, coverage >= 128) and set(np.unique(mask)) == {label, 10}
+        # the shape's pixels are the ones of another colour: each mean is far from the other's
+        pixels = np.asarray(Image.open(image_path)).astype(float)
+        assert np.linalg.norm(pixels[mask == label].mean(0) - pixels[mask == 10].mean(0)) > 60
+    before = mtimes(dense)
+    assert synthetic.generate_dense(root, tmp_path / 'd_dense') == dense and mtimes(dense) == before  # reused
+    assert sorted(os.listdir(tmp_path)) == ['d', 'd_dense']  # no partial folder left
+
+
+def shape_rng(settings, split, label, index):
+    """The image's RNG where its shape is drawn: after its background's draws."""
+    rng = synthetic.image_rng(settings, split, label, index)
+    synthetic.background(settings['image_size'], rng)
+    return rng
+
+
+def test_dense_command_and_a_folder_without_a_dataset(tmp_path):
+    command = [sys.executable, '-m', 'demo.synthetic', str(tmp_path / 'd'), '--num_classes', '3',
+               '--train_per_class', '2', '--val_per_class', '1', '--image_size', '32', '--dense', str(tmp_path / 'm')]
+    assert f'their masks (class 3: background) and images in {tmp_path / "m"}' in run_command(command).stdout
+    assert len(os.listdir(tmp_path / 'm' / 'train' / 'masks')) == 6
+    with pytest.raises(SimRegError, match='holds no synthetic dataset: make it first'):
+        synthetic.generate_dense(str(tmp_path / 'nothing'), str(tmp_path / 'n'))
