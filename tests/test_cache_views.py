@@ -140,9 +140,14 @@ def recorded_steps(monkeypatch):
     """Every step's student input and targets, from now on."""
     steps, real = [], train_student.train_step
 
-    def recording(model, student_in, targets, *rest):
-        steps.append((student_in.clone(), {name: t.clone() for name, t in targets.items()}))
-        return real(model, student_in, targets, *rest)
+    def recording(model, teachers, batch, *rest):
+        targets = {}
+
+        def recorded(name, teacher):  # the teacher, its targets kept as the step makes them
+            return lambda *args: targets.setdefault(name, teacher(*args))
+        losses = real(model, {name: recorded(name, t) for name, t in teachers.items()}, batch, *rest)
+        steps.append((batch[1].clone(), {name: t.clone() for name, t in targets.items()}))
+        return losses
     monkeypatch.setattr(train_student, 'train_step', recording)
     return steps
 
