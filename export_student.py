@@ -68,7 +68,7 @@ def main(args):
     if args.format != 'hf' and hf_only:
         raise SimRegError(f'{hf_only[0]} belongs to the Hugging Face folder: add --format hf (and OUTDIR)')
     if args.format == 'hf' and (args.output is None or os.path.isfile(args.output)):
-        raise SimRegError(f'--format hf writes a folder: give OUTDIR' +
+        raise SimRegError('--format hf writes a folder: give OUTDIR' +
                           (f', not the file {args.output}' if args.output is not None else ''))
     if args.output is not None and args.onnx is not None and same_file(args.output, args.onnx):
         raise SimRegError(f'OUTPUT and --onnx are one file ({args.onnx}): name two files')

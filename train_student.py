@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from data.folders import add_dataset_arg, build_dataset
 from data.gpu_views import GpuDecodedInput, ViewParams, packed_collate
 from data.sampler import GlobalBatchSampler, SeededSamples
 from data.transforms import NORMS, DeviceInput, NetInput, TwoViews
-from evaluation.holdout import WithoutHoldout, held_out_images
+from evaluation.holdout import WithoutHoldout, cosines, held_out_images
 from evaluation.online_knn import OnlineKnn, knn_measured
 from models.backbones import STUDENT_ARCHS, TEACHER_ARCHS, build_backbone
 from models.batchnorm import bad_grouping, bn_groups, convert_batchnorm, frozen_running_stats
@@ -435,8 +434,7 @@ def regression_loss(prediction, target, mse_nonorm=False):
     prediction, target = prediction.to(dtype), target.to(dtype)
     if mse_nonorm:
         return ((prediction - target) ** 2).sum(dim=1).mean()
-    cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
-    return (2 - 2 * cos).mean()
+    return (2 - 2 * cosines(prediction, target)).mean()
 
 
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):

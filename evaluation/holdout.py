@@ -132,6 +132,6 @@ class HeldOutImitation:
 
 
 def cosines(prediction, target):
-    """Row-wise cosine, in float32 (float64 for fp64 runs), as the loss computes it."""
+    """Row-wise cosine, in float32 (float64 for fp64 runs): the held-out measure and the loss (train_student)."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     return (F.normalize(prediction.to(dtype), dim=1) * F.normalize(target.to(dtype), dim=1)).sum(dim=1)
