@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny generated image folders, and the project root on sys.path."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +35,18 @@ def make_image_folder(root, n_classes=3, per_class=8, size=48, splits=('train', 
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
                     os.path.join(folder, f'{i:03d}.jpg'), quality=90)
     return str(root)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def free_the_modules_disk(request, tmp_path_factory):
+    """Delete the folders a test module wrote (its checkpoints run to GBs) once the module is done, unless
+    one of its tests failed; with pytest.ini's retention policy a whole run needs a few GB, not tens."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
