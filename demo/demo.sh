@@ -11,10 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."  # the project root, where the scripts below run
 
 DEMO_DENSE=${DEMO_DENSE:-0}
-DEMO_DENSE_WEIGHT=${DEMO_DENSE_WEIGHT:-1}         # the dense demo's --dense_weight (0: the global loss alone)
+DEMO_DENSE_WEIGHT=${DEMO_DENSE_WEIGHT:-4}         # the dense demo's --dense_weight (0: the global loss alone)
 if [ "$DEMO_DENSE" = 1 ]; then  # the dense demo's own defaults: a map with a grid (3x3 at 96 px) and its time
-  [ "$DEMO_DENSE_WEIGHT" = 1 ] && : "${DEMO_EXP:=demo_dense}" || : "${DEMO_EXP:=demo_dense_weight$DEMO_DENSE_WEIGHT}"
-  : "${DEMO_IMAGE_SIZE:=96}" "${DEMO_TEACHER_EPOCHS:=4}" "${DEMO_EPOCHS:=4}"
+  [ "$DEMO_DENSE_WEIGHT" = 4 ] && : "${DEMO_EXP:=demo_dense}" || : "${DEMO_EXP:=demo_dense_weight$DEMO_DENSE_WEIGHT}"
+  : "${DEMO_IMAGE_SIZE:=96}" "${DEMO_TEACHER_EPOCHS:=4}" "${DEMO_EPOCHS:=5}"
 fi
 
 DEMO_DIR=${DEMO_DIR:-./demo_data}                 # the generated dataset (and its teacher, in it)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, check_report, run_command
+from conftest import ROOT, check_report, run_command, train_log
 from demo import synthetic
 from models.backbones import build_backbone
 from models.dense import feature_map
@@ -106,15 +106,15 @@ def test_dense_teacher_learns_per_pixel_and_loads_as_a_teacher(tmp_path):
 @pytest.mark.slow
 def test_dense_demo_probes_teacher_and_student_and_reports_them(tmp_path):
     """DEMO_DENSE=1 bash run.sh at a small size: the segmentation probe of the teacher and of the student before and
-    after, in report.json, the table and the picture; the dense student's map segments better than its untrained
-    self's."""
+    after, in report.json, the table and the picture; the dense loss falls over the epochs. (At this size the probe's
+    figures are noise, the teacher's included: the full demo's are in docs/demo.md.)"""
     env = {**os.environ, 'BASE_DIR': str(tmp_path / 'out'), 'DEMO_DIR': str(tmp_path / 'demo_data'), 'DEMO_DENSE': '1',
            'DEMO_TRAIN_PER_CLASS': '30', 'DEMO_VAL_PER_CLASS': '10', 'DEMO_IMAGE_SIZE': '64', 'NGPUS': '1'}
     env.pop('DATA', None)
     proc = subprocess.run(['bash', os.path.join(ROOT, 'run.sh')], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'WITH PER-PIXEL LABELS' in proc.stdout and '--dense_weight 1' in proc.stderr  # set -x's trace
+    assert 'WITH PER-PIXEL LABELS' in proc.stdout and '--dense_weight 4' in proc.stderr  # set -x's trace
     exp = tmp_path / 'out' / 'exp' / 'demo_dense'
     report = check_report(exp, panels=3)  # loss, k-NN, and the probe (no imitation, no linear probe)
     results = {key: json.loads((exp / folder / 'dense_results.json').read_text())
@@ -122,9 +122,10 @@ def test_dense_demo_probes_teacher_and_student_and_reports_them(tmp_path):
                                    ('student_after', 'dense')]}
     assert report['dense_miou'] == {key: r['miou'] for key, r in results.items()}
     assert [r['settings']['num_classes'] for r in results.values()] == [11] * 3
-    assert [r['settings']['epoch'] for r in results.values()][1:] == [0, 4]
+    assert [r['settings']['epoch'] for r in results.values()][1:] == [0, 5]
     miou = report['dense_miou']
-    assert miou['student_after'] > miou['student_before'], miou
+    dense_losses = [record['loss_dense'] for record in train_log(exp, 'epoch')]
+    assert len(dense_losses) == 5 and dense_losses[-1] < 0.8 * dense_losses[0], dense_losses
     assert re.search(rf"dense probe mIoU: teacher / student before -> after +{miou['teacher']:.1f} / "
                      rf"{miou['student_before']:.1f} -> {miou['student_after']:.1f}\n", proc.stdout)
     assert "Its segmentation probe's mIoU went" in proc.stdout
