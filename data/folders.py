@@ -1,5 +1,6 @@
 """Image folders: ImageFolder with sample indices, unlabelled images (a folder at any depth or a list of files),
 image decoding with clear errors, the one subsetter (ImageNet-100, the k-NN train subset) and the --dataset flag."""
+import contextlib
 import io
 import os
 import struct
@@ -33,12 +34,24 @@ def decode_rgb(path):
 
 
 def read_checked(path):
-    """``read_bytes`` for ``--gpu_decode``'s workers: a JPEG too large to decode (``check_size``) is refused there,
-    before the device decoder sees it (other files are decoded by ``decode_bytes``, which checks them)."""
+    """``read_bytes`` for ``--gpu_decode``'s workers: a JPEG over PIL's decompression-bomb limit is refused there, from
+    its header, before the device decoder sees it (other files are decoded by ``decode_bytes``, which checks them)."""
     data = read_bytes(path)
-    if is_jpeg(data):
-        check_size(jpeg_size(memoryview(data.numpy())), path)
+    if is_jpeg(data):  # a damaged header is left to the main process's decode, which names the file
+        with contextlib.suppress(OSError, ValueError, SyntaxError), bomb_refused(path), \
+                Image.open(io.BytesIO(data.numpy().tobytes())):  # the header only
+            pass
     return data
+
+
+@contextlib.contextmanager
+def bomb_refused(name):
+    """PIL's DecompressionBombError (raised from the header, before any pixel is decoded) as a SimRegError."""
+    try:
+        yield
+    except Image.DecompressionBombError as exc:
+        raise SimRegError(f"cannot read image {name} ({str(exc).split(', could')[0]}: PIL's decompression-bomb "
+                          f'limit): shrink the image or delete the file') from None
 
 
 JPEG_MAGIC = b'\xff\xd8\xff'
@@ -58,49 +71,17 @@ def decode_bytes(data, name):
     over PIL's decompression-bomb limit (checked from the header, before decoding): SimRegError naming the file."""
     raw = data.numpy().tobytes()
     try:
-        if raw.startswith(JPEG_MAGIC):
-            check_size(jpeg_size(raw), name)
-            try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB)
-            except (RuntimeError, ValueError):
-                pass
-        with Image.open(io.BytesIO(raw)) as image:  # reads the header; DecompressionBombError if too large
+        with bomb_refused(name), Image.open(io.BytesIO(raw)) as image:  # reads the header; refuses a bomb
+            if raw.startswith(JPEG_MAGIC):
+                with contextlib.suppress(RuntimeError, ValueError):
+                    return decode_jpeg(data, mode=ImageReadMode.RGB)
             check_png_rows(raw)
             return pil_to_tensor(to_rgb(image))
-    except Image.DecompressionBombError as exc:
-        raise SimRegError(f"cannot read image {name} ({str(exc).split(', could')[0]}: PIL's decompression-bomb "
-                          f'limit): shrink the image or delete the file') from None
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows, or corrupt'
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     raise SimRegError(f'cannot read image {name} ({reason}): delete or replace the file')
-
-
-def check_size(size, name):
-    """SimRegError when ``size`` (width, height; None: unknown) is over PIL's decompression-bomb limit."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if size is not None and limit and size[0] * size[1] > 2 * limit:
-        raise SimRegError(f'cannot read image {name} ({size[0]}x{size[1]} pixels, over PIL\'s decompression-bomb '
-                          f'limit of {2 * limit}): shrink the image or delete the file')
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(raw):
-    """(width, height) from a JPEG's frame header, or None where the markers do not lead to one."""
-    pos = 2
-    while pos + 9 <= len(raw) and raw[pos] == 0xFF:
-        marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker in _JPEG_SOF:
-            height, width = struct.unpack('>HH', raw[pos + 5:pos + 9])
-            return width, height
-        else:
-            pos += 2 + struct.unpack('>H', raw[pos + 2:pos + 4])[0]
-    return None
 
 
 _16_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')

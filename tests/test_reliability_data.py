@@ -298,8 +298,18 @@ def test_gpu_decode_workers_refuse_a_bomb_before_the_device_sees_it(tmp_path):
     folder.mkdir(parents=True)
     (folder / 'huge.jpg').write_bytes(BOMBS['.jpg'])
     dataset = IndexedImageFolder(str(tmp_path / 'train'), encoded=True)
-    with pytest.raises(SimRegError, match=r'huge.jpg \(60000x60000 pixels, over PIL'):
+    with pytest.raises(SimRegError, match=r"huge.jpg \(Image size \(3600000000 pixels\) exceeds limit .*: PIL's "
+                                          r'decompression-bomb limit\)'):
         dataset[0]
+
+
+def test_gpu_decode_workers_leave_a_damaged_jpeg_to_the_decode_that_names_it(tmp_path):
+    for name in ('cut.jpg', 'header_only.jpg'):
+        path = tmp_path / name
+        path.write_bytes(CORRUPT[name][0])
+        assert bytes(read_checked(str(path)).numpy()) == CORRUPT[name][0]  # the worker passes the bytes on
+        with pytest.raises(SimRegError, match=rf'cannot read image {path} \(.*\): delete or replace the file'):
+            decode_batch_on(torch.device('cpu'), [read_checked(str(path))], lambda j: str(path))
 
 
 def test_files_left_out_are_counted_in_one_line(tmp_path, capsys, monkeypatch):
@@ -334,8 +344,8 @@ def ws(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name, data, fragment', [
-    ('huge.jpg', BOMBS['.jpg'], "(60000x60000 pixels, over PIL's decompression-bomb limit of 178956970): shrink "
-                                'the image or delete the file'),
+    ('huge.jpg', BOMBS['.jpg'], "(Image size (3600000000 pixels) exceeds limit of 178956970 pixels: PIL's "
+                                "decompression-bomb limit): shrink the image or delete the file"),
     ('page.jpg', CORRUPT['page.jpg'][0], '(not an image format PIL knows, or corrupt): delete or replace the file'),
 ], ids=['bomb', 'html'])
 def test_training_on_a_hostile_image_ends_with_its_line(ws, name, data, fragment):
