@@ -41,7 +41,7 @@ from utils.checkpoint import (describe_non_finite, lock_experiment, make_folder,
 from utils.errors import RESUME_EXIT_CODE, SimRegError, end_broken_group, exit_on_user_error
 from utils.logging import Logs, setup_logger
 from utils.tracking import check_log_to
-from utils.training import (Checkpointer, MetricLogger, Preempted, StartupSignals, StopRequest, StoppedBeforeTraining,
+from utils.training import (Checkpointer, MetricLogger, Preempted, StopSignals, StoppedBeforeTraining,
                             ignore_in_loader_worker)
 
 
@@ -270,18 +270,18 @@ def main(args):
     """Train; returns the trained SimReg module (student backbone + head). From this first line a SIGTERM/SIGUSR1
     ends the run with exit 75: at once before training, after a step and its checkpoint during it."""
     check_args(args)
-    startup = StartupSignals(args.stop_deadline)
+    signals = StopSignals(args.stop_deadline)
     try:
-        return train(args, startup)
+        return train(args, signals)
     except StoppedBeforeTraining as stopped:
         exit_stopped_before_training(stopped)
     finally:
-        startup.close()
+        signals.close()
         release_experiment_locks()
 
 
-def train(args, startup):
-    """``main``'s run; ``startup`` hands the stop signals over to ``StopRequest`` when training begins."""
+def train(args, signals):
+    """``main``'s run; ``signals`` (``StopSignals``) stop it after a step once training begins."""
     # ---------------------------------------------------------------- processes, experiment folder, logs
     device = dist_utils.init_distributed(args.dist_timeout)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -327,10 +327,9 @@ def train(args, startup):
                    epochs=args.epochs, world_size=world_size, device=str(device),
                    backend=dist_utils.backend_name(), precision=args.precision, channels_last=args.channels_last,
                    **knn_start)
-    stop = StopRequest(log, args.stop_deadline)
-    startup.training()
+    signals.training(log)
     ctx.checkpointer = Checkpointer(ckpt_dir, functools.partial(checkpoint_state, model, optimizer, ctx.scaler,
-                                                                args, teachers), args, stop, start)
+                                                                args, teachers), args, signals, start)
     if fresh:
         ctx.checkpointer.save(0)  # the untrained student: the "before distillation" baseline
     if start['epoch'] > args.epochs:
@@ -355,7 +354,7 @@ def train(args, startup):
     except Preempted as stopped:
         exit_preempted(stopped, log)
     finally:
-        stop.close()
+        signals.finish()
         ctx.logs.close()
         dist_utils.cleanup()
     return model

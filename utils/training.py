@@ -1,7 +1,7 @@
 """What the training loop keeps besides the model: the epoch's meter (``MetricLogger``, after torchvision's
 references/classification), the one writer of a run's checkpoints (``Checkpointer``), and the stop signals (SIGTERM,
-SIGUSR1) that end a run with exit 75: after a step and its checkpoint once training runs (``StopRequest``,
-``Preempted``), at once before (``StartupSignals``)."""
+SIGUSR1) that end a run with exit 75 (``StopSignals``): after a step and its checkpoint once training runs
+(``Preempted``), at once before."""
 import contextlib
 import math
 import os
@@ -18,6 +18,7 @@ from utils.checkpoint import describe_non_finite, non_finite, save_atomic
 from utils.distributed import all_reduce_mean, is_main_process
 from utils.errors import RESUME_EXIT_CODE, SimRegError, record_exit_code
 from utils.logging import per_head, prefixed
+
 
 class MetricLogger:
     """The bookkeeping of one training epoch (after torchvision's references/classification).
@@ -152,53 +153,36 @@ class StoppedBeforeTraining(BaseException):
     """A stop signal came before the first step (a BaseException, so that no ``except Exception`` swallows it)."""
 
 
-class StartupSignals:
-    """From the first line of ``main`` until ``StopRequest`` takes over (``training()``): SIGTERM and SIGUSR1 raise
-    ``StoppedBeforeTraining`` at once, wherever start-up is (a write in progress drops its temp file). If that has not
-    ended the process within ``deadline_s`` (a call that does not return), it exits RESUME_EXIT_CODE anyway."""
+class StopSignals:
+    """SIGTERM and SIGUSR1 from the first line of ``main`` to the end of the run. Before ``training(log)`` they raise
+    ``StoppedBeforeTraining`` at once, wherever start-up is (a write in progress drops its temp file); from then on
+    ``agreed()`` is True on every rank after the same step (a checkpoint, then ``Preempted``). Either way, a watchdog
+    exits RESUME_EXIT_CODE if the stop has not ended the process within ``deadline_s`` (a call that does not return)."""
 
     def __init__(self, deadline_s=60.0):
-        self.deadline_s, self.pid, self.active, self.signal = deadline_s, os.getpid(), True, None
-        self.done = threading.Event()
+        self.deadline_s, self.pid, self.log, self.group = deadline_s, os.getpid(), None, None
+        self.signal, self.pending, self.done = None, None, threading.Event()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid or not self.active or self.signal is not None:
-            return  # a loader worker (its loader ends it), a signal after start-up, or the same request again
+        if os.getpid() != self.pid or self.signal is not None or self.done.is_set():
+            return  # a loader worker (forked with this handler), the same request again, or the run is over
         self.signal = signal.Signals(signum).name
-        start_watchdog(self.done, self.deadline_s, lambda: print(
-            f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
-            file=sys.stderr, flush=True))
-        raise StoppedBeforeTraining(f'{self.signal} received before training started')
-
-    def training(self):
-        """``StopRequest`` handles the signals from here on (and restores these handlers, now inert, at its end)."""
-        self.active = False
-
-    def close(self):
-        self.done.set()
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class StopRequest:
-    """Installs the handlers; ``agreed()`` is True on every rank after the same step once a signal came."""
-
-    def __init__(self, log, deadline_s=60.0):
-        self.log, self.deadline_s = log, deadline_s
-        self.signal, self.pending, self.pid, self.done = None, None, os.getpid(), threading.Event()
-        self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid or self.signal is not None:
-            return  # a loader worker (forked with this handler), or the same request again
-        self.signal = signal.Signals(signum).name
+        if self.log is None:
+            start_watchdog(self.done, self.deadline_s, lambda: print(
+                f'==> start-up did not stop within {self.deadline_s:.0f} s of {self.signal}: exiting now',
+                file=sys.stderr, flush=True))
+            raise StoppedBeforeTraining(f'{self.signal} received before training started')
         self.log.warning('==> %s received: finishing the step, then a checkpoint and exit %d',
                          self.signal, RESUME_EXIT_CODE)
         start_watchdog(self.done, self.deadline_s, lambda: self.log.warning(
             '==> the step and checkpoint did not finish within %.0f s of %s: exiting now; the previous checkpoint '
             'is intact', self.deadline_s, self.signal))
+
+    def training(self, log):
+        """Training begins: a signal now ends the run after a step, agreed over this gloo group of every rank."""
+        self.group = dist.new_group(backend='gloo') if dist.is_available() and dist.is_initialized() else None
+        self.log = log
 
     def agreed(self):
         """Whether to stop after this step; every rank gets the same answer at the same step."""
@@ -213,19 +197,24 @@ class StopRequest:
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return stop
 
-    def close(self):
-        """The run is over (finished, stopped or failed): restore the handlers, stop the watchdog."""
+    def finish(self):
+        """The run is over (finished, stopped or failed), its group still up: later signals are ignored, the
+        watchdog stops, the last agreement is waited for."""
         self.done.set()
         if self.pending is not None:
             with contextlib.suppress(RuntimeError):  # a peer that is gone: the run ends anyway
                 self.pending[0].wait()
             self.pending = None
+
+    def close(self):
+        """``main`` returns: the handlers before it are restored."""
+        self.finish()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
 class Preempted(Exception):
-    """A stop signal (``StopRequest``) ended the run after a step, whose checkpoint is written."""
+    """A stop signal (``StopSignals``) ended the run after a step, whose checkpoint is written."""
 
     def __init__(self, signal, epoch, step, steps, path):
         super().__init__(f'stopped by {signal} in epoch {epoch} after step {step}/{steps}')
@@ -237,7 +226,7 @@ class Checkpointer:
 
     ``save(epoch)`` after an epoch (and at 0, the untrained student): ``ckpt_epoch_<n>.pth`` every ``--save_freq``
     epochs, at 0 and the last, and ``last.pth``. ``after_step(meter)``: ``last.pth`` every ``--ckpt_every_steps``
-    steps or ``--ckpt_every_min`` minutes, and when ``stop`` (``StopRequest``) ends the run, then ``Preempted``.
+    steps or ``--ckpt_every_min`` minutes, and when ``stop`` (``StopSignals``) ends the run, then ``Preempted``.
     ``state_fn(epoch, meter)``: the state after ``epoch`` completed epochs (and the ``MetricLogger`` inside one).
     ``start``: where the run started (``{'epoch', 'step'}``, and ``meter`` and ``path`` when it resumed).
     Nothing that is not finite is written (``finite``)."""
