@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from data.folders import build_dataset, decode_rgb
 from data.transforms import eval_transform, normalize
-from evaluation import dense_probe
+from evaluation import dense_probe, features
 from models.backbones import TORCHVISION_RESNETS, build_backbone
 from models.dense import feature_map
 from utils.checkpoint import save_atomic
@@ -54,15 +54,14 @@ class Segmentation(Dataset):
 
     def __init__(self, split, transform):
         self.split, self.transform = split, transform
-        split.transform = lambda mask: mask  # Split.mask: the checked mask at its file's size
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, index):
         image = tv_tensors.Image(decode_rgb(self.split.samples[index][0]))
-        image, mask = self.transform(image, tv_tensors.Mask(self.split.mask(index)))
-        return index, image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        image, mask = self.transform(image, self.split.checked_mask(index))
+        return index, image.as_subclass(torch.Tensor), mask[0].as_subclass(torch.Tensor)
 
 
 def segmentation_loss(model, classifier, images, masks, label_smoothing):
@@ -74,10 +73,9 @@ def segmentation_loss(model, classifier, images, masks, label_smoothing):
 @torch.no_grad()
 def dense_miou(model, classifier, split, workers, device):
     """The teacher's own mIoU on ``split`` (eval_dense.py's view), through the classifier it was trained with."""
-    model.eval()
+    maps = features.extract_features(dense_probe.DenseModel(model), split, 256, workers, device,
+                                     desc='val feature maps', l2_normalize=False)
     masks = dense_probe.read_masks(split, workers)
-    maps = torch.cat([feature_map(model, normalize(images.to(device))).cpu()
-                      for _, images, _ in DataLoader(split, batch_size=256, num_workers=workers)])
     return dense_probe.evaluate(classifier, maps, masks, split.num_classes, 256, device)['miou']
 
 

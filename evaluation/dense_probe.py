@@ -46,6 +46,10 @@ class Split(Dataset):
 
     def mask(self, index):
         """The checked class mask of sample ``index`` (S, S) uint8, on the evaluation view (nearest)."""
+        return self.transform(self.checked_mask(index))[0].as_subclass(torch.Tensor)
+
+    def checked_mask(self, index):
+        """The class mask of sample ``index`` at its file's size, (1, H, W) uint8, checked against its image."""
         image, path = self.samples[index]
         try:
             with Image.open(path) as mask:
@@ -66,7 +70,7 @@ class Split(Dataset):
             raise SimRegError(f'mask {path} holds label {int(values[classes == bad[0]][0])}, above the '
                               f'{self.num_classes} classes of this {self.layout} dataset (255 = ignore): fix the '
                               f'mask' + (' or pass --num_classes' if self.layout == 'folder' else ''))
-        return self.transform(tv_tensors.Mask(torch.from_numpy(classes)[None]))[0].as_subclass(torch.Tensor)
+        return tv_tensors.Mask(torch.from_numpy(classes)[None])
 
 
 class _Masks(Dataset):
