@@ -30,7 +30,7 @@ from models.loading import load_backbone
 from models.openclip import weights_file
 from models.presets import resolve_weights
 from models.simreg import AUTOCAST_DTYPES, default_precision, teacher_input
-from utils.checkpoint import file_sha256
+from utils.checkpoint import file_digest
 from utils.distributed import (add_distributed_args, cleanup, get_world_size, init_distributed, is_main_process,
                                run_on_main)
 from utils.errors import SimRegError, exit_on_user_error
@@ -112,7 +112,7 @@ def describe(args, dataset, weights, net):
     """The cache's recipe: its sidecar entries but ``format`` and ``dim``, what shards record too; ``net``: the
     teacher's ``NetInput``."""
     teacher = {'arch': args.arch_teacher, 'weights': os.path.abspath(weights),
-               'sha256': file_sha256(weights), 'teacher_fc': args.teacher_fc}
+               'sha256': file_digest(weights), 'teacher_fc': args.teacher_fc}
     size = crop_size(args)
     recipe = {'teacher': teacher, 'dataset': dataset_fingerprint(dataset),
               'transform': f'eval_transform: Resize({int(round(size * 256 / 224))}) + CenterCrop({size})',

@@ -10,7 +10,7 @@ import os
 import torch
 
 from evaluation import common, dense_probe, features
-from utils.checkpoint import file_sha256, write_file_atomic
+from utils.checkpoint import file_digest, write_file_atomic
 from utils.distributed import cleanup, run_on_main
 from utils.errors import SimRegError, exit_on_user_error
 
@@ -45,7 +45,7 @@ def main(args):
     masks = {name: dense_probe.read_masks(split, args.workers) for name, split in splits.items()}
     run = common.start(args, 'dense_logs')
     backbone = features.load_feature_model(args.weights, args.arch).backbone
-    cache = dense_probe.DenseCache(run.save, file_sha256(args.weights), args.image_size, args.amp)
+    cache = dense_probe.DenseCache(run.save, file_digest(args.weights), args.image_size, args.amp)
     maps = {}
     for name, split in splits.items():
         if args.load_cache and run_on_main(lambda: maps.setdefault(name, cache.load(name, split)) is not None):

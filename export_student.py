@@ -20,7 +20,7 @@ from evaluation.common import check_output, same_file
 from evaluation.report import read_result, source_paths
 from models import load_student
 from models.student import student_checkpoint, student_heads
-from utils.checkpoint import file_sha256, read_checkpoint, save_atomic, write_file_atomic
+from utils.checkpoint import file_digest, read_checkpoint, save_atomic, write_file_atomic
 from utils.errors import SimRegError, exit_on_user_error
 
 ONNX_TOLERANCE = 1e-4  # max|onnxruntime - PyTorch| <= ONNX_TOLERANCE * max(1, max|PyTorch|)
@@ -136,7 +136,7 @@ def hf_config(checkpoint, ckpt, train_args, backbone, heads):
     reads from a Hub folder) and the student's provenance: teacher(s), epochs, the evaluations of this file."""
     size = train_args.get('image_size') or 224
     infos = ckpt.get('teachers') or {None: ckpt.get('teacher') or {'arch': train_args.get('arch_teacher')}}
-    sha256 = file_sha256(checkpoint)
+    sha256 = file_digest(checkpoint)
     return {
         **library_build(backbone),
         'num_classes': 0, 'num_features': backbone.feat_dim,

@@ -35,17 +35,11 @@ from benchmarks.reference import fixed_step  # noqa: E402
 # ------------------------------------------------------------------ input pipeline
 
 def write_imagenet_like_jpegs(root, count, seed=0):
-    """ImageNet-sized (500x375, quality 90) JPEGs with texture and noise, so decoding costs what it
-    costs on real photos."""
+    """``count`` ImageNet-sized (500x375) JPEGs in ``root/train/n00000000/`` (``write_jpeg``)."""
     folder = os.path.join(root, 'train', 'n00000000')
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:375, 0:500]
     for i in range(count):
-        waves = np.sin(xx[..., None] / rng.uniform(3, 30) + yy[..., None] / rng.uniform(3, 30) + np.arange(3))
-        pixels = 127 + 70 * waves + rng.normal(0, 25, (375, 500, 3))
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f'{i:05d}.JPEG'),
-                                                                   quality=90)
+        write_jpeg(os.path.join(folder, f'{i:05d}.JPEG'), (375, 500), seed * count + i)
 
 
 def reference_train_transform(size):
@@ -117,7 +111,8 @@ def bench_teacher_cache(quick):
             features[start:start + chunk_rows] = rng.randn(min(chunk_rows, n - start), dim)
         features.flush()
         del features
-        write_cache_sidecar_only(path, n)
+        # the sidecar holds only what TeacherFeatureCache checks (no real dataset)
+        write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': n, 'root': '', 'file_list_sha256': ''}})
         os.sync()  # a real cache is an old file: no write-back competing with the reads
         gc.collect()
         before = rss_bytes()
@@ -150,11 +145,6 @@ def bench_teacher_cache(quick):
         reference_open = best_of(lambda: torch.load(reference_path), 1)
     return report('teacher_cache_open', ours_open, reference_open, 's', higher_is_better=False,
                   extra=f'  (open the cache at start-up, N={n} x {dim})')
-
-
-def write_cache_sidecar_only(path, n):
-    """Sidecar for an array written in place, with only what TeacherFeatureCache checks (no real dataset)."""
-    write_sidecar(path, {'teacher': {}, 'dataset': {'num_samples': n, 'root': '', 'file_list_sha256': ''}})
 
 
 # ------------------------------------------------------------------ train step
@@ -260,17 +250,14 @@ def bench_bn_groups(quick):
 
 def bench_linear_cached(quick):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if quick:
-        bench_eval.bench_probe_epoch(n=50_000, dim=512, classes=100, batch_size=256, repeats=2, device=device)
-    else:
-        bench_eval.bench_probe_epoch(n=400_000, dim=2048, classes=1000, batch_size=256, repeats=3, device=device)
+    sizes = dict(n=50_000, dim=512, classes=100, repeats=2) if quick else dict(n=400_000, dim=2048, classes=1000,
+                                                                                  repeats=3)
+    bench_eval.bench_probe_epoch(batch_size=256, device=device, **sizes)
 
 
 def bench_knn(quick):
-    if quick:
-        bench_eval.bench_knn(n_train=20_000, n_val=5_000, dim=128, classes=100, repeats=2)
-    else:
-        bench_eval.bench_knn(n_train=200_000, n_val=20_000, dim=512, classes=1000, repeats=2)
+    bench_eval.bench_knn(**(dict(n_train=20_000, n_val=5_000, dim=128, classes=100) if quick else
+                            dict(n_train=200_000, n_val=20_000, dim=512, classes=1000)), repeats=2)
 
 
 # ------------------------------------------------------------------ --gpu_decode views: per image vs batched
@@ -283,10 +270,6 @@ def write_jpeg(path, shape, seed):
     waves = np.sin(xx[..., None] / rng.uniform(3, 30) + yy[..., None] / rng.uniform(3, 30) + np.arange(3))
     pixels = 127 + 70 * waves + rng.normal(0, 25, (h, w, 3))
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def _write_jpeg_job(job):
-    write_jpeg(*job)
 
 
 def jpeg_folder(count, shape, unique=2000, classes=10):
@@ -307,7 +290,7 @@ def jpeg_folder(count, shape, unique=2000, classes=10):
         os.makedirs(folder, exist_ok=True)
     jobs = [(paths[i], shapes[i % len(shapes)], i) for i in range(min(unique, count))]
     with multiprocessing.Pool(min(16, os.cpu_count() or 1)) as pool:
-        pool.map(_write_jpeg_job, jobs, chunksize=16)
+        pool.starmap(write_jpeg, jobs, chunksize=16)
     for i in range(len(jobs), count):
         if os.path.exists(paths[i]):
             os.remove(paths[i])
@@ -325,10 +308,9 @@ def bench_gpu_views(quick):
     drawn by the workers, as in training). Median of repeats. On a CPU the batched path is the slower:
     its dense matrix products do ~100x the multiply-adds of a direct resize, which only a GPU makes free."""
     from data.folders import read_bytes
-    from data.gpu_views import ViewParams
+    from data.gpu_views import GpuDecodedInput, ViewParams
     from data.sampler import sample_seed, seeded
     from benchmarks.reference import decode_views_on
-    from data.gpu_views import GpuDecodedInput
     from data.transforms import TwoViews
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gpu = device.type == 'cuda'
@@ -337,17 +319,17 @@ def bench_gpu_views(quick):
     paths = sorted(p for p, _ in build_dataset(root, 'train', None).samples)[:batch]
     encoded = [read_bytes(p) for p in paths]
     index = torch.arange(batch)
-    for name, views, single in (('gpu_views_weak', TwoViews(224, weak_weak=True, single_aug=True), True),
-                                ('gpu_views_weak_strong', TwoViews(224, weak_strong=True), False)):
+    for name, views in (('gpu_views_weak', TwoViews(224, weak_weak=True, single_aug=True)),
+                        ('gpu_views_weak_strong', TwoViews(224, weak_strong=True))):
         worker = ViewParams(views)
         samples = []
         for i, data in enumerate(encoded):
             with seeded(sample_seed(0, 0, i)):
                 samples.append(worker(data))  # what the loader's workers hand over
         batched = GpuDecodedInput(device, torch.contiguous_format, views, [(p, 0) for p in paths], 0)
-        per_image = lambda: decode_views_on(device, encoded, views, lambda j: paths[j],  # noqa: E731
-                                            lambda j: sample_seed(0, 0, j))
-        run_batched, run_per_image = (lambda: batched.views(index, samples, 0)), per_image
+        run_batched = lambda: batched.views(index, samples, 0)  # noqa: E731
+        run_per_image = lambda: decode_views_on(device, encoded, views, lambda j: paths[j],  # noqa: E731
+                                                lambda j: sample_seed(0, 0, j))
         run_batched(), run_per_image()  # warm-up (nvjpeg handles, cuBLAS)
         ours = batch / median_of(run_batched, repeats, device)
         reference = batch / median_of(run_per_image, repeats, device)

@@ -271,14 +271,8 @@ class BatchedViews:
             for op, index, column in steps[v]:
                 idx = on_device[index]
                 factor = params[:, v, COLUMN[column]].index_select(0, idx).view(-1, 1, 1, 1) if column else None
-                sub = x.index_select(0, idx)
-                if op is gaussian_blur:
-                    sub = gaussian_blur(sub, factor, self.blur_kernels[v])
-                elif op is adjust_hue:
-                    sub = adjust_hue(sub, factor)
-                else:
-                    sub = op(sub) if factor is None else op(sub, factor)
-                x.index_copy_(0, idx, sub)
+                args = () if factor is None else (factor, self.blur_kernels[v]) if op is gaussian_blur else (factor,)
+                x.index_copy_(0, idx, op(x.index_select(0, idx), *args))
             outputs.append(x.to(torch.uint8))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, NetInput
-from utils.checkpoint import file_sha256
+from utils.checkpoint import file_digest
 from utils.errors import SimRegError
 from utils.store import Store, StoreMismatch, sidecar_path
 
@@ -93,7 +93,7 @@ class TeacherFeatureCache:
     def open_boxes(self):
         """The [N, K, 5] view boxes, refused unless they are the very file the cache was built with."""
         path = views_path(self.path)
-        if not os.path.isfile(path) or file_sha256(path) != self.meta.get('views_sha256'):
+        if not os.path.isfile(path) or file_digest(path) != self.meta.get('views_sha256'):
             state = 'is missing' if not os.path.isfile(path) else 'is not the one it was built with'
             raise SimRegError(f'{self.path} holds {self.num_views} views per image but their boxes file {path} '
                               f'{state}: delete {self.path} and rebuild it with cache_teacher_feats.py '
@@ -136,7 +136,7 @@ def write_cache(path, blocks, meta, view_blocks=None):
         arrays['views'] = [np.asarray(block, dtype=np.int32) for block in view_blocks]
     cache_store(path).write_arrays(arrays)
     if view_blocks is not None:
-        meta = {**meta, 'views_sha256': file_sha256(views_path(path))}
+        meta = {**meta, 'views_sha256': file_digest(views_path(path))}
     write_sidecar(path, meta)
 
 

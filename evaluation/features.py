@@ -19,7 +19,7 @@ from data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_net_input
 from models.backbones import build_backbone
 from models.loading import load_backbone
 from models.student import load_student
-from utils.checkpoint import file_sha256, read_checkpoint
+from utils.checkpoint import file_digest, read_checkpoint
 from utils.distributed import get_rank, get_world_size, is_distributed, is_main_process, run_on_main
 from utils.errors import SimRegError
 from utils.store import Store, StoreMismatch, differing
@@ -228,7 +228,7 @@ class FeatureCache:
 
     @functools.cached_property
     def weights_sha256(self):
-        return file_sha256(self.weights)
+        return file_digest(self.weights)
 
     def store(self, split):
         path = lambda suffix: os.path.join(self.folder, f'{split}_{suffix}')

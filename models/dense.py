@@ -1,5 +1,5 @@
 """Feature maps: what a backbone computes per location before it pools (``feature_map``; with the pooled feature
-from the same forward, ``feature_and_map``), and a teacher's dense targets (``dense_targets``), one function per
+from the same forward, ``feature_and_map``), a student's map and a teacher's dense targets, one function per
 family. Each map is the tensor the backbone's own pooling takes: pooled the way the backbone pools (its avgpool and
 what follows it up to the removed Linear), it gives the backbone's feature. ViTs pool by taking the class token:
 their map is the patch tokens after the final norm, class token and registers excluded, as a grid."""
@@ -117,12 +117,6 @@ def feature_and_map(backbone, images):
 
 
 def feature_map(backbone, images):
-    """(B, C, h, w): the backbone's map before its pooling (see ``FAMILIES``)."""
+    """(B, C, h, w): the backbone's map before its pooling; ViTs: the patch tokens after the final norm (DINOv2's
+    ``x_norm_patchtokens``). A new family adds its (feature, map) function to ``FAMILIES``, its test to ``family``."""
     return feature_and_map(backbone, images)[1]
-
-
-def dense_targets(teacher_network, images):
-    """(B, D, h, w): a teacher's per-location targets; ViTs: the patch tokens after the final norm (DINOv2's
-    ``x_norm_patchtokens``), ResNets: the last stage's map. A new teacher family adds its (feature, map) function to
-    ``FAMILIES`` and its test to ``family``."""
-    return feature_map(teacher_network, images)

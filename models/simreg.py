@@ -27,7 +27,7 @@ from models.openclip import weights_file
 from models.presets import resolve_weights
 from models.vit import channels_last_helps
 from utils import distributed as dist_utils
-from utils.checkpoint import file_sha256
+from utils.checkpoint import file_digest
 from utils.errors import SimRegError
 
 # --precision: the autocast dtype of each choice (fp32: autocast off)
@@ -239,7 +239,7 @@ def live_teacher(name, arch, weight, count, teacher_fc, size, norm=''):
     dist_utils.run_on_main(lambda: resolve_weights(weight))  # a preset is downloaded once, by rank 0
     path = resolve_weights(weight)
     network = load_backbone(arch, path, keep_fc=teacher_fc)
-    sha256 = dist_utils.run_on_main(lambda: file_sha256(path))  # only rank 0 records it
+    sha256 = dist_utils.run_on_main(lambda: file_digest(path))  # only rank 0 records it
     net_input = teacher_input(network, size, norm)
     if hasattr(network, 'resize'):  # an open_clip tower at another size: resampled (or refused) now
         network.resize((net_input.size,) * 2)

@@ -17,7 +17,7 @@ from data.transforms import TwoViews, eval_transform, normalize
 from models.loading import load_backbone
 from models.simreg import LiveTeacher
 from evaluation import features
-from utils.checkpoint import file_sha256
+from utils.checkpoint import file_digest
 from utils.errors import SimRegError
 
 # 21 images in shards of 5: [0,5) [5,10) [10,15) [15,21), so the last shard takes the remainder and
@@ -139,4 +139,4 @@ def test_cached_training_end_to_end(ws):
     assert len(losses) == 2 and losses[1] < losses[0]
     state = torch.load(exp / 'checkpoints' / 'last.pth', weights_only=True)
     assert state['epoch'] == 2 and state['teacher']['cache'] == str(ws / 'reference.npy')
-    assert state['teacher']['sha256'] == file_sha256(str(ws / 'teacher.pth'))
+    assert state['teacher']['sha256'] == file_digest(str(ws / 'teacher.pth'))

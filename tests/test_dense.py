@@ -16,7 +16,7 @@ from fixture_weights import FIXTURES, uniform, vit_state_dict
 from models import load_backbone
 from models.backbones import build_backbone
 from evaluation.dense_probe import open_splits
-from models.dense import dense_targets, feature_and_map, feature_map
+from models.dense import feature_and_map, feature_map
 from utils.errors import SimRegError, exit_on_user_error
 
 # one network of every family (students, and the BYOL teacher's ResNet), the input size it is checked at
@@ -95,7 +95,7 @@ def test_dinov2_dense_targets_are_the_releases_x_norm_patchtokens(tmp_path, one_
     teacher = load_backbone(ref['project_arch'], str(path))
     images = (uniform(ref['input_key'], int(np.prod(ref['input_shape']))) * 4.0).float().reshape(ref['input_shape'])
     with torch.no_grad():
-        targets = dense_targets(teacher, images)
+        targets = feature_map(teacher, images)
     assert list(targets.shape) == [2, 384, *ref['grid']]
     tokens = targets.flatten(2).transpose(1, 2)  # (B, h*w, D), row-major over the grid like the release's
     reference = _dense_references()[name]

@@ -13,7 +13,7 @@ import yaml
 
 import export_student
 import models
-from utils.checkpoint import file_sha256
+from utils.checkpoint import file_digest
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -74,7 +74,7 @@ def read_card(path):
 def test_hf_folder_loads_into_torchvision_resnet18(tmp_path, capsys):
     checkpoint, backbone, _ = write_student(tmp_path / 'exp' / 'r18' / 'checkpoints' / 'ckpt_epoch_3.pth')
     knn = {'1': 41.5, '20': 45.25}
-    write_result(tmp_path / 'exp' / 'r18' / 'features' / 'knn_results.json', file_sha256(checkpoint),
+    write_result(tmp_path / 'exp' / 'r18' / 'features' / 'knn_results.json', file_digest(checkpoint),
                  majority_top1=knn)
     out = tmp_path / 'hf'
     export(checkpoint, out, '--format', 'hf')
@@ -94,7 +94,7 @@ def test_hf_folder_loads_into_torchvision_resnet18(tmp_path, capsys):
                                    'epoch', 'checkpoint_sha256', 'heads', 'linear')} == {
         'architecture': 'resnet18', 'library': 'torchvision', 'build': 'torchvision.models.resnet18()',
         'missing_keys': ['fc.weight', 'fc.bias'], 'num_features': 512, 'student': 'resnet18', 'epoch': 3,
-        'checkpoint_sha256': file_sha256(checkpoint), 'heads': None, 'linear': None}
+        'checkpoint_sha256': file_digest(checkpoint), 'heads': None, 'linear': None}
     assert config['teachers'] == [{'head': None, 'arch': 'resnet50', 'sha256': 'ab' * 32, 'feat_dim': 2048}]
     assert config['knn'] == {'data': 'tiny', 'dataset': 'imagenet', 'image_size': 32, 'num_classes': 10,
                              'majority_top1': knn}
@@ -179,7 +179,7 @@ def test_with_head_of_one_teacher_and_figures_of_another_file(tmp_path, capsys):
     exp = tmp_path / 'exp' / 'r18'
     checkpoint, _, heads = write_student(exp / 'checkpoints' / 'ckpt_epoch_3.pth')
     write_result(exp / 'features' / 'knn_results.json', 'ef' * 32, majority_top1={'1': 10.0})
-    write_result(exp / 'linear' / 'linear_results.json', file_sha256(checkpoint), best={'top1': 52.5, 'epoch': 90})
+    write_result(exp / 'linear' / 'linear_results.json', file_digest(checkpoint), best={'top1': 52.5, 'epoch': 90})
     export(checkpoint, tmp_path / 'hf', '--format', 'hf', '--with_head')
     assert capsys.readouterr().out.startswith(f'note: {exp / "features" / "knn_results.json"} is not of this '
                                               f'checkpoint\'s backbone: left out\n')
@@ -222,11 +222,11 @@ def test_bad_flags_are_one_line(tmp_path, capsys, monkeypatch, argv, line):
 def test_hf_folder_never_replaces_the_checkpoint(tmp_path, capsys):
     """A checkpoint named like one of the folder's files is refused before anything is written."""
     checkpoint, _, _ = write_student(tmp_path / 'hf' / 'model.safetensors')
-    before = file_sha256(checkpoint)
+    before = file_digest(checkpoint)
     err, code = user_error(capsys, checkpoint, tmp_path / 'hf', '--format', 'hf')
     assert code == 2 and err.startswith(f'error: OUTDIR {checkpoint} is the checkpoint {checkpoint}: writing it '
                                         f'would replace the input')
-    assert os.listdir(tmp_path / 'hf') == ['model.safetensors'] and file_sha256(checkpoint) == before
+    assert os.listdir(tmp_path / 'hf') == ['model.safetensors'] and file_digest(checkpoint) == before
 
 
 def test_push_to_hub_without_huggingface_hub_is_one_line(tmp_path, capsys, monkeypatch):

@@ -205,17 +205,13 @@ def remove_stale_temp_files(folder):
 
 
 def file_digest(path, algorithm='sha256'):
-    """Hex digest of a file, read in chunks (``algorithm``: any name ``hashlib.new`` takes)."""
+    """Hex digest of a file, read in chunks (``algorithm``: any name ``hashlib.new`` takes); the sha256
+    identifies a weights file (recorded instead of storing the teacher)."""
     h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 22), b''):
             h.update(block)
     return h.hexdigest()
-
-
-def file_sha256(path):
-    """Hex digest that identifies a weights file (recorded instead of storing the teacher)."""
-    return file_digest(path)
 
 
 ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6
