@@ -74,10 +74,6 @@ def epoch(cfg, work, name, *extra, teacher='live'):
     return speed, f'{speed:.4g} img/s, data wait {100 * wait:.1f}%'
 
 
-def vs(results, baseline):
-    return f'; {baseline} / this {results[baseline] / results["value"]:.2f}x' if baseline in results else ''
-
-
 def nvjpeg_decode(cfg, work):
     """Batched nvjpeg decode of a batch of the generated JPEGs, median of repeats."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -152,7 +148,8 @@ def figure(name, cfg, work):
     results[name] = value
     with open(results_path, 'w') as f:
         json.dump(results, f)
-    return f'{name}: {line}{vs({**results, "value": value}, baseline) if baseline else ""}'
+    compared = f'; {baseline} / this {results[baseline] / value:.2f}x' if baseline in results else ''
+    return f'{name}: {line}{compared}'
 
 
 def in_process(name, cfg, work, timeout):

@@ -42,12 +42,6 @@ def write_imagenet_like_jpegs(root, count, seed=0):
         write_jpeg(os.path.join(folder, f'{i:05d}.JPEG'), (375, 500), seed * count + i)
 
 
-def reference_train_transform(size):
-    """The reference's weak view: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize (float32)."""
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.)), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 def images_per_second(dataset, batch_size, epochs, sampler=None):
     """Steady-state throughput of one worker: the worker is started once and warmed up by a first
     pass, as in training, where its start is paid once per epoch of thousands of batches."""
@@ -66,7 +60,10 @@ def bench_input_pipeline(quick):
     with tempfile.TemporaryDirectory() as root:
         write_imagenet_like_jpegs(root, count)
         ours = SeededSamples(build_dataset(root, 'train', weak_transform(224)), 0)
-        reference = datasets.ImageFolder(os.path.join(root, 'train'), reference_train_transform(224))
+        # the reference's weak view: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize (float32)
+        reference = datasets.ImageFolder(os.path.join(root, 'train'), T.Compose([
+            T.RandomResizedCrop(224, scale=(0.2, 1.)), T.RandomHorizontalFlip(), T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
         ours_speed = images_per_second(ours, 32, 3, sampler=[(0, i) for i in range(count)])
         reference_speed = images_per_second(reference, 32, 3)
     return report('input_pipeline', ours_speed, reference_speed, 'img/s',

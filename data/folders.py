@@ -168,8 +168,6 @@ class IndexedImageFolder(datasets.ImageFolder):
         except FileNotFoundError as exc:
             raise SimRegError(f'{exc} in {root}: every class folder needs at least one image') from None
         self.skipped = skipped_line(root, left_out)
-        if self.skipped and os.environ.get('RANK', '0') == '0':
-            print(self.skipped, flush=True)
 
     def __getitem__(self, index):
         return index, *super().__getitem__(index)
@@ -186,12 +184,15 @@ def is_image_file(path, left_out):
 
 
 def skipped_line(root, left_out):
-    """The one line that says which files of ``root`` were left out, or None."""
+    """The one line that says which files of ``root`` were left out (printed by the first process), or None."""
     if not left_out:
         return None
     kinds = ', '.join(f'{n} {kind}' for kind, n in sorted(left_out.items(), key=lambda item: (-item[1], item[0])))
-    return (f'note: {root}: left out {sum(left_out.values())} files that are not images ({kinds}); to use them, '
+    line = (f'note: {root}: left out {sum(left_out.values())} files that are not images ({kinds}); to use them, '
             f'convert them to one of {" ".join(e[1:] for e in IMAGE_EXTENSIONS[:9])} ...')
+    if os.environ.get('RANK', '0') == '0':
+        print(line, flush=True)
+    return line
 
 
 def add_dataset_arg(parser, note=''):
@@ -288,8 +289,6 @@ def unlabelled_images(source, transform=None, encoded=False):
             raise SimRegError(f'{source} holds no images (at any depth): put images in it (e.g. '
                               f'{" ".join(e[1:] for e in IMAGE_EXTENSIONS[:5])}), or pass another folder')
         paths, skipped = sorted(paths), skipped_line(source, left_out)
-        if skipped and os.environ.get('RANK', '0') == '0':
-            print(skipped, flush=True)
     return ImageList(root, paths, transform, encoded, skipped)
 
 

@@ -131,16 +131,6 @@ def draw(kind, size, rng):
     return np.clip(image, 0, 255).round().astype(np.uint8), coverage
 
 
-def render(kind, size, rng):
-    """One RGB uint8 image of a shape of ``kind`` (``draw``'s image)."""
-    return draw(kind, size, rng)[0]
-
-
-def class_mask(coverage, label, num_classes):
-    """The index mask of a drawing: ``label`` where the shape covers at least half a pixel, else ``num_classes``."""
-    return np.where(coverage >= 128, label, num_classes).astype(np.uint8)
-
-
 def is_complete(out_dir, settings):
     """Whether ``out_dir`` holds a finished dataset made with ``settings``: manifest (written last) and all images."""
     try:
@@ -163,7 +153,7 @@ def write_split(root, split, settings):
         folder = os.path.join(root, split, name)
         os.makedirs(folder)
         for index in range(settings[f'{split}_per_class']):
-            pixels = render(SHAPES[label], settings['image_size'], image_rng(settings, split, label, index))
+            pixels = draw(SHAPES[label], settings['image_size'], image_rng(settings, split, label, index))[0]
             # 4:4:4 chroma keeps the edges of small coloured shapes sharp
             Image.fromarray(pixels).save(os.path.join(folder, f'{index:04d}.jpg'),
                                          quality=JPEG_QUALITY, subsampling=0)
@@ -241,10 +231,11 @@ def write_dense_split(root, out_dir, split, settings):
                 os.link(source, os.path.join(images, f'{stem}.jpg'))
             except OSError:  # another file system, or no hard links there
                 shutil.copyfile(source, os.path.join(images, f'{stem}.jpg'))
-            # the drawing again, from the image's own RNG: its coverage is the mask's source
+            # the drawing again, from the image's own RNG: the mask is the class where the shape covers at least
+            # half a pixel, else num_classes (the background)
             coverage = draw(SHAPES[label], settings['image_size'], image_rng(settings, split, label, index))[1]
-            Image.fromarray(class_mask(coverage, label, settings['num_classes'])).save(
-                os.path.join(masks, f'{stem}.png'))
+            mask = np.where(coverage >= 128, label, settings['num_classes']).astype(np.uint8)
+            Image.fromarray(mask).save(os.path.join(masks, f'{stem}.png'))
 
 
 def generate_dense(root, out_dir):

@@ -48,11 +48,7 @@ class FeatureModel(nn.Module):
         # the input the backbone expects (an open_clip model's own); students train on ImageNet-normalised input
         self.input_mean = getattr(backbone, 'input_mean', IMAGENET_MEAN)
         self.input_std = getattr(backbone, 'input_std', IMAGENET_STD)
-        self.head = None
-        if stage == 'head':
-            self.head = head
-        elif stage.startswith('head.'):
-            self.head = head[:int(stage.split('.')[1]) + 1]
+        self.head = head if stage == 'head' else head[:int(stage[5:]) + 1] if stage.startswith('head.') else None
         self.eval()
 
     @staticmethod

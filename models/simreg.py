@@ -86,11 +86,6 @@ def _inputs_to_float64(module, inputs):
     return (inputs[0].double(), *inputs[1:])
 
 
-def freeze(teacher):
-    """Eval mode and no gradients: the teacher is a fixed function of its input."""
-    return teacher.eval().requires_grad_(False)
-
-
 class LiveTeacher:
     """A frozen network run on the teacher's view of each batch."""
 
@@ -98,7 +93,7 @@ class LiveTeacher:
     boxes = None
 
     def __init__(self, network, info, net_input=None):
-        self.network = freeze(network)
+        self.network = network.eval().requires_grad_(False)  # a fixed function of its input
         self.feat_dim = network.feat_dim
         self.info = info
         self.input = net_input  # its NetInput: the key of its view when the teachers take different ones

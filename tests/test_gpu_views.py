@@ -21,7 +21,7 @@ from data.sampler import SeededSamples, sample_seed
 from data.replay import draw_weak_view
 from data.transforms import BLUR_KERNEL, TwoViews
 from benchmarks.reference import list_collate
-from demo.synthetic import SHAPES, render
+from demo.synthetic import SHAPES, draw
 
 F = v2.functional
 CONFIGS = {'weak_weak': dict(weak_weak=True), 'weak_strong': dict(weak_strong=True), 'strong_strong': {},
@@ -33,7 +33,7 @@ SHAPES_HW = [(75, 100), (100, 75), (66, 100), (40, 30), (150, 100), (100, 150)]
 def natural(h, w, seed):
     """A synthetic photo: a shape on a textured, noisy background (demo.synthetic), cut to h x w."""
     rng = np.random.default_rng(seed)
-    image = render(SHAPES[seed % len(SHAPES)], max(h, w), rng)[:h, :w]
+    image = draw(SHAPES[seed % len(SHAPES)], max(h, w), rng)[0][:h, :w]
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
 
 

@@ -93,7 +93,7 @@ def test_other_settings_or_missing_files_regenerate_cleanly(tmp_path):
 def test_an_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(synthetic, 'render', crash)
+    monkeypatch.setattr(synthetic, 'draw', crash)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate(tmp_path / 'd', **SMALL)
     assert os.listdir(tmp_path) == []

@@ -21,12 +21,9 @@ from utils.logging import per_head, prefixed
 
 
 class MetricLogger:
-    """The bookkeeping of one training epoch (after torchvision's references/classification).
-
-    ``update(losses)`` adds a step's per-head losses (and the dense loss last, with dense heads) on the device (no host
-    sync). Every ``print_freq`` steps and at the epoch's last step the window's mean loss is averaged over ranks (one
-    sync, so every rank takes the same decision on a non-finite loss) and reported with the lr, the images per second
-    and the loader-wait share."""
+    """One training epoch's bookkeeping (after torchvision's references/classification): ``update`` adds a step's
+    per-head losses (the dense loss last) on the device; every ``print_freq`` steps and at the last, one sync averages
+    the window's loss over ranks (all ranks agree on a non-finite loss) and logs it with the lr, img/s and data wait."""
 
     def __init__(self, heads, epoch, steps, images_per_step, optimizer, ctx):
         self.heads, self.epoch, self.steps, self.images_per_step = list(heads), epoch, steps, images_per_step
