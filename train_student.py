@@ -429,11 +429,10 @@ def micro_batches(part, count):
 def regression_loss(prediction, target, mse_nonorm=False):
     """Mean over the batch of ``2 - 2 cos(prediction, target)``, the MSE of unit vectors; ``mse_nonorm``: the summed
     squared error of the raw vectors, as the flag's help says (docs/differences.md)."""
-    dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
-    prediction, target = prediction.to(dtype), target.to(dtype)
     if mse_nonorm:
-        return ((prediction - target) ** 2).sum(dim=1).mean()
-    return (2 - 2 * cosines(prediction, target)).mean()
+        dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp32, or fp64 for --precision fp64
+        return ((prediction.to(dtype) - target.to(dtype)) ** 2).sum(dim=1).mean()
+    return (2 - 2 * cosines(prediction, target)).mean()  # cosines computes in the same dtype
 
 
 def prepare_experiment(args, exp_dir, ckpt_dir, logs_dir):
